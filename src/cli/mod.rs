@@ -1,0 +1,224 @@
+//! The `capgen` command line (contract: DESIGN.md section 4). Each subcommand lives in its own file;
+//! errors come back as `crate::Error` and are printed as one line on stderr with a non-zero exit.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::{Error, Result};
+
+#[derive(Parser, Debug)]
+#[command(name = "capgen", version, about = "A from-scratch tensor engine and CNN-LSTM image captioner")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Synthetic world, end to end, no download.
+    Demo(DemoArgs),
+    /// Write a synthetic captioning set in Flickr8k layout.
+    Synth(SynthArgs),
+    /// Run an encoder over images and write their features to a safetensors file.
+    Extract(ExtractArgs),
+    /// Classify an image with a ResNet-50 (ImageNet classes).
+    Classify(ClassifyArgs),
+    /// Train a caption decoder on extracted features.
+    Train(TrainArgs),
+    /// Caption a split with a trained model and score it.
+    Evaluate(EvaluateArgs),
+    /// Caption image files.
+    Caption(CaptionArgs),
+    /// Score captions against references (BLEU-1..4, CIDEr-D, ROUGE-L).
+    Score(ScoreArgs),
+    /// Benchmark kernels and models.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    #[arg(long, default_value = "demo-out")]
+    pub out: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub quick: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SynthArgs {
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    pub images: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExtractArgs {
+    /// resnet50 or vgg16
+    #[arg(long)]
+    pub encoder: String,
+    /// pooled or grid
+    #[arg(long)]
+    pub layer: String,
+    /// safetensors file with torchvision names, or `random` for seeded random weights
+    #[arg(long)]
+    pub weights: String,
+    /// image files or directories
+    #[arg(long, num_args = 1.., required = true)]
+    pub images: Vec<PathBuf>,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// carry on past unreadable images and list them at the end
+    #[arg(long)]
+    pub skip_bad: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ClassifyArgs {
+    #[arg(long)]
+    pub weights: String,
+    #[arg(long)]
+    pub image: PathBuf,
+    #[arg(long, default_value_t = 5)]
+    pub top: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    #[arg(long)]
+    pub captions: PathBuf,
+    #[arg(long)]
+    pub features: PathBuf,
+    #[arg(long)]
+    pub split: Option<PathBuf>,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value = "attention")]
+    pub decoder: String,
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 4e-4)]
+    pub lr: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub resume: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EvaluateArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub features: PathBuf,
+    #[arg(long)]
+    pub captions: PathBuf,
+    #[arg(long)]
+    pub split: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    pub beam: usize,
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CaptionArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub weights: String,
+    #[arg(long, num_args = 1.., required = true)]
+    pub image: Vec<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    pub beam: usize,
+    #[arg(long)]
+    pub attention_map: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ScoreArgs {
+    /// {"image id": ["caption", ...], ...}
+    #[arg(long)]
+    pub refs: PathBuf,
+    /// [{"image_id": "...", "caption": "..."}, ...]
+    #[arg(long)]
+    pub hyps: PathBuf,
+    /// coco (pycocoevalcap) or nltk (corpus_bleu)
+    #[arg(long, default_value = "coco")]
+    pub bleu: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// gemm, conv, resnet50, lstm or train-step
+    pub what: String,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// worker threads (default: all cores)
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// `bench gemm`: measure one square size
+    #[arg(long)]
+    pub size: Option<usize>,
+    /// weights for model benches: a safetensors file or `random`
+    #[arg(long, default_value = "random")]
+    pub weights: String,
+    /// one JSON object per measured case on stdout
+    #[arg(long)]
+    pub json: bool,
+    /// timed repetitions per case
+    #[arg(long, default_value_t = 10)]
+    pub reps: usize,
+}
+
+fn not_yet(what: &str, issue: u32) -> Result<()> {
+    Err(Error::msg(format!("`capgen {what}` is not implemented yet (tracked in issue {issue})")))
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Demo(_) => not_yet("demo", 4),
+        Command::Synth(_) => not_yet("synth", 4),
+        Command::Extract(_) => not_yet("extract", 2),
+        Command::Classify(_) => not_yet("classify", 2),
+        Command::Train(_) => not_yet("train", 3),
+        Command::Evaluate(_) => not_yet("evaluate", 3),
+        Command::Caption(_) => not_yet("caption", 3),
+        Command::Score(_) => not_yet("score", 3),
+        Command::Bench(_) => not_yet("bench", 2),
+    }
+}
+
+/// Parses arguments, runs, prints any error as one line; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Data: image preprocessing, caption readers, splits, tokenizer, vocabulary, the synthetic world.

@@ -1,0 +1,1 @@
+//! Encoder + decoder = captioner; greedy and beam search.

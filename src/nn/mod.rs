@@ -1,0 +1,2 @@
+//! Layers as plain structs of tensors with forward (and, for the decoder, backward) passes, and the
+//! encoders built from them. Layers call kernels through `crate::ops`, never a backend directly.
