@@ -1,2 +1,5 @@
 //! Layers as plain structs of tensors with forward (and, for the decoder, backward) passes, and the
 //! encoders built from them. Layers call kernels through `crate::ops`, never a backend directly.
+
+pub mod encoder;
+pub use encoder::{load_encoder, Encoder, EncoderKind, FeatureLayer};
