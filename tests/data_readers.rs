@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use capgen::data::captions::{parse_captions, read_captions, CaptionFormat, CaptionMap};
 use capgen::data::loader::{BatchLoader, LoaderConfig};
-use capgen::data::split::{official_siblings, read_karpathy, read_official_lists, read_split, Split};
+use capgen::data::split::{
+    official_siblings, read_karpathy, read_official_lists, read_split, resolve_split, Split,
+};
 use capgen::data::tokenize::tokenize;
 use capgen::data::vocab::{Vocab, END, PAD, START, UNK};
 use capgen::rng::Rng;
@@ -474,4 +476,28 @@ fn loader_bad_input() {
     some.push("ghost.jpg".into());
     let (_, rep) = BatchLoader::new(&caps, &some, &vocab, LoaderConfig::new(4, 1, 20)).unwrap();
     assert_eq!(rep.images_without_captions, 1);
+}
+
+#[test]
+fn resolve_split_and_train_only_vocab() {
+    let (caps, _) = read_captions(fixture("captions.txt"), None).unwrap();
+    // With a split file: its parts, plus a warning for the test image without captions.
+    let (s, w) = resolve_split(Some(&fixture("dataset_flickr8k.json")), &caps, 0).unwrap();
+    assert_eq!(s.val, vec![I3]);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("dataset_flickr8k.json") && w[0].contains("9999999999_missing.jpg"), "{w:?}");
+    // The official lists also list I1 twice: one more warning.
+    let (_, w) = resolve_split(Some(&fixture("Flickr_8k.trainImages.txt")), &caps, 0).unwrap();
+    assert_eq!(w.len(), 2, "{w:?}");
+    // Without one: a seeded ratio split of exactly the captioned images, no warnings.
+    let (r, w) = resolve_split(None, &caps, 7).unwrap();
+    assert!(w.is_empty(), "{w:?}");
+    let mut all: Vec<&String> = r.train.iter().chain(&r.val).chain(&r.test).collect();
+    all.sort();
+    assert_eq!(all, caps.keys().collect::<Vec<_>>());
+    // A vocabulary from the train part only: `pigtails` is a val word (I3), `dog` a train word.
+    let v = Vocab::from_caption_map(&caps, &s.train, 1);
+    assert_ne!(v.id("dog"), UNK);
+    assert_eq!(v.id("pigtails"), UNK);
+    assert_eq!(v.id("bench"), UNK); // test image I4
 }

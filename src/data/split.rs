@@ -294,3 +294,26 @@ pub fn read_split(path: impl AsRef<Path>) -> Result<Split> {
     let [train, dev, test] = official_siblings(path)?;
     read_official_lists(&train, &dev, &test)
 }
+
+/// The split to train with: read from `split_file` when given, otherwise a seeded
+/// [`DEFAULT_RATIOS`] split of the captioned images. Also returns the warnings a command should
+/// print (images listed twice, split images without captions, captioned images in no part).
+pub fn resolve_split(
+    split_file: Option<&Path>,
+    captions: &CaptionMap,
+    seed: u64,
+) -> Result<(Split, Vec<String>)> {
+    let (split, name) = match split_file {
+        Some(p) => (read_split(p)?, p.display().to_string()),
+        None => {
+            (Split::by_ratio(captions.keys(), DEFAULT_RATIOS, seed)?, format!("ratio split (seed {seed})"))
+        }
+    };
+    let mut warnings = Vec::new();
+    if split.duplicates > 0 {
+        warnings
+            .push(format!("{name}: {} images listed twice in the same part (kept once)", split.duplicates));
+    }
+    warnings.extend(split.check(captions).warnings(&name));
+    Ok((split, warnings))
+}

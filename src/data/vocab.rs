@@ -78,6 +78,17 @@ impl Vocab {
         Vocab::from_tokens(toks.iter(), min_count)
     }
 
+    /// Builds the vocabulary from the captions of `images` only (the training part of a split), so
+    /// validation and test words never leak into it. Images without captions are ignored.
+    pub fn from_caption_map(
+        captions: &crate::data::captions::CaptionMap,
+        images: &[String],
+        min_count: usize,
+    ) -> Vocab {
+        let caps = images.iter().filter_map(|i| captions.get(i)).flatten().map(String::as_str);
+        Vocab::from_captions(caps, min_count)
+    }
+
     fn from_words(words: Vec<String>, min_count: usize) -> std::result::Result<Vocab, String> {
         if words.len() < SPECIALS.len() || words[..SPECIALS.len()].iter().zip(SPECIALS).any(|(a, b)| a != b) {
             return Err(format!("the first words must be {}", SPECIALS.join(" ")));
