@@ -501,3 +501,14 @@ fn resolve_split_and_train_only_vocab() {
     assert_eq!(v.id("pigtails"), UNK);
     assert_eq!(v.id("bench"), UNK); // test image I4
 }
+
+#[test]
+fn karpathy_json_with_a_non_utf8_byte_is_read_lossily() {
+    let json = b"{\"images\": [{\"filename\": \"a.jpg\", \"split\": \"train\", \
+                 \"sentences\": [{\"raw\": \"a caf\xe9 .\"}]}]}";
+    let (m, r) = parse_captions("k.json", json, CaptionFormat::KarpathyJson).unwrap();
+    assert_eq!(m["a.jpg"], vec!["a caf\u{FFFD} ."]);
+    assert_eq!(r.non_utf8_sequences, 1);
+    let w = r.warnings();
+    assert!(w.len() == 1 && w[0].starts_with("k.json: 1 non-UTF-8"), "{w:?}");
+}

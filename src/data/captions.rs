@@ -156,6 +156,9 @@ impl ReadReport {
                 ),
                 unit,
             ),
+            // The JSON reader counts sequences only (it has no lines to name).
+            (self.non_utf8.count == 0 && self.non_utf8_sequences > 0)
+                .then(|| format!("{} non-UTF-8 byte sequences replaced by U+FFFD", self.non_utf8_sequences)),
         ]
         .into_iter()
         .flatten()

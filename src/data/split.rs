@@ -197,14 +197,24 @@ pub fn read_karpathy(path: impl AsRef<Path>) -> Result<KarpathyFile> {
 
 /// Parses Karpathy split JSON from memory; `name` is used in messages only.
 pub fn parse_karpathy(name: &str, bytes: &[u8]) -> Result<KarpathyFile> {
+    // Non-UTF-8 bytes are replaced (lossy) and counted, as in the line readers, rather than failing
+    // the whole file; JSON escapes can only produce valid text, so only raw bytes can be bad.
+    let (text, bad) = match std::str::from_utf8(bytes) {
+        Ok(t) => (std::borrow::Cow::Borrowed(t), 0),
+        Err(_) => {
+            let bad = bytes.utf8_chunks().filter(|c| !c.invalid().is_empty()).count();
+            (String::from_utf8_lossy(bytes), bad)
+        }
+    };
     let v: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| Error::format(name, format!("not valid JSON: {e}")))?;
+        serde_json::from_str(&text).map_err(|e| Error::format(name, format!("not valid JSON: {e}")))?;
     let images = v
         .get("images")
         .and_then(|i| i.as_array())
         .ok_or_else(|| Error::format(name, "no `images` array (expected a Karpathy dataset_*.json file)"))?;
     let mut pairs = Vec::with_capacity(images.len());
     let mut b = Builder::new(name, CaptionFormat::KarpathyJson);
+    b.report.non_utf8_sequences = bad;
     for (i, img) in images.iter().enumerate() {
         let entry = i + 1;
         let filename = img.get("filename").and_then(|f| f.as_str()).map(str::trim).filter(|f| !f.is_empty());
