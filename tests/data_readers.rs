@@ -309,6 +309,8 @@ fn vocab_order_min_count_and_determinism() {
     let mut rev = caps.clone();
     rev.reverse();
     assert_eq!(Vocab::from_tokens(rev.iter(), 2), v);
+    // Building from raw captions (tokenized inside) gives the same vocabulary.
+    assert_eq!(Vocab::from_captions(["A dog.", "a cat", "a DOG a cat", "dog, cat, bird", "bird fish"], 2), v);
     // min_count 3 drops bird; 1 keeps fish.
     assert_eq!(Vocab::from_tokens(caps.iter(), 3).len(), 4 + 3);
     assert_eq!(Vocab::from_tokens(caps.iter(), 1).len(), 4 + 5);

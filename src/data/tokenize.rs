@@ -5,8 +5,8 @@
 //!   (U+0300..U+036F) stay attached to their letter;
 //! - apostrophes (`'` `’` `‘` `` ` `` `´`) and hyphens (`-` U+2010 U+2011 U+00AD) are **deleted**, joining
 //!   the pieces: `t-shirt` → `tshirt`, `dog's` → `dogs`, Flickr's pre-split `dog 's` → `dog s`.
-//!   This is the convention of Karpathy's `tokens` (neuraltalk's `translate(None, punctuation)`),
-//!   so our vocabulary matches the one most published Flickr results used;
+//!   Deleting punctuation is what neuraltalk's preprocessing did (`translate(None,
+//!   string.punctuation)`), which most published Flickr vocabularies follow;
 //! - every other character that is not a letter, digit or whitespace (ASCII and Unicode punctuation,
 //!   dashes, quotes, symbols, emoji) becomes a separator, so `dog,cat` → `dog cat` rather than
 //!   `dogcat`;

@@ -63,19 +63,36 @@ impl Vocab {
                 *counts.entry(w.as_str()).or_default() += 1;
             }
         }
+        Vocab::from_counts(counts.into_iter(), min_count)
+    }
+
+    /// Builds the vocabulary from raw training captions, tokenized with [`tokenize`].
+    pub fn from_captions<'a>(captions: impl IntoIterator<Item = &'a str>, min_count: usize) -> Vocab {
+        // Count as we go rather than keeping every token list.
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for c in captions {
+            for w in tokenize(c) {
+                match counts.get_mut(&w) {
+                    Some(n) => *n += 1,
+                    None => {
+                        counts.insert(w, 1);
+                    }
+                }
+            }
+        }
+        Vocab::from_counts(counts.iter().map(|(w, &c)| (w.as_str(), c)), min_count)
+    }
+
+    /// Specials, then the words counted at least `min_count` times by descending count, ties by
+    /// byte order.
+    fn from_counts<'a>(counts: impl Iterator<Item = (&'a str, usize)>, min_count: usize) -> Vocab {
         let mut kept: Vec<(&str, usize)> =
-            counts.into_iter().filter(|&(w, c)| c >= min_count.max(1) && !SPECIALS.contains(&w)).collect();
+            counts.filter(|&(w, c)| c >= min_count.max(1) && !SPECIALS.contains(&w)).collect();
         kept.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
         let words =
             SPECIALS.iter().map(|s| s.to_string()).chain(kept.into_iter().map(|(w, _)| w.to_string()));
         Vocab::from_words(words.collect(), min_count)
             .expect("specials first and words unique by construction")
-    }
-
-    /// Builds the vocabulary from raw training captions, tokenized with [`tokenize`].
-    pub fn from_captions<'a>(captions: impl IntoIterator<Item = &'a str>, min_count: usize) -> Vocab {
-        let toks: Vec<Vec<String>> = captions.into_iter().map(tokenize).collect();
-        Vocab::from_tokens(toks.iter(), min_count)
     }
 
     /// Builds the vocabulary from the captions of `images` only (the training part of a split), so
