@@ -15,9 +15,7 @@
 //!   replaced by the smallest positive normal f64 (it warns), i.e. log p = -708.4, so the score is
 //!   ~1e-77 or smaller — effectively 0; BP = 0 for an empty corpus of hypotheses.
 
-use std::collections::HashMap;
-
-use super::NGram;
+use super::ngrams::{order, NGrams};
 
 /// Per-image sufficient statistics for BLEU.
 #[derive(Clone, Debug, Default)]
@@ -31,35 +29,19 @@ pub(crate) struct BleuStats {
     pub guess: [usize; 4],
 }
 
-/// Counts every n-gram (n = 1..=max_n) of `words`.
-pub(crate) fn ngram_counts<'a>(words: &'a [String], max_n: usize) -> HashMap<NGram<'a>, u32> {
-    let mut counts = HashMap::new();
-    for n in 1..=max_n {
-        for w in words.windows(n) {
-            *counts.entry(w).or_insert(0) += 1;
-        }
-    }
-    counts
-}
-
-/// Statistics for one hypothesis against its references.
-pub(crate) fn image_stats(hyp: &[String], refs: &[Vec<String>]) -> BleuStats {
-    let mut max_ref: HashMap<NGram, u32> = HashMap::new();
-    for r in refs {
-        for (g, c) in ngram_counts(r, 4) {
-            let e = max_ref.entry(g).or_insert(0);
-            *e = (*e).max(c);
-        }
-    }
-    let hyp_len = hyp.len();
+/// Statistics for one hypothesis against its references (at least one).
+pub(crate) fn image_stats(hyp: &NGrams, refs: &[NGrams]) -> BleuStats {
+    let hyp_len = hyp.len;
     let closest_ref_len = refs
         .iter()
-        .map(|r| r.len())
+        .map(|r| r.len)
         .min_by_key(|&l| (l.abs_diff(hyp_len), l))
         .expect("an image has at least one reference (checked by the caller)");
     let mut s = BleuStats { hyp_len, closest_ref_len, ..Default::default() };
-    for (g, c) in ngram_counts(hyp, 4) {
-        s.correct[g.len() - 1] += c.min(max_ref.get(g).copied().unwrap_or(0)) as usize;
+    for &(g, c) in &hyp.grams {
+        // clip by the largest count in any single reference
+        let max_ref = refs.iter().map(|r| r.count(g)).max().unwrap_or(0);
+        s.correct[order(g) - 1] += c.min(max_ref) as usize;
     }
     for n in 1..=4 {
         s.guess[n - 1] = (hyp_len + 1).saturating_sub(n);

@@ -10,49 +10,75 @@
 //!   CIDEr-D = 10 * mean_n( sum_r sim_n(h, r) ) / |refs|
 //! and the corpus score is the mean over images (unscaled otherwise; ~0.5-1.0 for decent captioners).
 
-use std::collections::{HashMap, HashSet};
+use rayon::prelude::*;
 
-use super::bleu::ngram_counts;
-use super::NGram;
+use super::ngrams::{order, FastMap, NGrams, MAX_N as N};
 
-const N: usize = 4;
 const SIGMA: f64 = 6.0;
 
-/// tf-idf vectors (one map per order), their L2 norms, and the bigram count used as "length".
-struct Vector<'a> {
-    vec: [HashMap<NGram<'a>, f64>; N],
+/// A sentence's tf-idf weights sorted by n-gram key, their L2 norm per order, and the bigram count
+/// used as "length".
+struct Vector {
+    weights: Vec<(u128, f64)>,
     norm: [f64; N],
     len: f64,
 }
 
-fn to_vector<'a>(words: &'a [String], df: &HashMap<NGram, f64>, log_n: f64) -> Vector<'a> {
-    let mut v = Vector { vec: Default::default(), norm: [0.0; N], len: 0.0 };
-    for (g, tf) in ngram_counts(words, N) {
-        let n = g.len() - 1;
-        let idf = log_n - df.get(g).copied().unwrap_or(0.0).max(1.0).ln();
-        let x = tf as f64 * idf;
-        v.vec[n].insert(g, x);
-        v.norm[n] += x * x;
-        if n == 1 {
-            v.len += tf as f64;
+fn to_vector(s: &NGrams, df: &FastMap<u128, u32>, log_n: f64) -> Vector {
+    let mut norm = [0.0; N];
+    let mut len = 0.0;
+    let weights = s
+        .grams
+        .iter()
+        .map(|&(g, tf)| {
+            let n = order(g) - 1;
+            let df = df.get(&g).copied().unwrap_or(0).max(1) as f64;
+            let x = tf as f64 * (log_n - df.ln());
+            norm[n] += x * x;
+            if n == 1 {
+                len += tf as f64;
+            }
+            (g, x)
+        })
+        .collect();
+    norm.iter_mut().for_each(|x| *x = x.sqrt());
+    Vector { weights, norm, len }
+}
+
+/// sum over shared n-grams of min(h, r) * r, per order (a merge-join of two sorted vectors)
+fn clipped_dot(h: &[(u128, f64)], r: &[(u128, f64)]) -> [f64; N] {
+    let mut val = [0.0; N];
+    let (mut i, mut j) = (0, 0);
+    while i < h.len() && j < r.len() {
+        match h[i].0.cmp(&r[j].0) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                val[order(h[i].0) - 1] += h[i].1.min(r[j].1) * r[j].1;
+                i += 1;
+                j += 1;
+            }
         }
     }
-    v.norm.iter_mut().for_each(|x| *x = x.sqrt());
-    v
+    val
 }
 
 /// Per-image CIDEr-D scores (x10), in the order of `hyps`/`refs`.
-pub(crate) fn cider_d(hyps: &[Vec<String>], refs: &[Vec<Vec<String>>]) -> Vec<f64> {
+pub(crate) fn cider_d(hyps: &[NGrams], refs: &[Vec<NGrams>]) -> Vec<f64> {
     // document frequency: in how many images' reference sets each n-gram occurs
-    let mut df: HashMap<NGram, f64> = HashMap::new();
+    let mut df: FastMap<u128, u32> = FastMap::default();
+    let mut keys = Vec::new();
     for rs in refs {
-        let set: HashSet<NGram> = rs.iter().flat_map(|r| ngram_counts(r, N).into_keys()).collect();
-        for g in set {
-            *df.entry(g).or_insert(0.0) += 1.0;
+        keys.clear();
+        keys.extend(rs.iter().flat_map(|r| r.grams.iter().map(|&(g, _)| g)));
+        keys.sort_unstable();
+        keys.dedup();
+        for &g in &keys {
+            *df.entry(g).or_insert(0) += 1;
         }
     }
     let log_n = (refs.len() as f64).ln();
-    hyps.iter()
+    hyps.par_iter()
         .zip(refs)
         .map(|(h, rs)| {
             let vh = to_vector(h, &df, log_n);
@@ -61,18 +87,13 @@ pub(crate) fn cider_d(hyps: &[Vec<String>], refs: &[Vec<Vec<String>>]) -> Vec<f6
                 let vr = to_vector(r, &df, log_n);
                 let delta = vh.len - vr.len;
                 let penalty = (-(delta * delta) / (2.0 * SIGMA * SIGMA)).exp();
-                for (n, acc) in score.iter_mut().enumerate() {
-                    let mut val: f64 = vh.vec[n]
-                        .iter()
-                        .map(|(g, &x)| {
-                            let y = vr.vec[n].get(g).copied().unwrap_or(0.0);
-                            x.min(y) * y
-                        })
-                        .sum();
+                let val = clipped_dot(&vh.weights, &vr.weights);
+                for n in 0..N {
+                    let mut v = val[n];
                     if vh.norm[n] != 0.0 && vr.norm[n] != 0.0 {
-                        val /= vh.norm[n] * vr.norm[n];
+                        v /= vh.norm[n] * vr.norm[n];
                     }
-                    *acc += val * penalty;
+                    score[n] += v * penalty;
                 }
             }
             score.iter().sum::<f64>() / N as f64 / rs.len() as f64 * 10.0

@@ -11,17 +11,17 @@
 
 mod bleu;
 mod cider;
+mod ngrams;
 mod rouge;
 pub mod tokenize;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 pub use tokenize::{tokenize, tokenize_joined};
-
-/// An n-gram: a window of the token list.
-pub(crate) type NGram<'a> = &'a [String];
 
 /// Which BLEU definition to report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -87,15 +87,15 @@ pub fn score(
     hyps: &BTreeMap<String, String>,
     bleu: BleuMode,
 ) -> Result<Scores> {
-    let mut ref_toks = Vec::with_capacity(hyps.len());
-    let mut hyp_toks = Vec::with_capacity(hyps.len());
+    let mut pairs = Vec::with_capacity(hyps.len());
     for (id, h) in hyps {
         let rs = refs
             .get(id)
             .ok_or_else(|| Error::msg(format!("hypothesis for image `{id}` has no references")))?;
-        ref_toks.push(rs.iter().map(|r| tokenize(r)).collect::<Vec<_>>());
-        hyp_toks.push(tokenize(h));
+        pairs.push((h, rs));
     }
+    let (hyp_toks, ref_toks): (Vec<Vec<String>>, Vec<Vec<Vec<String>>>) =
+        pairs.par_iter().map(|(h, rs)| (tokenize(h), rs.iter().map(|r| tokenize(r)).collect())).unzip();
     if let Some((id, _)) = refs.iter().find(|(_, rs)| rs.is_empty()) {
         return Err(Error::msg(format!("image `{id}` has an empty reference list")));
     }
@@ -116,14 +116,20 @@ pub fn score_tokens(refs: &[Vec<Vec<String>>], hyps: &[Vec<String>], bleu: BleuM
     if let Some(i) = refs.iter().position(|r| r.is_empty()) {
         return Err(Error::msg(format!("image #{i} has an empty reference list")));
     }
-    let stats: Vec<_> = hyps.iter().zip(refs).map(|(h, r)| bleu::image_stats(h, r)).collect();
+    let mut vocab = ngrams::Vocab::default();
+    let hyp_grams: Vec<ngrams::NGrams> = hyps.iter().map(|h| ngrams::NGrams::new(&vocab.ids(h))).collect();
+    let ref_grams: Vec<Vec<ngrams::NGrams>> =
+        refs.iter().map(|rs| rs.iter().map(|r| ngrams::NGrams::new(&vocab.ids(r))).collect()).collect();
+    let stats: Vec<_> = hyp_grams.iter().zip(&ref_grams).map(|(h, r)| bleu::image_stats(h, r)).collect();
     let bleu = match bleu {
         BleuMode::Coco => bleu::bleu_coco(&stats),
         BleuMode::Nltk => bleu::bleu_nltk(&stats),
     };
     let n = hyps.len() as f64;
-    let cider_d = cider::cider_d(hyps, refs).iter().sum::<f64>() / n;
-    let rouge_l = hyps.iter().zip(refs).map(|(h, r)| rouge::rouge_l(h, r)).sum::<f64>() / n;
+    let cider_d = cider::cider_d(&hyp_grams, &ref_grams).iter().sum::<f64>() / n;
+    // per-image scores in parallel, summed in order so results do not depend on the thread count
+    let per_image: Vec<f64> = hyps.par_iter().zip(refs).map(|(h, r)| rouge::rouge_l(h, r)).collect();
+    let rouge_l = per_image.iter().sum::<f64>() / n;
     Ok(Scores { bleu, cider_d, rouge_l, images: hyps.len(), unscored_images: 0 })
 }
 
