@@ -4,8 +4,9 @@ For each corpus (seeded, realistic caption words plus edge cases) it stores the 
 captions as pycocoevalcap's PTBTokenizer tokenises them (Stanford CoreNLP 3.4.1 via Java, lower-cased,
 punctuation removed), and the corpus scores computed on those tokens by pycocoevalcap's Bleu(4), Cider
 and Rouge and by nltk.translate.bleu_score.corpus_bleu (weights (1,), (1/2,)*2, (1/3,)*3, (1/4,)*4, no
-smoothing). It also stores extra tokenizer cases (raw caption -> PTB tokens). tests/metrics_golden.rs
-replays all of it against src/metrics.
+smoothing). It also stores tokenizer cases (raw caption -> PTB tokens): hand-written and generated
+captions that must all match, and adversarial strings (punctuation glued to words) of which most must
+match. tests/metrics_golden.rs replays all of it against src/metrics.
 
 Rerun (needs Java on PATH; takes a few seconds):
     /work/pyenv/bin/python tools/make_metrics_golden.py
@@ -174,6 +175,33 @@ TOKENIZER_CASES = [
 ]
 
 
+FUZZ_WORDS = ("a the dog dogs man men woman's girl boy's kids' can't don't won't it's they're I'm we've you'll "
+              "he'd o'clock black-and-white t-shirt 2 10 3.5 1,000 5:30 St. Mr. Dr. U.S. etc. e.g. A B I x OK "
+              "TV USA").split()
+FUZZ_PUNCT = list(".,;:!?'\"()-[]&$%/") + ["...", "--", " - ", "!!", "?!", "\u2019", "\u201c", "\u201d"]
+
+
+def fuzz_caption(rng):
+    """Adversarial text: punctuation glued to words, odd casing. Not caption-like; we only require
+    that most of these match (the golden test's threshold), the realistic cases must all match."""
+    out = []
+    for _ in range(rng.randint(3, 14)):
+        w = rng.choice(FUZZ_WORDS)
+        if rng.random() < 0.3:
+            w = w.capitalize()
+        if rng.random() < 0.2:
+            w = w.upper()
+        r = rng.random()
+        if r < 0.15:
+            w = w + rng.choice(FUZZ_PUNCT)
+        elif r < 0.22:
+            w = rng.choice(FUZZ_PUNCT) + w
+        elif r < 0.27:
+            w = w + rng.choice(FUZZ_PUNCT) + rng.choice(FUZZ_WORDS)
+        out.append(w)
+    return " ".join(out)
+
+
 def main():
     rng = random.Random(20261122)
     corpora = {}
@@ -191,10 +219,13 @@ def main():
 
     cases = TOKENIZER_CASES + [caption(rng) for _ in range(200)]
     toks = ptb(cases)
+    fuzz = [fuzz_caption(rng) for _ in range(1000)]
+    fuzz_toks = ptb(fuzz)
     data = {
         "generator": "tools/make_metrics_golden.py",
         "corpora": corpora,
         "tokenizer": [[c, t] for c, t in zip(cases, toks)],
+        "tokenizer_adversarial": [[c, t] for c, t in zip(fuzz, fuzz_toks)],
     }
     with open(OUT + ".tmp", "w") as f:
         json.dump(data, f, ensure_ascii=False, indent=0, sort_keys=True)
