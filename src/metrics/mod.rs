@@ -135,7 +135,8 @@ pub fn score_tokens(refs: &[Vec<Vec<String>>], hyps: &[Vec<String>], bleu: BleuM
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))
+    serde_json::from_str(text.trim_start_matches('\u{feff}'))
+        .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))
 }
 
 /// An image id as written in a file: a string, or an integer (COCO result files use integers).
