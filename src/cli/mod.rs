@@ -1,6 +1,8 @@
 //! The `capgen` command line (contract: DESIGN.md section 4). Each subcommand lives in its own file;
 //! errors come back as `crate::Error` and are printed as one line on stderr with a non-zero exit.
 
+pub mod score;
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -206,7 +208,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(_) => not_yet("train", 3),
         Command::Evaluate(_) => not_yet("evaluate", 3),
         Command::Caption(_) => not_yet("caption", 3),
-        Command::Score(_) => not_yet("score", 3),
+        Command::Score(a) => score::run(&a),
         Command::Bench(_) => not_yet("bench", 2),
     }
 }
