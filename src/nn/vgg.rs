@@ -147,6 +147,7 @@ pub struct Vgg {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Until {
+    /// The last features block as a spatial-major grid (N, H*W, C).
     Features,
     Fc7,
     Logits,
@@ -243,7 +244,10 @@ impl Vgg {
             None => x.clone(),
         };
         if until == Until::Features {
-            return Ok(feats);
+            // The grid is a fresh tensor; the feature buffer goes back to the pool.
+            let grid = to_grid(&feats);
+            pool.give(feats);
+            return grid;
         }
         let (n, c) = (feats.dims()[0], feats.dims()[1]);
         let s = self.cfg.pool_hw;
@@ -277,7 +281,7 @@ impl Encoder for Vgg {
     fn features(&self, x: &Tensor, layer: FeatureLayer) -> Result<Tensor> {
         match layer {
             FeatureLayer::Pooled => self.run(x, Until::Fc7, &mut |_, _| {}),
-            FeatureLayer::Grid => to_grid(&self.run(x, Until::Features, &mut |_, _| {})?),
+            FeatureLayer::Grid => self.run(x, Until::Features, &mut |_, _| {}),
         }
     }
 
@@ -287,5 +291,148 @@ impl Encoder for Vgg {
 
     fn forward_trace(&self, x: &Tensor, tap: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
         self.run(x, Until::Logits, tap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::conv::{conv2d_reference, ConvWeights};
+    use crate::rng::uniform_vec;
+    use crate::weights::random::init_tensor;
+    use std::collections::HashMap;
+
+    fn tiny() -> VggConfig {
+        use VggLayer::{Conv as C, Pool as P};
+        VggConfig { layers: vec![C(4), P, C(6), C(6), P], pool_hw: 2, hidden: 12, num_classes: 5 }
+    }
+
+    fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        (num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>()).sqrt()
+    }
+
+    #[test]
+    fn vgg16_state_dict_matches_torchvision() {
+        let sd = state_dict_shapes(&VggConfig::vgg16());
+        let convs: Vec<usize> = sd
+            .iter()
+            .filter(|(n, d)| n.starts_with("features.") && d.len() == 4)
+            .map(|(n, _)| n.split('.').nth(1).unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(convs, [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]);
+        assert_eq!(sd.len(), 32); // 16 weight/bias pairs, as torchvision's vgg16().state_dict()
+        let params: usize = sd.iter().map(|(_, d)| d.iter().product::<usize>()).sum();
+        assert_eq!(params, 138_357_544); // torchvision's published VGG16 parameter count
+        assert!(sd.contains(&("classifier.0.weight".to_string(), vec![4096, 25088])));
+        assert!(sd.contains(&("classifier.6.bias".to_string(), vec![1000])));
+    }
+
+    #[test]
+    fn tiny_vgg_shapes_and_independent_check() {
+        let cfg = tiny();
+        let net = Vgg::random(&cfg, 3);
+        let (n, h, w) = (2, 17, 20);
+        let x = Tensor::from_vec(uniform_vec(4, "x", n * 3 * h * w, -2.0, 2.0), &[n, 3, h, w]).unwrap();
+        let mut taps: HashMap<String, Tensor> = HashMap::new();
+        let mut order = Vec::new();
+        let logits = net
+            .forward_trace(&x, &mut |name, t| {
+                order.push(name.to_string());
+                taps.insert(name.to_string(), t.clone());
+            })
+            .unwrap();
+        assert_eq!(
+            order,
+            ["features.1", "features.2", "features.4", "features.6", "features.7", "fc6", "fc7"]
+        );
+        let dims = |k: &str| taps[k].dims().to_vec();
+        assert_eq!(dims("features.1"), [2, 4, 17, 20]);
+        assert_eq!(dims("features.2"), [2, 4, 8, 10]);
+        assert_eq!(dims("features.7"), [2, 6, 4, 5]);
+        assert_eq!(dims("fc7"), [2, 12]);
+        assert_eq!(logits.dims(), &[2, 5]);
+
+        // features.1 = relu(conv(x) + b), by the reference loop.
+        let cw = ConvWeights::new(
+            init_tensor("features.0.weight", &[4, 3, 3, 3], 3),
+            Some(init_tensor("features.0.bias", &[4], 3)),
+            4,
+            3,
+            3,
+            3,
+        );
+        let mut f1 = vec![0.0; n * 4 * h * w];
+        conv2d_reference(&x.to_f32_vec(), n, h, w, &cw, &ConvParams::new(1, 1), None, true, &mut f1);
+        // Same arithmetic, possibly reordered by the fast kernel: 1e-5.
+        assert!(rel_l2(&taps["features.1"].to_f32_vec(), &f1) < 1e-5);
+
+        // fc6 = relu(W0 flatten(avgpool_2x2(features.7)) + b0): the adaptive bins of 4 -> 2 are
+        // rows [0,2) [2,4), of 5 -> 2 columns [0,3) [2,5) (PyTorch's floor/ceil rule).
+        let f7 = taps["features.7"].to_f32_vec();
+        let mut flat = vec![0.0f64; n * 6 * 4];
+        for b in 0..n * 6 {
+            for (i, (r0, r1)) in [(0, 2), (2, 4)].into_iter().enumerate() {
+                for (j, (c0, c1)) in [(0, 3), (2, 5)].into_iter().enumerate() {
+                    let mut s = 0.0f64;
+                    for r in r0..r1 {
+                        for c in c0..c1 {
+                            s += f7[b * 20 + r * 5 + c] as f64;
+                        }
+                    }
+                    flat[b * 4 + i * 2 + j] = s / ((r1 - r0) * (c1 - c0)) as f64;
+                }
+            }
+        }
+        let dense = |inp: &[f64], name: &str, o: usize, i: usize, relu: bool| -> Vec<f64> {
+            let wt = init_tensor(&format!("{name}.weight"), &[o, i], 3);
+            let bs = init_tensor(&format!("{name}.bias"), &[o], 3);
+            let mut out = vec![0.0f64; n * o];
+            for b in 0..n {
+                for k in 0..o {
+                    let s: f64 =
+                        (0..i).map(|p| inp[b * i + p] * wt[k * i + p] as f64).sum::<f64>() + bs[k] as f64;
+                    out[b * o + k] = if relu { s.max(0.0) } else { s };
+                }
+            }
+            out
+        };
+        let fc6 = dense(&flat, "classifier.0", 12, 24, true);
+        let fc7 = dense(&fc6, "classifier.3", 12, 12, true);
+        let lg = dense(&fc7, "classifier.6", 5, 12, false);
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+        // f32 vs f64 over dot products of <= 24 terms: 1e-5.
+        assert!(rel_l2(&taps["fc6"].to_f32_vec(), &f32s(&fc6)) < 1e-5);
+        assert!(rel_l2(&taps["fc7"].to_f32_vec(), &f32s(&fc7)) < 1e-5);
+        assert!(rel_l2(&logits.to_f32_vec(), &f32s(&lg)) < 1e-5);
+
+        // Pooled = fc7, Grid = features.7 spatial-major.
+        assert_eq!(net.features(&x, FeatureLayer::Pooled).unwrap().to_f32_vec(), taps["fc7"].to_f32_vec());
+        let g = net.features(&x, FeatureLayer::Grid).unwrap();
+        assert_eq!(g.dims(), &[2, 20, 6]);
+        let gv = g.to_f32_vec();
+        assert_eq!(gv[(20 + 7) * 6 + 5], f7[(6 + 5) * 20 + 7]);
+        assert!(matches!(net.logits(&Tensor::zeros(&[2, 3, 17])), Err(Error::Shape(_))));
+    }
+
+    #[test]
+    fn misshapen_vgg_file_is_refused() {
+        let dir = std::env::temp_dir().join(format!("capgen-vgg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = tiny();
+        let mut sd = state_dict_shapes(&cfg);
+        sd[2].1 = vec![6, 4, 5, 5]; // features.3.weight: a 5x5 kernel
+        sd.remove(0); // no features.0.weight
+        let ts: Vec<(String, Tensor)> =
+            sd.iter().map(|(n, d)| (n.clone(), Tensor::from_vec(init_tensor(n, d, 1), d).unwrap())).collect();
+        let refs: Vec<(&str, &Tensor)> = ts.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let path = dir.join("vgg.safetensors");
+        crate::weights::save_safetensors(&path, &refs, &Default::default()).unwrap();
+        let e = Vgg::from_tensor_file(&cfg, &TensorFile::load(&path).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("vgg.safetensors"), "{e}");
+        assert!(e.contains("missing [features.0.weight]"), "{e}");
+        assert!(e.contains("features.3.weight [6, 4, 5, 5] (want [6, 4, 3, 3])"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
