@@ -21,6 +21,7 @@
 //!   so a file we accept is one the Python `safetensors` package accepts too, and an appended or
 //!   truncated file is caught rather than read as garbage.
 
+pub mod pth;
 pub mod random;
 
 use std::collections::BTreeMap;
@@ -54,8 +55,15 @@ const KNOWN_UNSUPPORTED: &[&str] =
 impl TensorFile {
     /// Reads a whole safetensors file. Every defect (missing file, truncated, header length past the
     /// end, bad JSON, unknown dtype, offsets out of range or overlapping) is one `Error` naming the file.
+    ///
+    /// A PyTorch `.pth` (zip or legacy format, recognised by its signature, whatever the file name) is
+    /// read too,
+    /// with a restricted unpickler (`pth.rs`), so torchvision weights need no conversion.
     pub fn load(path: &Path) -> Result<TensorFile> {
         let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+        if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(pth::LEGACY_MAGIC) {
+            return pth::load_pth(path, &bytes);
+        }
         Self::parse(path, &bytes)
     }
 
