@@ -370,27 +370,34 @@ pub fn load_pth(path: &Path, bytes: &[u8]) -> Result<TensorFile> {
                 )));
             }
         }
-        // Gather in row-major order (the common contiguous case is a straight walk).
-        let mut idx = Vec::with_capacity(numel);
-        let mut pos = vec![0usize; size.len()];
-        for _ in 0..numel {
-            idx.push(offset + pos.iter().zip(&stride).map(|(p, s)| p * s).sum::<usize>());
-            for d in (0..size.len()).rev() {
-                pos[d] += 1;
-                if pos[d] < size[d] {
-                    break;
+        // Storage indices in row-major order: a plain range when the view is contiguous (always, for
+        // a saved state dict), else an explicit gather (no index vector for big tensors).
+        let contiguous = crate::tensor::Shape::new(&size).contiguous_strides() == stride;
+        let idx: Box<dyn Iterator<Item = usize>> = if contiguous {
+            Box::new(offset..offset + numel)
+        } else {
+            let mut all = Vec::with_capacity(numel);
+            let mut pos = vec![0usize; size.len()];
+            for _ in 0..numel {
+                all.push(offset + pos.iter().zip(&stride).map(|(p, s)| p * s).sum::<usize>());
+                for d in (0..size.len()).rev() {
+                    pos[d] += 1;
+                    if pos[d] < size[d] {
+                        break;
+                    }
+                    pos[d] = 0;
                 }
-                pos[d] = 0;
             }
-        }
+            Box::new(all.into_iter())
+        };
         let h = |j: usize| u16::from_le_bytes([data[2 * j], data[2 * j + 1]]);
         let t = match ty.as_str() {
             "FloatStorage" => Tensor::from_vec(
-                idx.iter().map(|&j| f32::from_le_bytes(data[4 * j..4 * j + 4].try_into().unwrap())).collect(),
+                idx.map(|j| f32::from_le_bytes(data[4 * j..4 * j + 4].try_into().unwrap())).collect(),
                 &size,
             ),
-            "HalfStorage" => Tensor::from_f16(idx.iter().map(|&j| f16::from_bits(h(j))).collect(), &size),
-            _ => Tensor::from_bf16(idx.iter().map(|&j| bf16::from_bits(h(j))).collect(), &size),
+            "HalfStorage" => Tensor::from_f16(idx.map(|j| f16::from_bits(h(j))).collect(), &size),
+            _ => Tensor::from_bf16(idx.map(|j| bf16::from_bits(h(j))).collect(), &size),
         }
         .map_err(|e| bad(format!("tensor {name}: {e}")))?;
         out.tensors.insert(name, t);
