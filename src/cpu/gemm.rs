@@ -225,7 +225,7 @@ fn kernel_for(isa: Isa) -> Kernel {
             nr: kernels::x86::AVX512_NR,
             kc: 256,
             mc: 14 * 20,
-            nc: 32 * 64,
+            nc: 32 * 32,
             f: kernels::x86::kernel_avx512,
         },
         #[cfg(target_arch = "x86_64")]
@@ -559,13 +559,15 @@ pub(crate) fn gemm_driver(
                     }
                     ASrc::Packed(pa) => pa.panel_ptr(k0, kcur, ip0),
                 };
-                for jp in jp0..jp1 {
-                    let j = j0 + jp * nr;
-                    let nv = nr.min(n - j);
-                    let bp = bpan[jp * kcur * nr..].as_ptr();
-                    for ip in ip0..ip1 {
-                        let i = ip * mr;
-                        let mv = mr.min(m - i);
+                // A micro-panel (MR x KC, 14 KiB for AVX-512) stays in L1 while the B panels of the
+                // block stream from L2 (see docs/KERNELS.md for why this order beat the other).
+                for ip in ip0..ip1 {
+                    let i = ip * mr;
+                    let mv = mr.min(m - i);
+                    for jp in jp0..jp1 {
+                        let j = j0 + jp * nr;
+                        let nv = nr.min(n - j);
+                        let bp = bpan[jp * kcur * nr..].as_ptr();
                         // SAFETY: check_dims (run by every public entry) verified that C holds
                         // (m-1)*ldc + n elements and that row_scale/row_bias (m), col_bias (n) and
                         // the residual ((m-1)*ldr + n) are long enough, so every offset below stays in
