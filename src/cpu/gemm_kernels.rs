@@ -130,6 +130,9 @@ pub(super) mod x86 {
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let (mut ap, mut bp) = (a, b);
         for _ in 0..kc {
+            // B streams from L2 (the A micro-panel is the L1-resident operand); fetch 8 rows ahead.
+            _mm_prefetch::<_MM_HINT_T0>(bp.add(8 * 32) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(bp.add(8 * 32 + 16) as *const i8);
             let b0 = _mm512_loadu_ps(bp);
             let b1 = _mm512_loadu_ps(bp.add(16));
             for (i, row) in acc.iter_mut().enumerate() {
