@@ -214,6 +214,8 @@ struct Kernel {
     nc: usize,
     /// Loop order inside a task: A micro-panel resident in L1 (true) or B micro-panel (false).
     a_in_l1: bool,
+    /// The kernel stores edge tiles itself (`TileEpi::rows/cols`).
+    partial: bool,
     f: kernels::KernelFn,
 }
 
@@ -231,6 +233,7 @@ fn kernel_for(isa: Isa) -> Kernel {
             mc: 14 * 20,
             nc: 32 * 32,
             a_in_l1: true,
+            partial: true,
             f: kernels::x86::kernel_avx512,
         },
         #[cfg(target_arch = "x86_64")]
@@ -243,6 +246,7 @@ fn kernel_for(isa: Isa) -> Kernel {
             mc: 6 * 48,
             nc: 16 * 128,
             a_in_l1: false,
+            partial: false,
             f: kernels::x86::kernel_avx2,
         },
         _ => Kernel {
@@ -252,6 +256,7 @@ fn kernel_for(isa: Isa) -> Kernel {
             mc: 6 * 48,
             nc: 8 * 256,
             a_in_l1: false,
+            partial: false,
             f: kernels::kernel_portable,
         },
     }
@@ -278,6 +283,11 @@ pub(crate) struct TileEpi {
     pub res: *const f32,
     pub ldr: usize,
     pub relu: bool,
+    /// Rows and columns of the tile that exist in C (MR and NR for a full tile); only kernels
+    /// with `Kernel::partial` honour these, the driver routes edge tiles of the others through a
+    /// scratch tile.
+    pub rows: usize,
+    pub cols: usize,
 }
 
 impl TileEpi {
@@ -291,6 +301,8 @@ impl TileEpi {
         res: std::ptr::null(),
         ldr: 0,
         relu: false,
+        rows: usize::MAX,
+        cols: usize::MAX,
     };
 }
 
@@ -635,10 +647,12 @@ pub(crate) fn gemm_driver(
                             },
                             ldr: epi.residual.map_or(0, |r| r.1),
                             relu: epi.relu && last,
+                            rows: mv,
+                            cols: nv,
                         };
                         let ap = apan.add((ip - ip0) * mr * kcur);
                         let cp = cptr.get().add(i * ldc + j);
-                        if mv == mr && nv == nr {
+                        if (mv == mr && nv == nr) || kern.partial {
                             (kern.f)(kcur, ap, bp, cp, ldc, &te);
                         } else {
                             let mut tmp = [0.0f32; 512];
