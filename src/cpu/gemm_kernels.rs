@@ -130,7 +130,14 @@ pub(super) mod x86 {
         }
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let (mut ap, mut bp) = (a, b);
+        // The next A micro-panel follows this one in memory (both packing layouts); when n is small
+        // (ResNet's 7x7 layers: n = 49) each A panel feeds only a couple of tiles and A streams
+        // from memory, so pull the next panel into L2 one cache line per depth step (kc lines
+        // cover its 14*kc floats).
+        let mut anext = a.wrapping_add(MR * kc);
         for _ in 0..kc {
+            _mm_prefetch::<_MM_HINT_T1>(anext as *const i8);
+            anext = anext.wrapping_add(16);
             // B streams from L2 (the A micro-panel is the L1-resident operand); fetch 8 rows ahead.
             _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(8 * 32) as *const i8);
             _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(8 * 32 + 16) as *const i8);
