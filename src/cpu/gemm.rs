@@ -273,6 +273,7 @@ fn depth_block(k: usize, kc_max: usize) -> usize {
 /// for the exact formula). Pointers are already offset to the tile's first row / column; null means
 /// "absent". Biases, residual and ReLU are only set on the last depth block.
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // rows/cols: only the AVX-512 kernel reads them
 pub(crate) struct TileEpi {
     /// First depth block: add `beta * C_old` (if beta != 0); otherwise add C (the partial sum).
     pub first: bool,
