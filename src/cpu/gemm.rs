@@ -128,8 +128,9 @@ pub fn sgemm_reference(a: MatRef, b: MatRef, c: &mut [f32], ldc: usize, epi: &Ep
 // ---------------------------------------------------------------------------------------------
 // The packed GEMM (BLIS / GotoBLAS loop nest). See docs/KERNELS.md for the full story.
 //
-//   for j0 in 0..n step NC                      B block columns
-//     for k0 in 0..k step KC                    depth block
+//   for k0 in 0..k step KC                      depth block
+//     (if n > NC: pack A[.., k0..] once into MR-row panels, shared)
+//     for j0 in 0..n step NC                    B block columns
 //       pack B[k0.., j0..] into NR-column panels (kc, NR)     shared by all threads
 //       parallel over tasks = (row chunk of whole MR panels) x (range of NR panels)
 //         pack A[rows, k0..] into MR-row panels (kc, MR)      per task (skipped if pre-packed)
@@ -491,6 +492,7 @@ thread_local! {
     // a nested GEMM run by rayon work-stealing on the same thread simply allocates its own.
     static A_BUF: Cell<AlignedBuf> = Cell::new(AlignedBuf::default());
     static B_BUF: Cell<AlignedBuf> = Cell::new(AlignedBuf::default());
+    static S_BUF: Cell<AlignedBuf> = Cell::new(AlignedBuf::default());
 }
 
 /// C's base pointer, shared by the tasks, which write disjoint tiles.
@@ -577,13 +579,33 @@ pub(crate) fn gemm_driver(
     let cptr = CPtr(c.as_mut_ptr());
     let mut bbuf = B_BUF.with(|b| b.take());
 
-    let mut j0 = 0;
-    while j0 < n {
-        let ncur = kern.nc.min(n - j0);
-        let np = ncur.div_ceil(nr);
-        let mut k0 = 0;
-        while k0 < k {
-            let kcur = kc_blk.min(k - k0);
+    // When n spans several B blocks, pack A's (m, kc) slab once per depth block, shared by all
+    // of them (and packed in parallel), instead of once per B block per task.
+    let slab_a = n > kern.nc && matches!(a, ASrc::Mat(_));
+    let mut sbuf = if slab_a { S_BUF.with(|b| b.take()) } else { AlignedBuf::default() };
+    let mut k0 = 0;
+    while k0 < k {
+        let kcur = kc_blk.min(k - k0);
+        if let ASrc::Mat(am) = a {
+            if slab_a {
+                sbuf.resize(mp * mr * kcur);
+                const CH: usize = 4; // panels per packing job
+                let pack = |(ci, out): (usize, &mut [f32])| {
+                    let np = out.len() / (mr * kcur);
+                    pack_a_panels(am, ci * CH * mr, np, k0, kcur, mr, out)
+                };
+                if threads > 1 {
+                    sbuf.as_mut_slice().par_chunks_mut(CH * mr * kcur).enumerate().for_each(pack);
+                } else {
+                    sbuf.as_mut_slice().chunks_mut(CH * mr * kcur).enumerate().for_each(pack);
+                }
+            }
+        }
+        let slab: &[f32] = sbuf.as_slice();
+        let mut j0 = 0;
+        while j0 < n {
+            let ncur = kern.nc.min(n - j0);
+            let np = ncur.div_ceil(nr);
             bbuf.resize(np * nr * kcur);
             let bpan = bbuf.as_mut_slice();
             if threads > 1 && np > 1 {
@@ -607,6 +629,7 @@ pub(crate) fn gemm_driver(
                 }
                 let mut abuf = None;
                 let apan: *const f32 = match a {
+                    ASrc::Mat(_) if slab_a => slab[ip0 * mr * kcur..].as_ptr(),
                     ASrc::Mat(am) => {
                         let mut buf = A_BUF.with(|b| b.take());
                         buf.resize((ip1 - ip0) * mr * kcur);
@@ -686,11 +709,14 @@ pub(crate) fn gemm_driver(
             } else {
                 (0..mt * nt).for_each(task);
             }
-            k0 += kcur;
+            j0 += ncur;
         }
-        j0 += ncur;
+        k0 += kcur;
     }
     B_BUF.with(|b| b.set(bbuf));
+    if slab_a {
+        S_BUF.with(|b| b.set(sbuf));
+    }
 }
 
 /// C = epilogue(A * B). Multithreaded with rayon (runs on the current rayon pool); uses the widest
@@ -879,7 +905,8 @@ mod tests {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         pool.install(|| {
             for isa in available_isas() {
-                for &(m, n, k) in &[(200, 150, 140), (10, 900, 300), (64, 700, 200)] {
+                // The last one has n > NC on every path: A packed once per depth block, shared.
+                for &(m, n, k) in &[(200, 150, 140), (10, 900, 300), (64, 700, 200), (45, 2100, 300)] {
                     check(isa, Case { m, n, k, ta: false, tb: false, pad: 1 }, 2 | 8 | 32, 99);
                 }
             }
