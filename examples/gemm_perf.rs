@@ -1,5 +1,5 @@
 //! Quick GEMM / conv throughput check for the optimisation log (docs/PERF.md):
-//! `cargo run --release --example gemm_perf [gemm|conv] [reps]`. Prints median and best GFLOP/s of
+//! `cargo run --release --example gemm_perf [gemm|conv] [reps] [MxNxK ... | conv name filter]`. Prints median and best GFLOP/s of
 //! `reps` runs and the percentage of the FMA peak measured in the same run. (Timings belong here and
 //! in benches, never in tests.)
 use capgen::cpu::conv::{conv2d_forward, resnet50_conv_cases, ConvParams, ConvWeights};
@@ -89,7 +89,9 @@ fn main() {
         }
     } else {
         let (mut tot_med, mut tot_cpu) = (0.0, 0.0);
-        for cs in resnet50_conv_cases() {
+        // Optional third argument: only cases whose name contains it (e.g. "conv1", "l4").
+        let filter = args.get(3).cloned().unwrap_or_default();
+        for cs in resnet50_conv_cases().into_iter().filter(|c| c.name.contains(filter.as_str())) {
             let wt: Vec<f32> = (0..cs.k * cs.c * cs.r * cs.s).map(|_| rng.uniform(-0.1, 0.1)).collect();
             let w = ConvWeights::new(wt, None, cs.k, cs.c, cs.r, cs.s);
             let p = ConvParams::new(cs.stride, cs.pad);
