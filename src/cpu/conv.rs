@@ -196,10 +196,29 @@ impl PackB for Im2col<'_> {
                             }
                             d[hi..].fill(0.0);
                         } else {
-                            for (tt, v) in d.iter_mut().enumerate() {
-                                let ix = ix0 + (tt * sw) as isize;
-                                *v = if ix >= 0 && ix < w { xrow[ix as usize] } else { 0.0 };
+                            // Valid t: 0 <= ix0 + t*sw < w; clip once, then a branch-free strided
+                            // copy (stride 2, the common case, with a constant stride LLVM can
+                            // vectorise with shuffles).
+                            let swi = sw as isize;
+                            let lo = if ix0 < 0 { (-ix0 + swi - 1) / swi } else { 0 }.min(run as isize);
+                            let hi = ((w - ix0 + swi - 1) / swi).clamp(lo, run as isize);
+                            let (lo, hi) = (lo as usize, hi as usize);
+                            d[..lo].fill(0.0);
+                            if hi > lo {
+                                let start = (ix0 + (lo * sw) as isize) as usize;
+                                let src = &xrow[start..start + (hi - lo - 1) * sw + 1];
+                                let dd = &mut d[lo..hi];
+                                if sw == 2 {
+                                    for (t, v) in dd.iter_mut().enumerate() {
+                                        *v = src[2 * t];
+                                    }
+                                } else {
+                                    for (t, v) in dd.iter_mut().enumerate() {
+                                        *v = src[t * sw];
+                                    }
+                                }
                             }
+                            d[hi..].fill(0.0);
                         }
                     }
                     jj += run;
