@@ -913,6 +913,59 @@ mod tests {
         });
     }
 
+    /// Measurement, not a test (run with `--ignored --nocapture`): the micro-kernel alone on
+    /// L1/L2-resident panels (one A panel, 8 B panels, kc 256), 1 thread, against the FMA peak.
+    /// Separates the kernel's own efficiency from packing and memory traffic (docs/PERF.md).
+    #[test]
+    #[ignore]
+    fn microkernel_throughput() {
+        let isa = detect_isa();
+        let kern = kernel_for(isa);
+        let (mr, nr, kc) = (kern.mr, kern.nr, 256);
+        let mut rng = Rng::new(3);
+        let a = rand_vec(&mut rng, mr * kc);
+        let b = rand_vec(&mut rng, 8 * nr * kc);
+        let mut c = vec![0.0f32; mr * nr * 8];
+        let te = TileEpi { rows: mr, cols: nr, ..TileEpi::PLAIN };
+        // On a shared machine wall time mostly measures the other processes; also report FLOPs per
+        // second this thread was actually on a CPU (Linux schedstat, tick-granular: fine at ~50 ms).
+        let on_cpu_ns = || -> u64 {
+            std::fs::read_to_string("/proc/thread-self/schedstat")
+                .ok()
+                .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+                .unwrap_or(0)
+        };
+        let (mut best, mut best_cpu) = (0.0f64, 0.0f64);
+        for _ in 0..5 {
+            let cpu0 = on_cpu_ns();
+            let t = std::time::Instant::now();
+            for _ in 0..10000 {
+                for jp in 0..8 {
+                    // SAFETY: panels hold kc*mr and kc*nr floats; C holds mr rows of 8*nr.
+                    unsafe {
+                        (kern.f)(
+                            kc,
+                            a.as_ptr(),
+                            b[jp * kc * nr..].as_ptr(),
+                            c[jp * nr..].as_mut_ptr(),
+                            8 * nr,
+                            &te,
+                        )
+                    };
+                }
+            }
+            let fl = 2.0 * (10000 * 8 * mr * nr * kc) as f64;
+            best = best.max(fl / t.elapsed().as_secs_f64() / 1e9);
+            best_cpu = best_cpu.max(fl / (on_cpu_ns() - cpu0).max(1) as f64);
+        }
+        let peak = crate::cpu::peak::fma_peak_gflops(1);
+        println!(
+            "{} micro-kernel {mr}x{nr}: wall {best:.1} GFLOP/s, on-cpu {best_cpu:.1}, peak {peak:.1}",
+            isa.name()
+        );
+        std::hint::black_box(&c);
+    }
+
     #[test]
     fn sgemm_packed_a_matches_reference() {
         let mut rng = Rng::new(42);
