@@ -133,8 +133,9 @@ pub fn sgemm_reference(a: MatRef, b: MatRef, c: &mut [f32], ldc: usize, epi: &Ep
 //     for j0 in 0..n step NC                    B block columns
 //       pack B[k0.., j0..] into NR-column panels (kc, NR)     shared by all threads
 //       parallel over tasks = (row chunk of whole MR panels) x (range of NR panels)
-//         pack A[rows, k0..] into MR-row panels (kc, MR)      per task (skipped if pre-packed)
-//         for each NR panel:  for each MR panel:  micro-kernel (MR x NR tile, kc deep)
+//         pack A[rows, k0..] into MR-row panels (kc, MR)      per task (unless packed already)
+//         for each MR panel: for each NR panel: micro-kernel   (AVX-512: A panel stays in L1)
+//         (or NR outer, MR inner: the BLIS order, B panel in L1; AVX2 and portable)
 //
 // Partial sums across depth blocks live in C itself: the first block writes
 // row_scale * acc + beta * C_old, later blocks add row_scale * acc, and the last block also adds
@@ -209,7 +210,8 @@ struct Kernel {
     nr: usize,
     /// Depth block: the (KC, NR) B micro-panel stays in L1 across the MR panels of a row chunk.
     kc: usize,
-    /// Rows per A block (multiple of MR): the (MC, KC) A block stays in L2.
+    /// Rows per task chunk (multiple of MR): in the BLIS order the (MC, KC) A block stays in L2;
+    /// in the A-in-L1 order it only sets the task granularity.
     mc: usize,
     /// Columns per B block (multiple of NR).
     nc: usize,
