@@ -94,13 +94,25 @@ pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage> {
         None => return Err(Error::format(path, "not a JPEG or PNG image (unrecognised contents)")),
     };
     let name = format_name(fmt);
-    let bad = |e: image::ImageError| Error::format(path, format!("not a valid {name} ({e})"));
+    // Decoder messages may span lines; the CLI contract is one line per error.
+    let bad = |e: image::ImageError| {
+        let msg = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        Error::format(path, format!("not a valid {name} ({msg})"))
+    };
     let dims = match ImageReader::with_format(Cursor::new(head), fmt).into_dimensions() {
         Ok(d) => d,
         Err(_) => ImageReader::with_format(Cursor::new(bytes), fmt).into_dimensions().map_err(bad)?,
     };
     check_size(dims.0, dims.1).map_err(|m| Error::format(path, m))?;
 
+    if fmt == ImageFormat::Jpeg && !jpeg_has_end(bytes) {
+        // zune-jpeg fills a truncated scan with grey instead of failing; PIL refuses ("image file is
+        // truncated"), and so do we: a half-grey photo would silently poison the features.
+        return Err(Error::format(
+            path,
+            "not a valid JPEG (truncated: no end-of-image marker after the last scan)",
+        ));
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), fmt);
     let mut limits = Limits::default();
     limits.max_image_width = Some(dims.0);
@@ -110,6 +122,18 @@ pub fn decode_rgb(bytes: &[u8], path: &Path) -> Result<RgbImage> {
     reader.limits(limits);
     let img = reader.decode().map_err(bad)?;
     Ok(to_rgb(img))
+}
+
+/// Whether a JPEG has an end-of-image marker (FF D9) after its last start-of-scan (FF DA). Inside
+/// entropy-coded data an FF byte is always followed by 00 or a restart marker (D0..D7), so an FF D9
+/// after the last scan header is the real end, while one inside an EXIF thumbnail comes before it.
+/// Trailing bytes after the end marker (some cameras append data) are accepted, as PIL accepts them.
+fn jpeg_has_end(bytes: &[u8]) -> bool {
+    let last = |m: u8| bytes.windows(2).rposition(|w| w[0] == 0xFF && w[1] == m);
+    match (last(0xDA), last(0xD9)) {
+        (Some(sos), Some(eoi)) => eoi > sos,
+        _ => false,
+    }
 }
 
 /// Refuses images that are empty or larger than `MAX_PIXELS`.
