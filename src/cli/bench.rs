@@ -11,7 +11,7 @@ use std::time::Instant;
 use serde_json::json;
 
 use crate::cli::BenchArgs;
-use crate::cpu::conv::{conv2d_forward, ConvParams, ConvWeights};
+use crate::cpu::conv::{conv2d_forward, resnet50_conv_cases, ConvParams, ConvWeights};
 use crate::cpu::gemm::{sgemm, Epilogue, MatRef};
 use crate::cpu::peak::fma_peak_gflops;
 use crate::error::{Error, Result};
@@ -19,82 +19,11 @@ use crate::nn::{load_encoder, EncoderKind};
 use crate::rng::Rng;
 use crate::tensor::{Device, Tensor};
 
-/// One convolution shape of ResNet-50 at 224x224 and how many times the network uses it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvCase {
-    pub name: &'static str,
-    /// input channels, output channels, input height/width, kernel, stride, padding
-    pub c: usize,
-    pub k: usize,
-    pub hw: usize,
-    pub rs: usize,
-    pub stride: usize,
-    pub pad: usize,
-    pub count: usize,
-}
-
-impl ConvCase {
-    /// Output height (= width).
-    pub fn out_hw(&self) -> usize {
-        (self.hw + 2 * self.pad - self.rs) / self.stride + 1
-    }
-    /// Multiply-accumulates for one image.
-    pub fn macs(&self) -> u64 {
-        let p = self.out_hw() as u64;
-        self.k as u64 * p * p * (self.c * self.rs * self.rs) as u64
-    }
-}
-
-const fn cc(
-    name: &'static str,
-    c: usize,
-    k: usize,
-    hw: usize,
-    rs: usize,
-    stride: usize,
-    count: usize,
-) -> ConvCase {
-    ConvCase { name, c, k, hw, rs, stride, pad: rs / 2, count }
-}
-
-/// Every distinct convolution of torchvision's ResNet-50 (v1.5: stride on the 3x3) at 224x224.
-// TODO: switch to `cpu::conv::resnet50_conv_cases()` once branch gemm lands it.
-pub const RESNET50_CONVS: [ConvCase; 23] = [
-    cc("conv1 7x7/2 3->64 @224", 3, 64, 224, 7, 2, 1),
-    cc("l1 1x1 64->64 @56", 64, 64, 56, 1, 1, 1),
-    cc("l1 3x3 64->64 @56", 64, 64, 56, 3, 1, 3),
-    cc("l1 1x1 64->256 @56", 64, 256, 56, 1, 1, 4), // 3 conv3 + downsample
-    cc("l1 1x1 256->64 @56", 256, 64, 56, 1, 1, 2),
-    cc("l2 1x1 256->128 @56", 256, 128, 56, 1, 1, 1),
-    cc("l2 3x3/2 128->128 @56", 128, 128, 56, 3, 2, 1),
-    cc("l2 1x1/2 256->512 @56 (ds)", 256, 512, 56, 1, 2, 1),
-    cc("l2 1x1 128->512 @28", 128, 512, 28, 1, 1, 4),
-    cc("l2 1x1 512->128 @28", 512, 128, 28, 1, 1, 3),
-    cc("l2 3x3 128->128 @28", 128, 128, 28, 3, 1, 3),
-    cc("l3 1x1 512->256 @28", 512, 256, 28, 1, 1, 1),
-    cc("l3 3x3/2 256->256 @28", 256, 256, 28, 3, 2, 1),
-    cc("l3 1x1/2 512->1024 @28 (ds)", 512, 1024, 28, 1, 2, 1),
-    cc("l3 1x1 256->1024 @14", 256, 1024, 14, 1, 1, 6),
-    cc("l3 1x1 1024->256 @14", 1024, 256, 14, 1, 1, 5),
-    cc("l3 3x3 256->256 @14", 256, 256, 14, 3, 1, 5),
-    cc("l4 1x1 1024->512 @14", 1024, 512, 14, 1, 1, 1),
-    cc("l4 3x3/2 512->512 @14", 512, 512, 14, 3, 2, 1),
-    cc("l4 1x1/2 1024->2048 @14 (ds)", 1024, 2048, 14, 1, 2, 1),
-    cc("l4 1x1 512->2048 @7", 512, 2048, 7, 1, 1, 3),
-    cc("l4 1x1 2048->512 @7", 2048, 512, 7, 1, 1, 2),
-    cc("l4 3x3 512->512 @7", 512, 512, 7, 3, 1, 2),
-];
-
-/// All distinct ResNet-50 conv shapes, in network order.
-pub fn resnet50_convs() -> Vec<ConvCase> {
-    RESNET50_CONVS.to_vec()
-}
-
 /// FLOPs of one ResNet-50 forward at 224x224 (2 per multiply-accumulate): every convolution plus the
 /// final 2048 -> 1000 linear layer. Pooling, BN (folded) and ReLU are not counted.
 pub fn resnet50_flops_per_image() -> f64 {
-    let conv: u64 = resnet50_convs().iter().map(|c| c.macs() * c.count as u64).sum();
-    2.0 * (conv + 2048 * 1000) as f64
+    let conv: f64 = resnet50_conv_cases().iter().map(|c| c.flops() * c.count as f64).sum();
+    conv + 2.0 * (2048 * 1000) as f64
 }
 
 /// Peak resident memory of this process in MiB (VmHWM), where the OS tells it (Linux).
@@ -247,24 +176,27 @@ fn bench_gemm(rep: &Reporter) -> Result<()> {
 fn bench_conv(rep: &Reporter) -> Result<()> {
     let nb = rep.args.batch;
     let mut rng = Rng::new(2);
-    for case in resnet50_convs() {
+    for case in resnet50_conv_cases() {
         let wt = ConvWeights::new(
-            random_vec(&mut rng, case.k * case.c * case.rs * case.rs),
+            random_vec(&mut rng, case.k * case.c * case.r * case.s),
             Some(random_vec(&mut rng, case.k)),
             case.k,
             case.c,
-            case.rs,
-            case.rs,
+            case.r,
+            case.s,
         );
-        let x = random_vec(&mut rng, nb * case.c * case.hw * case.hw);
-        let p = case.out_hw();
-        let mut y = vec![0.0f32; nb * case.k * p * p];
         let params = ConvParams::new(case.stride, case.pad);
+        let (p, q) = params
+            .out_hw(case.h, case.w, case.r, case.s)
+            .ok_or_else(|| Error::shape(format!("conv case {} has an empty output", case.name)))?;
+        let x = random_vec(&mut rng, nb * case.c * case.h * case.w);
+        let mut y = vec![0.0f32; nb * case.k * p * q];
         let (ms_median, ms_min) = time_ms(rep.args.reps, || {
-            conv2d_forward(&x, nb, case.hw, case.hw, &wt, &params, None, true, &mut y);
+            conv2d_forward(&x, nb, case.h, case.w, &wt, &params, None, true, &mut y);
             Ok(())
         })?;
-        let flops = 2.0 * case.macs() as f64 * nb as f64;
+        // `flops()` is for the case's own batch (1).
+        let flops = case.flops() / case.n as f64 * nb as f64;
         rep.row(&Row { case: case.name.to_string(), ms_median, ms_min, flops, peak_rss_mb: None });
     }
     Ok(())
@@ -296,14 +228,5 @@ mod tests {
         // torchvision documents ResNet-50 at 4.09 GMAC (8.18 GFLOP) per 224x224 image.
         let gflop = resnet50_flops_per_image() / 1e9;
         assert!((gflop - 8.18).abs() < 0.02, "{gflop}");
-    }
-
-    #[test]
-    fn resnet50_has_53_convolutions() {
-        // 1 stem + 16 bottlenecks x 3 + 4 downsamples.
-        let n: usize = resnet50_convs().iter().map(|c| c.count).sum();
-        assert_eq!(n, 53);
-        assert_eq!(RESNET50_CONVS[20].out_hw(), 7);
-        assert_eq!(RESNET50_CONVS[0].out_hw(), 112);
     }
 }

@@ -42,7 +42,7 @@ pub fn split_batch(y: &Tensor) -> Result<Vec<Tensor>> {
     let dims = y.dims().to_vec();
     let n = *dims.first().ok_or_else(|| Error::shape("encoder returned a scalar"))?;
     let data = y.to_f32_vec();
-    let per = if n == 0 { 0 } else { data.len() / n };
+    let per = data.len().checked_div(n).unwrap_or(0);
     (0..n).map(|i| Tensor::from_vec(data[i * per..(i + 1) * per].to_vec(), &dims[1..])).collect()
 }
 
