@@ -489,4 +489,33 @@ mod tests {
         assert!(check_size(0, 5).is_err());
         assert!(check_size(1, 1).is_ok());
     }
+
+    #[test]
+    fn colour_conversions_follow_the_documented_rules() {
+        use image::{ImageBuffer, Luma, LumaA, Rgb, Rgba};
+        let g16 = ImageBuffer::<Luma<u16>, _>::from_raw(2, 1, vec![0x12ff, 0xff00]).unwrap();
+        assert_eq!(to_rgb(DynamicImage::ImageLuma16(g16)).data, [0x12, 0x12, 0x12, 0xff, 0xff, 0xff]);
+        let rgba16 = ImageBuffer::<Rgba<u16>, _>::from_raw(1, 1, vec![0x0100, 0x02ff, 0x0380, 7]).unwrap();
+        assert_eq!(to_rgb(DynamicImage::ImageRgba16(rgba16)).data, [1, 2, 3]);
+        let la = ImageBuffer::<LumaA<u8>, _>::from_raw(1, 1, vec![9, 0]).unwrap();
+        assert_eq!(to_rgb(DynamicImage::ImageLumaA8(la)).data, [9, 9, 9]);
+        let rgba = ImageBuffer::<Rgba<u8>, _>::from_raw(1, 1, vec![4, 5, 6, 0]).unwrap();
+        assert_eq!(to_rgb(DynamicImage::ImageRgba8(rgba)).data, [4, 5, 6]);
+        let rgb = ImageBuffer::<Rgb<u8>, _>::from_raw(1, 1, vec![4, 5, 6]).unwrap();
+        assert_eq!(to_rgb(DynamicImage::ImageRgb8(rgb)).data, [4, 5, 6]);
+    }
+
+    #[test]
+    fn jpeg_end_marker_must_follow_the_last_scan() {
+        let sos = [0xFF, 0xDA];
+        let eoi = [0xFF, 0xD9];
+        let whole = [&[0xFF, 0xD8][..], &sos, &[1, 2, 0xFF, 0x00, 3], &eoi].concat();
+        assert!(jpeg_has_end(&whole));
+        let trailing = [&whole[..], b"camera junk"].concat();
+        assert!(jpeg_has_end(&trailing));
+        // A thumbnail's scan and end marker, then the main scan cut short.
+        let cut = [&[0xFF, 0xD8][..], &sos, &[1], &eoi, &sos, &[5, 6, 7]].concat();
+        assert!(!jpeg_has_end(&cut));
+        assert!(!jpeg_has_end(b"\xFF\xD8"));
+    }
 }
