@@ -4,6 +4,8 @@
 //!
 //! Kernels here work on plain slices and sizes (llm.c style); `crate::ops` adapts tensors to them.
 
+pub mod activation;
 pub mod conv;
 pub mod gemm;
 pub mod peak;
+pub mod pool;
