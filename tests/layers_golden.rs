@@ -8,6 +8,8 @@
 use std::path::PathBuf;
 
 use capgen::cpu::conv::{conv2d_forward, conv2d_reference, ConvParams, ConvWeights};
+use capgen::cpu::pool::{adaptive_avg_pool2d, global_avg_pool, max_pool2d, PoolParams};
+use capgen::nn::conv::{BatchNorm, Conv2d};
 use capgen::weights::TensorFile;
 use capgen::Tensor;
 
@@ -76,4 +78,79 @@ fn conv2d_matches_torch() {
         }
     }
     assert!(failures.is_empty(), "conv2d vs torch above {TOL:e}: {failures:?}");
+}
+
+#[test]
+fn conv_then_eval_batchnorm_folds_exactly() {
+    // conv 3x3 s1 p1 without bias, then BN (eps 1e-5) with running statistics, folded into the conv
+    // by `Conv2d::with_batchnorm` and run through the fast path (`Conv2d::forward`), with and without
+    // the fused ReLU. Folding adds one f32 rounding per weight (~6e-8), well inside 1e-5.
+    let tf = golden();
+    let case = "conv_bn";
+    let g = geometry(&tf, case);
+    assert_eq!(g["eps"].as_f64(), Some(1e-5));
+    let v = |name: &str| get(&tf, &format!("{case}.{name}")).to_f32_vec();
+    let bn = BatchNorm {
+        gamma: v("bn_weight"),
+        beta: v("bn_bias"),
+        mean: v("bn_running_mean"),
+        var: v("bn_running_var"),
+        eps: 1e-5,
+    };
+    let w = get(&tf, &format!("{case}.w"));
+    let dims: [usize; 4] = w.dims().try_into().unwrap();
+    let conv = Conv2d::with_batchnorm(&w.to_f32_vec(), None, &bn, dims, ConvParams::new(1, 1));
+    let x = get(&tf, &format!("{case}.x"));
+    for (relu, key) in [(false, "y"), (true, "y_relu")] {
+        let y = conv.forward(x, None, relu).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let want = get(&tf, &format!("{case}.{key}"));
+        assert_eq!(y.dims(), want.dims(), "{case}.{key}: shape");
+        let err = rel_l2(&y.to_f32_vec(), &want.to_f32_vec());
+        eprintln!("{case}.{key}: rel L2 {err:.2e}");
+        assert!(err <= TOL, "{case}.{key}: rel L2 {err:.3e} > {TOL:e}");
+    }
+}
+
+#[test]
+fn max_pool_matches_torch() {
+    // Mostly negative input (U(-2, 0.5)): a border padded with 0 instead of -inf would win windows.
+    let tf = golden();
+    let case = "maxpool3x3_s2";
+    let g = geometry(&tf, case);
+    let k = g["kernel"].as_u64().unwrap() as usize;
+    let p = PoolParams::new(k, g["stride"].as_u64().unwrap() as usize, g["pad"].as_u64().unwrap() as usize);
+    let x = get(&tf, &format!("{case}.x"));
+    let want = get(&tf, &format!("{case}.y")).to_f32_vec();
+    assert!(want.iter().any(|&v| v < 0.0), "golden has no all-negative window: the case tests nothing");
+    let [n, c, h, w]: [usize; 4] = x.dims().try_into().unwrap();
+    let mut y = vec![f32::NAN; want.len()];
+    max_pool2d(&x.to_f32_vec(), n, c, h, w, &p, &mut y);
+    // A max selects an input value: exact, not merely close.
+    let err = rel_l2(&y, &want);
+    assert_eq!(err, 0.0, "{case}: rel L2 {err:.3e}, expected exact");
+}
+
+#[test]
+fn adaptive_avg_pool_matches_torch() {
+    // 5x7 -> 3x3 (overlapping bins of unequal size), 2x3 -> 7x7 (up-sampling: what VGG16 meets below
+    // 224 input), 5x7 -> 1x1 (global, also through `global_avg_pool`). Sums of <= 35 values: ~1e-7.
+    let tf = golden();
+    for case in ["adaptive_avg_3x3", "adaptive_avg_7x7", "adaptive_avg_1x1"] {
+        let x = get(&tf, &format!("{case}.x"));
+        let want = get(&tf, &format!("{case}.y"));
+        let [n, c, h, w]: [usize; 4] = x.dims().try_into().unwrap();
+        let (oh, ow) = (want.dims()[2], want.dims()[3]);
+        let xv = x.to_f32_vec();
+        let mut y = vec![f32::NAN; want.numel()];
+        adaptive_avg_pool2d(&xv, n, c, h, w, oh, ow, &mut y);
+        let err = rel_l2(&y, &want.to_f32_vec());
+        eprintln!("{case}: rel L2 {err:.2e}");
+        assert!(err <= TOL, "{case}: rel L2 {err:.3e} > {TOL:e}");
+        if (oh, ow) == (1, 1) {
+            let mut g = vec![f32::NAN; n * c];
+            global_avg_pool(&xv, n, c, h, w, &mut g);
+            let err = rel_l2(&g, &want.to_f32_vec());
+            assert!(err <= TOL, "{case} via global_avg_pool: rel L2 {err:.3e} > {TOL:e}");
+        }
+    }
 }
