@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use capgen::data::image::{preprocess_file, STD};
 use capgen::nn::{load_encoder, EncoderKind, FeatureLayer};
 use capgen::rng::uniform_vec;
 use capgen::weights::random::init_tensor;
@@ -216,6 +217,52 @@ fn rng_mirror_is_bit_exact() {
 fn resnet50_random_input_matches_torch() {
     let file = "encoder_resnet50.safetensors";
     run_case(file, EncoderKind::ResNet50, "random", random_input(file));
+}
+
+#[test]
+fn golden_comparison_has_teeth() {
+    // The same network with the neighbouring seed must be far off: the bound is not vacuous (e.g. a
+    // forward pass dominated by biases or collapsed to a constant would pass any seed).
+    let file = "encoder_resnet50.safetensors";
+    let tf = load(file);
+    let seed: u64 = meta(&tf, "seed").parse().unwrap();
+    let enc = load_encoder(EncoderKind::ResNet50, "random", seed + 1).unwrap();
+    let pooled = enc.features(&random_input(file), FeatureLayer::Pooled).unwrap();
+    let err = rel_l2(&pooled.to_f32_vec(), &tensor(&tf, "random.pooled").to_f32_vec());
+    assert!(
+        err > 0.1,
+        "a different seed gives rel L2 {err:.3e}: the golden comparison cannot tell nets apart"
+    );
+}
+
+/// Our preprocessing of the committed PNG (scikit-image's `chelsea`, 451x300) against torchvision's
+/// (Resize(256) bilinear on PIL, CenterCrop(224), ToTensor, Normalize). PIL resizes in 8-bit fixed
+/// point, so two faithful implementations may still differ by one level (1/255) on a pixel; the bound
+/// is therefore one level in every pixel (|diff| * std * 255 <= 1 + 1e-3, the slack for f32 rounding
+/// in normalisation), and the mean difference must stay under 0.05 level. Measured: identical to the
+/// last bit (rel L2 0), as capgen reimplements PIL's fixed-point resize.
+#[test]
+fn preprocessing_matches_torchvision() {
+    let ours = preprocess_file(&data("encoder_photo.png")).unwrap_or_else(|e| panic!("{e}"));
+    let want = photo_input().to_f32_vec();
+    assert_eq!(ours.len(), want.len(), "preprocessed size");
+    let plane = want.len() / 3;
+    let (mut worst, mut sum, mut off) = (0.0f64, 0.0f64, 0usize);
+    for (i, (&a, &b)) in ours.iter().zip(&want).enumerate() {
+        let levels = ((a - b).abs() * STD[i / plane] * 255.0) as f64;
+        worst = worst.max(levels);
+        sum += levels;
+        off += usize::from(levels > 0.5);
+    }
+    let mean = sum / want.len() as f64;
+    let err = rel_l2(&ours, &want);
+    eprintln!(
+        "preprocessing vs torchvision: max {worst:.4} levels, mean {mean:.2e} levels, {off} of {} values \
+         off by a level, rel L2 {err:.2e}",
+        want.len()
+    );
+    assert!(worst <= 1.0 + 1e-3, "a pixel differs by {worst:.3} levels of 1/255");
+    assert!(mean <= 0.05, "mean difference {mean:.3} levels of 1/255");
 }
 
 #[test]
