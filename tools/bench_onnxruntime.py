@@ -3,7 +3,7 @@
 Rerun (no network needed; the ONNX model lives in a temporary directory that is deleted afterwards):
 
     /work/pyenv/bin/python tools/bench_onnxruntime.py [--capgen target/release/capgen] \
-        [--batches 1,8] [--runs 10] [--warmup 3] [--threads 2] [--json]
+        [--batches 1,8] [--runs 10] [--warmup 3] [--threads 2] [--rounds 1] [--json]
 
 It exports torchvision's resnet50 (weights=None, filled with capgen's seeded random weights through
 tools/capgen_rng.py, so both engines run the very same network) to ONNX, runs onnxruntime's CPU
@@ -11,7 +11,9 @@ provider with intra_op_num_threads=THREADS and inter_op_num_threads=1 (sequentia
 optimisations) on NCHW 224x224 inputs at each batch size, and takes the median of RUNS timed runs after
 WARMUP untimed ones. If the capgen binary exists it then runs
 `capgen bench resnet50 --batch B --threads THREADS --json` and reads its `ms_median` (DESIGN.md section
-4), printing both latencies and the ratio capgen / onnxruntime (below 1 means capgen is faster).
+4; capgen picks its own repetitions, --runs/--warmup apply to onnxruntime), printing both latencies
+per batch and the ratio capgen / onnxruntime (below 1 means capgen is faster). With --rounds R the two
+engines are timed alternately R times and the medians over rounds are reported.
 Run it on an otherwise idle machine: both engines use THREADS cores and any other load skews both.
 torch, onnx, onnxscript and onnxruntime come from PyPI (installed in /work/pyenv).
 """
@@ -58,7 +60,7 @@ def export_resnet50(path: str) -> None:
                           dynamic_shapes={"x": {0: batch}}, input_names=["input"], output_names=["logits"])
 
 
-def time_ort(path: str, batch: int, runs: int, warmup: int, threads: int) -> float:
+def make_session(path: str, threads: int):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -66,7 +68,10 @@ def time_ort(path: str, batch: int, runs: int, warmup: int, threads: int) -> flo
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def time_ort(sess, batch: int, runs: int, warmup: int) -> float:
     x = capgen_rng.uniform_vec(SEED, "bench_input", batch * 3 * 224 * 224, -2.0, 2.0).reshape(batch, 3, 224, 224)
     name = sess.get_inputs()[0].name
     for _ in range(warmup):
@@ -111,6 +116,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="alternate the two engines this many times")
     ap.add_argument("--json", action="store_true", help="one JSON object per batch size on stdout")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -118,21 +124,29 @@ def main() -> None:
     if not have_capgen:
         print(f"note: {args.capgen} not found or not executable; timing onnxruntime only", file=sys.stderr)
 
-    rows = []
+    # Each round times onnxruntime then capgen at every batch size, back to back, so slow drifts in
+    # the machine's load hit both engines alike; the result is the median over rounds.
+    ort_t = {b: [] for b in batches}
+    cap_t = {b: [] for b in batches}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "resnet50.onnx")
         export_resnet50(path)
-        for b in batches:
-            ort_ms = time_ort(path, b, args.runs, args.warmup, args.threads)
-            cap_ms = time_capgen(args.capgen, b, args.threads) if have_capgen else None
-            rows.append((b, ort_ms, cap_ms))
+        sess = make_session(path, args.threads)
+        for _ in range(args.rounds):
+            for b in batches:
+                ort_t[b].append(time_ort(sess, b, args.runs, args.warmup))
+                c = time_capgen(args.capgen, b, args.threads) if have_capgen else None
+                if c is not None:
+                    cap_t[b].append(c)
+    rows = [(b, statistics.median(ort_t[b]), statistics.median(cap_t[b]) if cap_t[b] else None) for b in batches]
 
     if args.json:
         for b, o, c in rows:
             print(json.dumps({"bench": "resnet50", "batch": b, "threads": args.threads, "ort_ms_median": o,
                               "capgen_ms_median": c, "ratio_capgen_over_ort": None if c is None else c / o}))
         return
-    print(f"ResNet-50 224x224, {args.threads} threads, median of {args.runs} runs after {args.warmup} warm-up")
+    print(f"ResNet-50 224x224, {args.threads} threads, median of {args.runs} runs after {args.warmup} warm-up"
+          f" (median over {args.rounds} alternating round(s))")
     print(f"{'batch':>5} {'onnxruntime ms':>15} {'GFLOP/s':>8} {'capgen ms':>10} {'GFLOP/s':>8} {'capgen/ort':>11}")
     for b, o, c in rows:
         og = GFLOP_PER_IMAGE * b / (o / 1e3)
