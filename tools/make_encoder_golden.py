@@ -35,6 +35,7 @@ Files written (all small; the inputs that come from the RNG are stored as a seed
                                     7x7 from 2x3 -- the up-sampling case VGG meets below 224 -- and 1x1).
                                     Geometry is in the metadata as JSON.
 
+Every file is rewritten byte for byte identically by a rerun (same torch / PIL versions).
 Metadata of every encoder file (safetensors string metadata): seed, input_name, input_lo, input_hi,
 input_dims (JSON), taps (JSON list), torch_f32_rel_l2_pooled_random, torch_f32_rel_l2_logits_photo.
 The random input is `capgen::rng::uniform_vec(seed, input_name, n, input_lo, input_hi)` in NCHW order.
@@ -49,7 +50,6 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from safetensors.numpy import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import capgen_rng  # noqa: E402
@@ -125,10 +125,33 @@ def store_grid(out: dict, case: str, last: np.ndarray, k: int) -> None:
     out[f"{case}.grid.channels"] = idx.astype(np.float32)
 
 
+def safetensors_bytes(tensors: dict, meta: dict) -> bytes:
+    """A plain safetensors file (F32 only), written by hand so that it is byte-for-byte reproducible:
+    the `safetensors` package keeps metadata in a hash map, whose order changes from run to run.
+    Layout: u64 little-endian header length, JSON header (keys sorted, padded with spaces to a multiple
+    of 8), then the tensors' little-endian data in name order."""
+    header = {"__metadata__": {k: str(v) for k, v in sorted(meta.items())}}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name], dtype="<f4")
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        blobs.append(a.tobytes())
+        offset += a.nbytes
+    h = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    return len(h).to_bytes(8, "little") + h + b"".join(blobs)
+
+
 def write(path: str, tensors: dict, meta: dict) -> None:
     tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()})
+    with open(tmp, "wb") as f:
+        f.write(safetensors_bytes(tensors, meta))
     os.replace(tmp, path)
+    # Read back with the reference reader: the hand-written file must be valid safetensors.
+    from safetensors.numpy import load_file
+
+    back = load_file(path)
+    assert sorted(back) == sorted(tensors) and all(np.array_equal(back[k], tensors[k]) for k in tensors)
     print(f"wrote {path} ({os.path.getsize(path) / 1024:.0f} KiB, {len(tensors)} tensors)")
 
 
