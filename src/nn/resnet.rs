@@ -283,10 +283,10 @@ impl ResNet {
 
     fn run(&self, x: &Tensor, until: Until, tap: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
         match x.dims() {
-            [_, 3, h, w] if *h >= 1 && *w >= 1 => {}
+            [n, 3, h, w] if *n >= 1 && *h >= 1 && *w >= 1 => {}
             d => {
                 return Err(Error::shape(format!(
-                    "{}: expected an (N, 3, H, W) image batch, got {d:?}",
+                    "{}: expected a non-empty (N, 3, H, W) image batch, got {d:?}",
                     self.cfg.name()
                 )))
             }
@@ -717,6 +717,7 @@ mod tests {
         // (The narrow file infers 10 classes, then fails the ResNet-50 shapes.)
         assert!(e.to_string().contains("does not fit resnet(Bottleneck [3, 4, 6, 3]"), "{e}");
         assert!(matches!(net.logits(&Tensor::zeros(&[1, 4, 32, 32])), Err(Error::Shape(_))));
+        assert!(matches!(net.logits(&Tensor::zeros(&[0, 3, 32, 32])), Err(Error::Shape(_))));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -195,12 +195,16 @@ impl Vgg {
     }
 
     fn run(&self, x: &Tensor, until: Until, tap: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
-        if !matches!(x.dims(), [_, 3, _, _]) {
-            return Err(Error::shape(format!(
-                "{}: expected an (N, 3, H, W) image batch, got {:?}",
-                self.cfg.name(),
-                x.dims()
-            )));
+        // Each 2x2/2 max-pool halves the image, so it must be at least 2^pools on each side.
+        let min = 1usize << self.cfg.layers.iter().filter(|l| **l == VggLayer::Pool).count();
+        match x.dims() {
+            [n, 3, h, w] if *n >= 1 && *h >= min && *w >= min => {}
+            d => {
+                return Err(Error::shape(format!(
+                    "{}: expected a non-empty (N, 3, H, W) image batch with H, W >= {min}, got {d:?}",
+                    self.cfg.name()
+                )))
+            }
         }
         let mut pool = std::mem::take(&mut *self.pool.lock().unwrap_or_else(|e| e.into_inner()));
         let result = self.run_with(x, until, tap, &mut pool);
@@ -414,6 +418,11 @@ mod tests {
         let gv = g.to_f32_vec();
         assert_eq!(gv[(20 + 7) * 6 + 5], f7[(6 + 5) * 20 + 7]);
         assert!(matches!(net.logits(&Tensor::zeros(&[2, 3, 17])), Err(Error::Shape(_))));
+        assert!(matches!(net.logits(&Tensor::zeros(&[0, 3, 17, 20])), Err(Error::Shape(_))));
+        // Two max-pools need at least 4x4; 3 rows would leave an empty image.
+        let e = net.logits(&Tensor::zeros(&[1, 3, 3, 20])).unwrap_err().to_string();
+        assert!(e.contains("H, W >= 4"), "{e}");
+        assert_eq!(net.logits(&Tensor::zeros(&[1, 3, 4, 4])).unwrap().dims(), &[1, 5]);
     }
 
     #[test]
