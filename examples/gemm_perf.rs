@@ -88,7 +88,7 @@ fn main() {
             );
         }
     } else {
-        let mut tot_med = 0.0;
+        let (mut tot_med, mut tot_cpu) = (0.0, 0.0);
         for cs in resnet50_conv_cases() {
             let wt: Vec<f32> = (0..cs.k * cs.c * cs.r * cs.s).map(|_| rng.uniform(-0.1, 0.1)).collect();
             let w = ConvWeights::new(wt, None, cs.k, cs.c, cs.r, cs.s);
@@ -97,6 +97,7 @@ fn main() {
             let x: Vec<f32> = (0..cs.n * cs.c * cs.h * cs.w).map(|_| rng.uniform(-1.0, 1.0)).collect();
             let mut y = vec![0.0f32; cs.n * cs.k * oh * ow];
             conv2d_forward(&x, cs.n, cs.h, cs.w, &w, &p, None, true, &mut y);
+            let cpu0 = cpu_ns();
             let ts: Vec<f64> = (0..reps)
                 .map(|_| {
                     let t = Instant::now();
@@ -104,19 +105,28 @@ fn main() {
                     t.elapsed().as_secs_f64()
                 })
                 .collect();
+            let cpu_s = (cpu_ns() - cpu0) as f64 * 1e-9 / reps as f64 / threads as f64;
             let (med, best) = stats(ts);
             tot_med += med * cs.count as f64;
+            tot_cpu += cpu_s * cs.count as f64;
             let f = cs.flops() / 1e9;
             println!(
-                "conv {:<28} x{:<2} median {:.3} ms {:.1} GFLOP/s ({:.0}% peak), best {:.1} GFLOP/s",
+                "conv {:<28} x{:<2} median {:.3} ms {:.1} GFLOP/s ({:.0}% peak), best {:.1}, on-cpu {:.1} \
+                 ({:.0}%)",
                 cs.name,
                 cs.count,
                 med * 1e3,
                 f / med,
                 100.0 * f / med / peak,
-                f / best
+                f / best,
+                f / cpu_s,
+                100.0 * f / cpu_s / peak
             );
         }
-        println!("sum over ResNet-50 convs (x count): {:.1} ms", tot_med * 1e3);
+        println!(
+            "sum over ResNet-50 convs (x count): median {:.1} ms, on-cpu {:.1} ms",
+            tot_med * 1e3,
+            tot_cpu * 1e3
+        );
     }
 }

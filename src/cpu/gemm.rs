@@ -212,6 +212,10 @@ struct Kernel {
     mc: usize,
     /// Columns per B block (multiple of NR).
     nc: usize,
+    /// Loop order inside a task: A micro-panel resident in L1 (true) or B micro-panel (false).
+    a_in_l1: bool,
+    /// The kernel stores edge tiles itself (`TileEpi::rows/cols`).
+    partial: bool,
     f: kernels::KernelFn,
 }
 
@@ -219,23 +223,30 @@ fn kernel_for(isa: Isa) -> Kernel {
     assert!(isa.supported(), "sgemm: ISA {} not supported on this CPU", isa.name());
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // B micro-panel 256 x 32 x 4 B = 32 KiB in a 48 KiB L1d; A block 280 x 256 x 4 B = 280 KiB.
+        // A micro-panel 14 x 256 x 4 B = 14 KiB stays in L1 (a_in_l1); the B block 256 x 1024 x 4 B
+        // = 1 MiB stays in L2 (2 MiB/core here) and streams through L1 (prefetched in the kernel).
+        // Measured against the BLIS order (B panel in L1) and KC 128..512, NC 512..1536: see PERF.md.
         Isa::Avx512 => Kernel {
             mr: kernels::x86::AVX512_MR,
             nr: kernels::x86::AVX512_NR,
             kc: 256,
             mc: 14 * 20,
             nc: 32 * 32,
+            a_in_l1: true,
+            partial: true,
             f: kernels::x86::kernel_avx512,
         },
         #[cfg(target_arch = "x86_64")]
-        // B micro-panel 256 x 16 x 4 B = 16 KiB (fits a 32 KiB L1d); A block 288 x 256 x 4 B.
+        // BLIS order: B micro-panel 256 x 16 x 4 B = 16 KiB stays in a 32 KiB L1d (Zen 3), A block
+        // 288 x 256 x 4 B = 288 KiB in L2.
         Isa::Avx2Fma => Kernel {
             mr: kernels::x86::AVX2_MR,
             nr: kernels::x86::AVX2_NR,
             kc: 256,
             mc: 6 * 48,
             nc: 16 * 128,
+            a_in_l1: false,
+            partial: false,
             f: kernels::x86::kernel_avx2,
         },
         _ => Kernel {
@@ -244,6 +255,8 @@ fn kernel_for(isa: Isa) -> Kernel {
             kc: 256,
             mc: 6 * 48,
             nc: 8 * 256,
+            a_in_l1: false,
+            partial: false,
             f: kernels::kernel_portable,
         },
     }
@@ -260,6 +273,7 @@ fn depth_block(k: usize, kc_max: usize) -> usize {
 /// for the exact formula). Pointers are already offset to the tile's first row / column; null means
 /// "absent". Biases, residual and ReLU are only set on the last depth block.
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // rows/cols: only the AVX-512 kernel reads them
 pub(crate) struct TileEpi {
     /// First depth block: add `beta * C_old` (if beta != 0); otherwise add C (the partial sum).
     pub first: bool,
@@ -270,6 +284,11 @@ pub(crate) struct TileEpi {
     pub res: *const f32,
     pub ldr: usize,
     pub relu: bool,
+    /// Rows and columns of the tile that exist in C (MR and NR for a full tile); only kernels
+    /// with `Kernel::partial` honour these, the driver routes edge tiles of the others through a
+    /// scratch tile.
+    pub rows: usize,
+    pub cols: usize,
 }
 
 impl TileEpi {
@@ -283,6 +302,8 @@ impl TileEpi {
         res: std::ptr::null(),
         ldr: 0,
         relu: false,
+        rows: usize::MAX,
+        cols: usize::MAX,
     };
 }
 
@@ -300,6 +321,28 @@ impl PackB for MatRef<'_> {
         for (t, panel) in out.chunks_mut(kc * nr).take(nc.div_ceil(nr)).enumerate() {
             let jb = j0 + t * nr;
             let nv = nr.min(j0 + nc - jb);
+            if self.rs == 1 && self.cs != 1 {
+                // Transposed view (column j contiguous in p): as in pack_a_panels, copy one
+                // cache line of each column at a time and scatter it into a 16-row block.
+                let mut p0 = 0;
+                while p0 < kc {
+                    let pl = 16.min(kc - p0);
+                    let blk = &mut panel[p0 * nr..(p0 + pl) * nr];
+                    for j in 0..nv {
+                        let base = (jb + j) * self.cs + k0 + p0;
+                        for (q, &v) in self.data[base..base + pl].iter().enumerate() {
+                            blk[q * nr + j] = v;
+                        }
+                    }
+                    if nv < nr {
+                        for q in 0..pl {
+                            blk[q * nr + nv..(q + 1) * nr].fill(0.0);
+                        }
+                    }
+                    p0 += pl;
+                }
+                continue;
+            }
             for p in 0..kc {
                 let dst = &mut panel[p * nr..(p + 1) * nr];
                 let row = (k0 + p) * self.rs;
@@ -324,11 +367,26 @@ fn pack_a_panels(a: &MatRef, i0: usize, np: usize, k0: usize, kc: usize, mr: usi
         let ib = i0 + t * mr;
         let mv = mr.min(a.rows.saturating_sub(ib));
         if a.cs == 1 {
-            // Row-major A: read each row contiguously, scatter with stride MR.
+            // Row-major A: copy 16-float (one cache line) pieces of each row and scatter them with
+            // stride MR into a 16*MR block of the panel, which stays in L1. Reading whole lines
+            // matters: the MR rows are often 4 KiB apart and would evict each other from L1 if read
+            // one float at a time.
+            let mut p0 = 0;
+            while p0 + 16 <= kc {
+                for i in 0..mv {
+                    let base = (ib + i) * a.rs + k0 + p0;
+                    let src: &[f32; 16] = a.data[base..base + 16].try_into().unwrap();
+                    let dst = &mut panel[p0 * mr..(p0 + 16) * mr];
+                    for (t, &v) in src.iter().enumerate() {
+                        dst[t * mr + i] = v;
+                    }
+                }
+                p0 += 16;
+            }
             for i in 0..mv {
                 let row = &a.data[(ib + i) * a.rs + k0..(ib + i) * a.rs + k0 + kc];
-                for (p, &v) in row.iter().enumerate() {
-                    panel[p * mr + i] = v;
+                for p in p0..kc {
+                    panel[p * mr + i] = row[p];
                 }
             }
         } else {
@@ -559,50 +617,63 @@ pub(crate) fn gemm_driver(
                     }
                     ASrc::Packed(pa) => pa.panel_ptr(k0, kcur, ip0),
                 };
-                // A micro-panel (MR x KC, 14 KiB for AVX-512) stays in L1 while the B panels of the
-                // block stream from L2 (see docs/KERNELS.md for why this order beat the other).
-                for ip in ip0..ip1 {
+                let tile = |ip: usize, jp: usize| {
                     let i = ip * mr;
                     let mv = mr.min(m - i);
+                    let j = j0 + jp * nr;
+                    let nv = nr.min(n - j);
+                    let bp = bpan[jp * kcur * nr..].as_ptr();
+                    // SAFETY: check_dims (run by every public entry) verified that C holds
+                    // (m-1)*ldc + n elements and that row_scale/row_bias (m), col_bias (n) and
+                    // the residual ((m-1)*ldr + n) are long enough, so every offset below stays in
+                    // bounds for this tile's (mv x nv) elements; A and B panels hold kcur*MR and
+                    // kcur*NR floats (packed above, zero-padded); the ISA was checked supported
+                    // in kernel_for; tiles of different tasks are disjoint (see CPtr).
+                    unsafe {
+                        let te = TileEpi {
+                            first,
+                            beta: epi.beta,
+                            scale: epi.row_scale.map_or(std::ptr::null(), |s| s.as_ptr().add(i)),
+                            row_bias: match epi.row_bias {
+                                Some(s) if last => s.as_ptr().add(i),
+                                _ => std::ptr::null(),
+                            },
+                            col_bias: match epi.col_bias {
+                                Some(s) if last => s.as_ptr().add(j),
+                                _ => std::ptr::null(),
+                            },
+                            res: match epi.residual {
+                                Some((r, ldr)) if last => r.as_ptr().add(i * ldr + j),
+                                _ => std::ptr::null(),
+                            },
+                            ldr: epi.residual.map_or(0, |r| r.1),
+                            relu: epi.relu && last,
+                            rows: mv,
+                            cols: nv,
+                        };
+                        let ap = apan.add((ip - ip0) * mr * kcur);
+                        let cp = cptr.get().add(i * ldc + j);
+                        if (mv == mr && nv == nr) || kern.partial {
+                            (kern.f)(kcur, ap, bp, cp, ldc, &te);
+                        } else {
+                            let mut tmp = [0.0f32; 512];
+                            (kern.f)(kcur, ap, bp, tmp.as_mut_ptr(), nr, &TileEpi::PLAIN);
+                            kernels::apply_scalar(tmp.as_ptr(), nr, mv, nv, cp, ldc, &te);
+                        }
+                    }
+                };
+                if kern.a_in_l1 {
+                    // The A micro-panel stays in L1 while the block's B panels stream from L2.
+                    for ip in ip0..ip1 {
+                        for jp in jp0..jp1 {
+                            tile(ip, jp);
+                        }
+                    }
+                } else {
+                    // Classic BLIS order: the B micro-panel stays in L1, A panels stream from L2.
                     for jp in jp0..jp1 {
-                        let j = j0 + jp * nr;
-                        let nv = nr.min(n - j);
-                        let bp = bpan[jp * kcur * nr..].as_ptr();
-                        // SAFETY: check_dims (run by every public entry) verified that C holds
-                        // (m-1)*ldc + n elements and that row_scale/row_bias (m), col_bias (n) and
-                        // the residual ((m-1)*ldr + n) are long enough, so every offset below stays in
-                        // bounds for this tile's (mv x nv) elements; A and B panels hold kcur*MR and
-                        // kcur*NR floats (packed above, zero-padded); the ISA was checked supported
-                        // in kernel_for; tiles of different tasks are disjoint (see CPtr).
-                        unsafe {
-                            let te = TileEpi {
-                                first,
-                                beta: epi.beta,
-                                scale: epi.row_scale.map_or(std::ptr::null(), |s| s.as_ptr().add(i)),
-                                row_bias: match epi.row_bias {
-                                    Some(s) if last => s.as_ptr().add(i),
-                                    _ => std::ptr::null(),
-                                },
-                                col_bias: match epi.col_bias {
-                                    Some(s) if last => s.as_ptr().add(j),
-                                    _ => std::ptr::null(),
-                                },
-                                res: match epi.residual {
-                                    Some((r, ldr)) if last => r.as_ptr().add(i * ldr + j),
-                                    _ => std::ptr::null(),
-                                },
-                                ldr: epi.residual.map_or(0, |r| r.1),
-                                relu: epi.relu && last,
-                            };
-                            let ap = apan.add((ip - ip0) * mr * kcur);
-                            let cp = cptr.get().add(i * ldc + j);
-                            if mv == mr && nv == nr {
-                                (kern.f)(kcur, ap, bp, cp, ldc, &te);
-                            } else {
-                                let mut tmp = [0.0f32; 512];
-                                (kern.f)(kcur, ap, bp, tmp.as_mut_ptr(), nr, &TileEpi::PLAIN);
-                                kernels::apply_scalar(tmp.as_ptr(), nr, mv, nv, cp, ldc, &te);
-                            }
+                        for ip in ip0..ip1 {
+                            tile(ip, jp);
                         }
                     }
                 }

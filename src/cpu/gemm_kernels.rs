@@ -3,9 +3,9 @@
 //! `kernel(kc, a, b, c, ldc, te)`: `a` is an MR-row panel packed (kc, MR) (column p of the A block is
 //! MR consecutive floats), `b` an NR-column panel packed (kc, NR). The kernel accumulates the
 //! (MR, NR) product over `kc` in registers, then applies the tile epilogue `te` on the registers and
-//! stores the full (MR, NR) tile to `c` (row-major, leading dimension `ldc`). Edge tiles are the
-//! driver's business: it passes a scratch tile with `TileEpi::PLAIN` and finishes with
-//! `apply_scalar`.
+//! stores the (MR, NR) tile to `c` (row-major, leading dimension `ldc`). Edge tiles: the AVX-512
+//! kernel stores only `te.rows` x `te.cols` (masked stores); for the others the driver passes a
+//! scratch tile with `TileEpi::PLAIN` and finishes with `apply_scalar`.
 
 use super::TileEpi;
 
@@ -122,14 +122,25 @@ pub(super) mod x86 {
         te: &TileEpi,
     ) {
         const MR: usize = AVX512_MR;
-        // Start fetching the C tile now; its loads in the epilogue are then L1 hits.
+        // Start fetching the C tile now; its loads in the epilogue are then L1 hits. (Prefetches
+        // never fault; wrapping_add because rows past an edge tile may lie outside C.)
         for i in 0..MR {
-            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc + 16) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * ldc) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * ldc + 16) as *const i8);
         }
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let (mut ap, mut bp) = (a, b);
+        // The next A micro-panel follows this one in memory (both packing layouts); when n is small
+        // (ResNet's 7x7 layers: n = 49) each A panel feeds only a couple of tiles and A streams
+        // from memory, so pull the next panel into L2 one cache line per depth step (kc lines
+        // cover its 14*kc floats).
+        let mut anext = a.wrapping_add(MR * kc);
         for _ in 0..kc {
+            _mm_prefetch::<_MM_HINT_T1>(anext as *const i8);
+            anext = anext.wrapping_add(16);
+            // B streams from L2 (the A micro-panel is the L1-resident operand); fetch 8 rows ahead.
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(8 * 32) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(8 * 32 + 16) as *const i8);
             let b0 = _mm512_loadu_ps(bp);
             let b1 = _mm512_loadu_ps(bp.add(16));
             for (i, row) in acc.iter_mut().enumerate() {
@@ -140,11 +151,29 @@ pub(super) mod x86 {
             ap = ap.add(MR);
             bp = bp.add(32);
         }
+        // Edge tiles (te.rows < MR or te.cols < NR) are stored straight to C: rows past te.rows
+        // are skipped (their A rows are zero padding), columns past te.cols masked off. Masked
+        // loads never touch (or fault on) masked-out elements.
+        let cols = te.cols.min(32);
+        let masks = [
+            if cols >= 16 { 0xFFFFu16 } else { (1u16 << cols) - 1 },
+            if cols >= 32 {
+                0xFFFFu16
+            } else if cols > 16 {
+                (1u16 << (cols - 16)) - 1
+            } else {
+                0
+            },
+        ];
         let beta = _mm512_set1_ps(te.beta);
         let zero = _mm512_setzero_ps();
-        for (i, row) in acc.iter().enumerate() {
+        for (i, row) in acc.iter().enumerate().take(te.rows) {
             let cp = c.add(i * ldc);
             for (h, &r) in row.iter().enumerate() {
+                let mk = masks[h];
+                if mk == 0 {
+                    continue;
+                }
                 let mut v = r;
                 if !te.scale.is_null() {
                     v = _mm512_mul_ps(v, _mm512_set1_ps(*te.scale.add(i)));
@@ -152,24 +181,24 @@ pub(super) mod x86 {
                 let cph = cp.add(16 * h);
                 if te.first {
                     if te.beta != 0.0 {
-                        v = _mm512_fmadd_ps(beta, _mm512_loadu_ps(cph), v);
+                        v = _mm512_fmadd_ps(beta, _mm512_maskz_loadu_ps(mk, cph), v);
                     }
                 } else {
-                    v = _mm512_add_ps(v, _mm512_loadu_ps(cph));
+                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, cph));
                 }
                 if !te.row_bias.is_null() {
                     v = _mm512_add_ps(v, _mm512_set1_ps(*te.row_bias.add(i)));
                 }
                 if !te.col_bias.is_null() {
-                    v = _mm512_add_ps(v, _mm512_loadu_ps(te.col_bias.add(16 * h)));
+                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, te.col_bias.add(16 * h)));
                 }
                 if !te.res.is_null() {
-                    v = _mm512_add_ps(v, _mm512_loadu_ps(te.res.add(i * te.ldr + 16 * h)));
+                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, te.res.add(i * te.ldr + 16 * h)));
                 }
                 if te.relu {
                     v = _mm512_max_ps(v, zero);
                 }
-                _mm512_storeu_ps(cph, v);
+                _mm512_mask_storeu_ps(cph, mk, v);
             }
         }
     }
@@ -192,8 +221,8 @@ pub(super) mod x86 {
     ) {
         const MR: usize = AVX2_MR;
         for i in 0..MR {
-            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc + 15) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * ldc) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * ldc + 15) as *const i8);
         }
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         let (mut ap, mut bp) = (a, b);
