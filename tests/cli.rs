@@ -155,6 +155,11 @@ fn bad_arguments_and_inputs_give_one_line() {
     run(extract(s(&imgs), "resnet50", s(&w)), &[s(&w)]);
     assert!(!out.exists(), "nothing may be written on error");
 
+    // --out naming a directory is refused up front.
+    let mut to_dir = extract(s(&imgs), "resnet50", "random");
+    *to_dir.last_mut().unwrap() = s(&d).to_string();
+    run(to_dir, &[s(&d), "is a directory"]);
+
     let (code, _, err) = capgen(&["bench", "lstm"]);
     assert!(code != 0 && err.contains("not implemented yet (issue 3)"), "{err}");
 }

@@ -49,6 +49,8 @@ images["rgb.png"] = Image.fromarray(u8(rgb(400, 290)), "RGB")
 images["rgba.png"] = Image.fromarray(u8(np.concatenate([rgb(150, 100), pattern(150, 100, 2.0)[..., None]], -1)), "RGBA")
 images["greyalpha.png"] = Image.fromarray(u8(np.stack([pattern(64, 70, 0.3), pattern(64, 70, 1.0)], -1)), "LA")
 images["palette.png"] = Image.fromarray(u8(rgb(90, 120)), "RGB").quantize(colors=64)
+# A large downscale (1100 -> 256, filter support 4.3 pixels): palette-quantised so the file stays small.
+images["large.png"] = Image.fromarray(u8(rgb(1500, 1100)), "RGB").quantize(colors=16)
 images["one.png"] = Image.fromarray(np.array([[[200, 100, 50]]], dtype=np.uint8), "RGB")
 grey16 = (pattern(220, 160, 1.7) * 65535 + 0.5).astype(np.uint16)
 

@@ -55,7 +55,10 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
     }
     let paths = collect_images(&args.images)?;
     let names = feature_names(&paths)?;
-    // Fail now, not after an hour of encoding, if the output directory does not exist.
+    // Fail now, not after an hour of encoding, if the output cannot be written where asked.
+    if args.out.is_dir() {
+        return Err(Error::format(&args.out, "is a directory; --out takes a file name"));
+    }
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
             return Err(Error::format(&args.out, "the output's directory does not exist"));
@@ -90,7 +93,14 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
     }
     pb.finish_and_clear();
 
+    let list_bad = |bad: &[String]| {
+        eprintln!("skipped {} bad image(s):", bad.len());
+        for b in bad {
+            eprintln!("  {b}");
+        }
+    };
     if features.is_empty() {
+        list_bad(&bad);
         return Err(Error::msg(format!("no image could be read ({} bad); nothing written", bad.len())));
     }
     let mut metadata = BTreeMap::new();
@@ -106,10 +116,7 @@ pub fn run(args: &ExtractArgs) -> Result<()> {
         args.out.display()
     );
     if !bad.is_empty() {
-        eprintln!("skipped {} bad image(s):", bad.len());
-        for b in &bad {
-            eprintln!("  {b}");
-        }
+        list_bad(&bad);
     }
     Ok(())
 }
