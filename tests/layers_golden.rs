@@ -32,7 +32,13 @@ fn rel_l2(ours: &[f32], reference: &[f32]) -> f64 {
         den += (b as f64).powi(2);
     }
     assert!(den > 0.0, "reference is all zeros: the comparison would be meaningless");
-    (num / den).sqrt()
+    // A NaN or infinity in our output must fail, not vanish in a `max` or a `<=` comparison.
+    let err = (num / den).sqrt();
+    if err.is_finite() {
+        err
+    } else {
+        f64::INFINITY
+    }
 }
 
 /// The geometry of `case` from the file's `cases` metadata (JSON).
