@@ -131,7 +131,8 @@ pub fn state_dict_shapes(cfg: &VggConfig) -> Vec<(String, Vec<usize>)> {
 
 #[derive(Debug)]
 enum Stage {
-    Conv(usize, Conv2d),
+    // Boxed: a conv holds its packed weights inline and dwarfs the pool variant.
+    Conv(usize, Box<Conv2d>),
     Pool(usize),
 }
 
@@ -160,7 +161,12 @@ impl Vgg {
             features.push(match l {
                 VggLayer::Conv(k) => Stage::Conv(
                     i,
-                    Conv2d::load_biased(get, &format!("features.{i}"), [k, c, 3, 3], ConvParams::new(1, 1))?,
+                    Box::new(Conv2d::load_biased(
+                        get,
+                        &format!("features.{i}"),
+                        [k, c, 3, 3],
+                        ConvParams::new(1, 1),
+                    )?),
                 ),
                 VggLayer::Pool => Stage::Pool(i),
             });
