@@ -4,6 +4,13 @@
 //!
 //! Kernels here work on plain slices and sizes (llm.c style); `crate::ops` adapts tensors to them.
 
+pub mod adam;
+pub mod attention;
 pub mod conv;
+pub mod dropout;
+pub mod embedding;
 pub mod gemm;
+pub mod linear;
+pub mod loss;
+pub mod lstm;
 pub mod peak;
