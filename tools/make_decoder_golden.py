@@ -15,6 +15,8 @@ Contents (all float32; integer tensors -- tokens, targets, lengths -- are stored
    alpha = softmax_L(e), ctx = sigmoid(h W_beta^T + b_beta) * sum_l alpha_l feats_l), an nn.LSTMCell on
    [embedding(token_t), ctx], logits = fc(h). Loss = CE (pad ignored, no smoothing) + alpha_c *
    mean_b sum_l (1 - sum_t alpha[b,t,l])^2. Saved: inputs, weights, logits, alphas, loss, every gradient.
+3. `st.*`: the show-tell decoder: pooled feature f (B,D), h0 = tanh(f W_h^T + b_h), c0 = tanh(f W_c^T + b_c),
+   embedding(tokens), packed nn.LSTM, fc, cross-entropy (pad ignored, label smoothing 0.1).
 
 The reference is computed in float64 from float32-rounded inputs, so it is exact to ~1e-12.
 """
@@ -136,6 +138,45 @@ put("att.grad.feats", feats.grad)
 for name, p in P.items():
     put(f"att.{name}", p)
     put(f"att.grad.{name}", p.grad)
+
+# ---------------------------------------------------------------- 3. show-tell decoder
+B, T, D, E, H, V = 3, 5, 9, 7, 16, 11
+lengths = [5, 5, 3]
+f = rand(B, D)
+tokens = torch.randint(1, V, (B, T))
+targets = torch.randint(1, V, (B, T))
+for b, n in enumerate(lengths):
+    tokens[b, n:] = 0
+    targets[b, n:] = 0
+S = {"emb": rand(V, E), "w_h": rand(H, D, scale=0.3), "b_h": rand(H, scale=0.3), "w_c": rand(H, D, scale=0.3),
+     "b_c": rand(H, scale=0.3)}
+lstm = torch.nn.LSTM(E, H, batch_first=True).to(D64)
+fc = torch.nn.Linear(H, V).to(D64)
+with torch.no_grad():
+    for p in list(lstm.parameters()) + list(fc.parameters()):
+        p.copy_(rand(*p.shape, scale=0.4))
+for p in S.values():
+    p.requires_grad_()
+h0 = torch.tanh(F.linear(f, S["w_h"], S["b_h"]))
+c0 = torch.tanh(F.linear(f, S["w_c"], S["b_c"]))
+packed = torch.nn.utils.rnn.pack_padded_sequence(F.embedding(tokens, S["emb"]), torch.tensor(lengths),
+                                                 batch_first=True)
+out, _ = lstm(packed, (h0.unsqueeze(0), c0.unsqueeze(0)))
+hs, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)
+logits = fc(hs)
+loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=0, label_smoothing=0.1)
+loss.backward()
+put("st.feats", f)
+put("st.tokens", tokens.to(D64))
+put("st.targets", targets.to(D64))
+put("st.lengths", torch.tensor(lengths, dtype=D64))
+put("st.logits", logits)
+put("st.loss", loss.reshape(1))
+S.update({"w_ih": lstm.weight_ih_l0, "w_hh": lstm.weight_hh_l0, "b_ih": lstm.bias_ih_l0, "b_hh": lstm.bias_hh_l0,
+          "fc_w": fc.weight, "fc_b": fc.bias})
+for name, p in S.items():
+    put(f"st.{name}", p)
+    put(f"st.grad.{name}", p.grad)
 
 tmp = OUT + ".tmp"
 save_file(tensors, tmp)

@@ -1,0 +1,506 @@
+//! The two caption decoders composed from the CPU layers, and one teacher-forced training step each
+//! (forward, loss, backward). Parameters are plain named `Vec<f32>`s in PyTorch layouts; gradients use
+//! the same struct, accumulated into (`+=`), so a caller zeroes them between steps.
+//!
+//! Batch layout: tokens and targets (B,T) row-major, `lengths` (B) sorted longest first (the LSTM's
+//! per-step active batch size, see `cpu::lstm`); tokens/targets past a row's length are `<pad>` = 0.
+//! `tokens[b,t]` is the input at step t (`<start>` first), `targets[b,t]` the word to predict.
+//!
+//! `show-tell`: pooled feature f (B,D); h0 = tanh(f W_h^T + b_h), c0 = tanh(f W_c^T + b_c) (B,H);
+//!   x = embedding(tokens) (B,T,E); hs = LSTM(x, h0, c0) (B,T,H); logits = hs fc_w^T + fc_b (B,T,V).
+//! `attention`: grid features (B,L,D); h0, c0 from the mean feature (`cpu::attention`); each step t on
+//!   the live rows: ctx, alpha = attention(feats, h_{t-1}); (h_t, c_t) = LSTMCell([emb_t, ctx]);
+//!   logits_t = h_t fc_w^T + fc_b.
+//! Loss: cross-entropy over the vocabulary, `<pad>` ignored, mean over tokens, optional label
+//! smoothing; the attention decoder adds alpha_c * mean_b sum_l (1 - sum_t alpha[b,t,l])^2.
+//! (No dropout yet.)
+
+use crate::cpu::attention::{
+    attention_encode_backward, attention_encode_forward, attention_step_backward, attention_step_forward,
+    init_state_backward, init_state_forward, AttnCache, AttnGrads, AttnParams, AttnSize,
+};
+use crate::cpu::embedding::{embedding_backward, embedding_forward};
+use crate::cpu::linear::{linear_backward, linear_forward};
+use crate::cpu::loss::{attention_reg, cross_entropy_fused};
+use crate::cpu::lstm::{
+    active_from_lengths, lstm_backward, lstm_cell_backward, lstm_cell_forward, lstm_forward, LstmCache,
+    LstmCellCache, LstmGrads, LstmParams, LstmSize,
+};
+use crate::error::{Error, Result};
+
+/// The index of `<pad>` in every vocabulary.
+pub const PAD: u32 = 0;
+
+/// Sizes of a decoder. `regions` is 1 (unused) for show-tell; `att` is unused for show-tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecoderDims {
+    pub vocab: usize,
+    pub embed: usize,
+    pub feat: usize,
+    pub regions: usize,
+    pub hidden: usize,
+    pub att: usize,
+}
+
+/// A teacher-forced batch.
+#[derive(Clone, Copy, Debug)]
+pub struct Batch<'a> {
+    /// (B,D) pooled features (show-tell) or (B,L,D) grid features (attention).
+    pub feats: &'a [f32],
+    /// (B,T) input token ids.
+    pub tokens: &'a [u32],
+    /// (B,T) target token ids (`<pad>` past each length).
+    pub targets: &'a [u32],
+    /// (B) lengths, longest first.
+    pub lengths: &'a [usize],
+    /// T, the padded number of steps.
+    pub steps: usize,
+}
+
+/// Loss of one step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepLoss {
+    /// Mean cross-entropy over the non-pad tokens.
+    pub ce: f32,
+    /// Attention regulariser (0 for show-tell).
+    pub reg: f32,
+    /// Number of non-pad target tokens.
+    pub tokens: usize,
+}
+
+macro_rules! param_struct {
+    ($(#[$m:meta])* $name:ident { $($field:ident),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Clone, Debug, Default, PartialEq)]
+        pub struct $name {
+            $(pub $field: Vec<f32>,)*
+        }
+        impl $name {
+            /// (name, values) of every parameter, in a fixed order (checkpoints, Adam).
+            pub fn named(&self) -> Vec<(&'static str, &[f32])> {
+                vec![$((stringify!($field), &self.$field[..]),)*]
+            }
+            /// Mutable views in the same order as `named`.
+            pub fn named_mut(&mut self) -> Vec<(&'static str, &mut [f32])> {
+                vec![$((stringify!($field), &mut self.$field[..]),)*]
+            }
+            /// A copy with every value 0 (a gradient buffer).
+            pub fn zeros_like(&self) -> Self {
+                $name { $($field: vec![0.0; self.$field.len()],)* }
+            }
+            /// Sets every value to 0.
+            pub fn zero(&mut self) {
+                $(self.$field.fill(0.0);)*
+            }
+        }
+    };
+}
+
+param_struct!(
+    /// Show-and-tell parameters: emb (V,E), w_h/w_c (H,D), b_h/b_c (H), LSTM (I = E), fc_w (V,H), fc_b (V).
+    ShowTellParams { emb, w_h, b_h, w_c, b_c, w_ih, w_hh, b_ih, b_hh, fc_w, fc_b }
+);
+
+param_struct!(
+    /// Show-attend-tell parameters: emb (V,E), init w_h/w_c (H,D) b_h/b_c (H), attention (see
+    /// `cpu::attention::AttnParams`), LSTM cell with input [emb, ctx] (I = E + D), fc_w (V,H), fc_b (V).
+    AttentionParams {
+        emb, w_h, b_h, w_c, b_c, w_enc, b_enc, w_dec, b_dec, w_full, b_full, w_beta, b_beta,
+        w_ih, w_hh, b_ih, b_hh, fc_w, fc_b,
+    }
+);
+
+impl ShowTellParams {
+    /// Zero-filled parameters of the right shapes.
+    pub fn zeros(d: &DecoderDims) -> Self {
+        let (v, e, f, h) = (d.vocab, d.embed, d.feat, d.hidden);
+        ShowTellParams {
+            emb: vec![0.0; v * e],
+            w_h: vec![0.0; h * f],
+            b_h: vec![0.0; h],
+            w_c: vec![0.0; h * f],
+            b_c: vec![0.0; h],
+            w_ih: vec![0.0; 4 * h * e],
+            w_hh: vec![0.0; 4 * h * h],
+            b_ih: vec![0.0; 4 * h],
+            b_hh: vec![0.0; 4 * h],
+            fc_w: vec![0.0; v * h],
+            fc_b: vec![0.0; v],
+        }
+    }
+}
+
+impl AttentionParams {
+    /// Zero-filled parameters of the right shapes.
+    pub fn zeros(d: &DecoderDims) -> Self {
+        let (v, e, f, h, a) = (d.vocab, d.embed, d.feat, d.hidden, d.att);
+        AttentionParams {
+            emb: vec![0.0; v * e],
+            w_h: vec![0.0; h * f],
+            b_h: vec![0.0; h],
+            w_c: vec![0.0; h * f],
+            b_c: vec![0.0; h],
+            w_enc: vec![0.0; a * f],
+            b_enc: vec![0.0; a],
+            w_dec: vec![0.0; a * h],
+            b_dec: vec![0.0; a],
+            w_full: vec![0.0; a],
+            b_full: vec![0.0; 1],
+            w_beta: vec![0.0; f * h],
+            b_beta: vec![0.0; f],
+            w_ih: vec![0.0; 4 * h * (e + f)],
+            w_hh: vec![0.0; 4 * h * h],
+            b_ih: vec![0.0; 4 * h],
+            b_hh: vec![0.0; 4 * h],
+            fc_w: vec![0.0; v * h],
+            fc_b: vec![0.0; v],
+        }
+    }
+
+    fn attn(&self) -> AttnParams<'_> {
+        AttnParams {
+            w_enc: &self.w_enc,
+            b_enc: &self.b_enc,
+            w_dec: &self.w_dec,
+            b_dec: &self.b_dec,
+            w_full: &self.w_full,
+            b_full: &self.b_full,
+            w_beta: &self.w_beta,
+            b_beta: &self.b_beta,
+        }
+    }
+}
+
+/// Checks a batch against the dims; returns (B, T, active sizes).
+fn check_batch(batch: &Batch, d: &DecoderDims, feat_len: usize) -> Result<(usize, usize, Vec<usize>)> {
+    let b = batch.lengths.len();
+    let t = batch.steps;
+    if batch.tokens.len() != b * t || batch.targets.len() != b * t {
+        return Err(Error::shape(format!(
+            "decoder batch: tokens {} / targets {} are not B*T = {}*{}",
+            batch.tokens.len(),
+            batch.targets.len(),
+            b,
+            t
+        )));
+    }
+    if batch.feats.len() != b * feat_len {
+        return Err(Error::shape(format!(
+            "decoder batch: features {} are not B*{feat_len}",
+            batch.feats.len()
+        )));
+    }
+    if let Some(&bad) = batch.tokens.iter().chain(batch.targets).find(|&&x| x as usize >= d.vocab) {
+        return Err(Error::shape(format!("decoder batch: token id {bad} >= vocabulary size {}", d.vocab)));
+    }
+    let active = active_from_lengths(batch.lengths, t)?;
+    Ok((b, t, active))
+}
+
+/// What the show-tell forward keeps for backward.
+#[derive(Clone, Debug, Default)]
+pub struct ShowTellForward {
+    /// (B*T,V) logits; the backward turns them into dlogits in place.
+    pub logits: Vec<f32>,
+    /// (B,T,H) LSTM outputs.
+    pub hs: Vec<f32>,
+    h0: Vec<f32>,
+    c0: Vec<f32>,
+    x: Vec<f32>,
+    lstm: LstmCache,
+    active: Vec<usize>,
+}
+
+/// Show-tell forward (teacher forcing).
+pub fn show_tell_forward(p: &ShowTellParams, d: &DecoderDims, batch: &Batch) -> Result<ShowTellForward> {
+    let (b, t, active) = check_batch(batch, d, d.feat)?;
+    let (v, e, f, h) = (d.vocab, d.embed, d.feat, d.hidden);
+    let mut fw = ShowTellForward { active, ..Default::default() };
+    fw.h0 = vec![0.0; b * h];
+    fw.c0 = vec![0.0; b * h];
+    linear_forward(&mut fw.h0, batch.feats, &p.w_h, Some(&p.b_h), b, f, h);
+    linear_forward(&mut fw.c0, batch.feats, &p.w_c, Some(&p.b_c), b, f, h);
+    fw.h0.iter_mut().chain(fw.c0.iter_mut()).for_each(|x| *x = x.tanh());
+    fw.x = vec![0.0; b * t * e];
+    embedding_forward(&mut fw.x, batch.tokens, &p.emb, v, e);
+    fw.hs = vec![0.0; b * t * h];
+    let lp = LstmParams { w_ih: &p.w_ih, w_hh: &p.w_hh, b_ih: &p.b_ih, b_hh: &p.b_hh };
+    lstm_forward(
+        &mut fw.hs,
+        &mut fw.lstm,
+        &fw.x,
+        &fw.h0,
+        &fw.c0,
+        &lp,
+        &fw.active,
+        LstmSize { b, t, i: e, h },
+    );
+    fw.logits = vec![0.0; b * t * v];
+    linear_forward(&mut fw.logits, &fw.hs, &p.fc_w, Some(&p.fc_b), b * t, h, v);
+    Ok(fw)
+}
+
+/// Show-tell loss and backward: consumes `fw.logits` (turned into dlogits), accumulates into `g`.
+pub fn show_tell_backward(
+    p: &ShowTellParams,
+    g: &mut ShowTellParams,
+    d: &DecoderDims,
+    batch: &Batch,
+    fw: &mut ShowTellForward,
+    smoothing: f32,
+) -> Result<StepLoss> {
+    let (b, t, _) = check_batch(batch, d, d.feat)?;
+    let (v, e, f, h) = (d.vocab, d.embed, d.feat, d.hidden);
+    let ce = cross_entropy_fused(&mut fw.logits, batch.targets, v, smoothing, Some(PAD), 1.0);
+    let mut dhs = vec![0.0; b * t * h];
+    linear_backward(Some(&mut dhs), &mut g.fc_w, Some(&mut g.fc_b), &fw.logits, &fw.hs, &p.fc_w, b * t, h, v);
+    let (mut dx, mut dh0, mut dc0) = (vec![0.0; b * t * e], vec![0.0; b * h], vec![0.0; b * h]);
+    let lp = LstmParams { w_ih: &p.w_ih, w_hh: &p.w_hh, b_ih: &p.b_ih, b_hh: &p.b_hh };
+    let mut lg = LstmGrads { w_ih: &mut g.w_ih, w_hh: &mut g.w_hh, b_ih: &mut g.b_ih, b_hh: &mut g.b_hh };
+    lstm_backward(
+        Some(&mut dx),
+        Some(&mut dh0),
+        Some(&mut dc0),
+        &mut lg,
+        &dhs,
+        &fw.hs,
+        &fw.lstm,
+        &fw.x,
+        &fw.h0,
+        &fw.c0,
+        &lp,
+        &fw.active,
+        LstmSize { b, t, i: e, h },
+    );
+    embedding_backward(&mut g.emb, &dx, batch.tokens, Some(PAD), v, e);
+    // Through tanh: d(pre) = d(out) * (1 - out^2).
+    dh0.iter_mut().zip(&fw.h0).for_each(|(d, y)| *d *= 1.0 - y * y);
+    dc0.iter_mut().zip(&fw.c0).for_each(|(d, y)| *d *= 1.0 - y * y);
+    linear_backward(None, &mut g.w_h, Some(&mut g.b_h), &dh0, batch.feats, &p.w_h, b, f, h);
+    linear_backward(None, &mut g.w_c, Some(&mut g.b_c), &dc0, batch.feats, &p.w_c, b, f, h);
+    Ok(StepLoss { ce: ce.loss, reg: 0.0, tokens: ce.count })
+}
+
+/// What the attention forward keeps for backward.
+#[derive(Clone, Debug, Default)]
+pub struct AttentionForward {
+    /// (B*T,V) logits, 0 past each row's length; the backward turns them into dlogits in place.
+    pub logits: Vec<f32>,
+    /// (B,T,L) attention weights, 0 past each row's length.
+    pub alphas: Vec<f32>,
+    /// (B,L,D) dL/dfeats, filled by the backward (for encoder fine-tuning and tests).
+    pub dfeats: Vec<f32>,
+    active: Vec<usize>,
+    mean: Vec<f32>,
+    h0: Vec<f32>,
+    c0: Vec<f32>,
+    emb: Vec<f32>,
+    att1: Vec<f32>,
+    /// Per step: LSTM input [emb, ctx] (bs,E+D), new h (bs,H), caches.
+    xs: Vec<Vec<f32>>,
+    hs: Vec<Vec<f32>>,
+    cells: Vec<LstmCellCache>,
+    attns: Vec<AttnCache>,
+}
+
+/// Attention decoder forward (teacher forcing).
+pub fn attention_forward(p: &AttentionParams, d: &DecoderDims, batch: &Batch) -> Result<AttentionForward> {
+    let (l, f) = (d.regions, d.feat);
+    let (b, t, active) = check_batch(batch, d, l * f)?;
+    let (v, e, h, a) = (d.vocab, d.embed, d.hidden, d.att);
+    let feats = batch.feats;
+    let mut fw = AttentionForward { active, ..Default::default() };
+    fw.mean = vec![0.0; b * f];
+    fw.h0 = vec![0.0; b * h];
+    fw.c0 = vec![0.0; b * h];
+    init_state_forward(
+        &mut fw.mean,
+        &mut fw.h0,
+        &mut fw.c0,
+        feats,
+        &p.w_h,
+        &p.b_h,
+        &p.w_c,
+        &p.b_c,
+        b,
+        l,
+        f,
+        h,
+    );
+    fw.emb = vec![0.0; b * t * e];
+    embedding_forward(&mut fw.emb, batch.tokens, &p.emb, v, e);
+    fw.att1 = vec![0.0; b * l * a];
+    let ap = p.attn();
+    attention_encode_forward(&mut fw.att1, feats, &ap, AttnSize { b, l, d: f, h, a });
+    let lp = LstmParams { w_ih: &p.w_ih, w_hh: &p.w_hh, b_ih: &p.b_ih, b_hh: &p.b_hh };
+    fw.logits = vec![0.0; b * t * v];
+    fw.alphas = vec![0.0; b * t * l];
+    let mut ctx = vec![0.0; b * f];
+    let mut logit_rows = vec![0.0; b * v];
+    for s in 0..t {
+        let bs = fw.active[s];
+        let sz = AttnSize { b: bs, l, d: f, h, a };
+        let (h_prev, c_prev) = if s == 0 {
+            (&fw.h0[..bs * h], &fw.c0[..bs * h])
+        } else {
+            (&fw.hs[s - 1][..bs * h], &fw.cells[s - 1].c[..bs * h])
+        };
+        let mut ac = AttnCache::default();
+        attention_step_forward(
+            &mut ctx[..bs * f],
+            &mut ac,
+            &fw.att1[..bs * l * a],
+            &feats[..bs * l * f],
+            h_prev,
+            &ap,
+            sz,
+        );
+        // x (bs, E+D) = [emb[:, s], ctx]
+        let mut x = vec![0.0; bs * (e + f)];
+        for r in 0..bs {
+            let row = &mut x[r * (e + f)..(r + 1) * (e + f)];
+            row[..e].copy_from_slice(&fw.emb[(r * t + s) * e..(r * t + s + 1) * e]);
+            row[e..].copy_from_slice(&ctx[r * f..(r + 1) * f]);
+        }
+        let mut hn = vec![0.0; bs * h];
+        let mut cc = LstmCellCache::default();
+        lstm_cell_forward(&mut hn, &mut cc, &x, h_prev, c_prev, &lp, bs, e + f, h);
+        linear_forward(&mut logit_rows[..bs * v], &hn, &p.fc_w, Some(&p.fc_b), bs, h, v);
+        for r in 0..bs {
+            fw.logits[(r * t + s) * v..(r * t + s + 1) * v].copy_from_slice(&logit_rows[r * v..(r + 1) * v]);
+            fw.alphas[(r * t + s) * l..(r * t + s + 1) * l].copy_from_slice(&ac.alpha[r * l..(r + 1) * l]);
+        }
+        fw.xs.push(x);
+        fw.hs.push(hn);
+        fw.cells.push(cc);
+        fw.attns.push(ac);
+    }
+    Ok(fw)
+}
+
+/// Attention decoder loss and backward: consumes `fw.logits` (turned into dlogits), accumulates into `g`.
+pub fn attention_backward(
+    p: &AttentionParams,
+    g: &mut AttentionParams,
+    d: &DecoderDims,
+    batch: &Batch,
+    fw: &mut AttentionForward,
+    alpha_c: f32,
+    smoothing: f32,
+) -> Result<StepLoss> {
+    let (l, f) = (d.regions, d.feat);
+    let (b, t, _) = check_batch(batch, d, l * f)?;
+    let (v, e, h, a) = (d.vocab, d.embed, d.hidden, d.att);
+    let feats = batch.feats;
+    let ce = cross_entropy_fused(&mut fw.logits, batch.targets, v, smoothing, Some(PAD), 1.0);
+    let mut dalphas = vec![0.0; b * t * l];
+    let reg = attention_reg(Some(&mut dalphas), &fw.alphas, batch.lengths, alpha_c, t, l);
+    let ap = p.attn();
+    let lp = LstmParams { w_ih: &p.w_ih, w_hh: &p.w_hh, b_ih: &p.b_ih, b_hh: &p.b_hh };
+    let AttentionParams {
+        emb: g_emb,
+        w_h: g_w_h,
+        b_h: g_b_h,
+        w_c: g_w_c,
+        b_c: g_b_c,
+        w_enc,
+        b_enc,
+        w_dec,
+        b_dec,
+        w_full,
+        b_full,
+        w_beta,
+        b_beta,
+        w_ih,
+        w_hh,
+        b_ih,
+        b_hh,
+        fc_w: g_fc_w,
+        fc_b: g_fc_b,
+    } = g;
+    let mut ag = AttnGrads { w_enc, b_enc, w_dec, b_dec, w_full, b_full, w_beta, b_beta };
+    let mut lg = LstmGrads { w_ih, w_hh, b_ih, b_hh };
+    let mut dh_next = vec![0.0; b * h]; // (B,H) dL/dh_{s}
+    let mut dc_next = vec![0.0; b * h]; // (B,H) dL/dc_{s}
+    let mut datt1 = vec![0.0; b * l * a];
+    let mut dfeats = vec![0.0; b * l * f]; // (B,L,D)
+    let mut demb = vec![0.0; b * t * e];
+    let mut dlog = vec![0.0; b * v];
+    let mut dalpha = vec![0.0; b * l];
+    for s in (0..t).rev() {
+        let bs = fw.active[s];
+        let sz = AttnSize { b: bs, l, d: f, h, a };
+        let (h_prev, c_prev) = if s == 0 {
+            (&fw.h0[..bs * h], &fw.c0[..bs * h])
+        } else {
+            (&fw.hs[s - 1][..bs * h], &fw.cells[s - 1].c[..bs * h])
+        };
+        for r in 0..bs {
+            dlog[r * v..(r + 1) * v].copy_from_slice(&fw.logits[(r * t + s) * v..(r * t + s + 1) * v]);
+            dalpha[r * l..(r + 1) * l].copy_from_slice(&dalphas[(r * t + s) * l..(r * t + s + 1) * l]);
+        }
+        // dh_s = dh_next + dlogits_s fc_w
+        let mut dh = dh_next[..bs * h].to_vec();
+        linear_backward(Some(&mut dh), g_fc_w, Some(g_fc_b), &dlog[..bs * v], &fw.hs[s], &p.fc_w, bs, h, v);
+        let mut dx = vec![0.0; bs * (e + f)];
+        let mut dh_prev = vec![0.0; bs * h];
+        let mut dc_prev = vec![0.0; bs * h];
+        lstm_cell_backward(
+            Some(&mut dx),
+            Some(&mut dh_prev),
+            Some(&mut dc_prev),
+            &mut lg,
+            &dh,
+            &dc_next[..bs * h],
+            &fw.cells[s],
+            &fw.xs[s],
+            h_prev,
+            c_prev,
+            &lp,
+            bs,
+            e + f,
+            h,
+        );
+        let mut dctx = vec![0.0; bs * f];
+        for r in 0..bs {
+            let row = &dx[r * (e + f)..(r + 1) * (e + f)];
+            demb[(r * t + s) * e..(r * t + s + 1) * e].copy_from_slice(&row[..e]);
+            dctx[r * f..(r + 1) * f].copy_from_slice(&row[e..]);
+        }
+        attention_step_backward(
+            Some(&mut dfeats[..bs * l * f]),
+            &mut datt1[..bs * l * a],
+            Some(&mut dh_prev),
+            &mut ag,
+            &dctx,
+            Some(&dalpha[..bs * l]),
+            &fw.attns[s],
+            &feats[..bs * l * f],
+            h_prev,
+            &ap,
+            sz,
+        );
+        dh_next[..bs * h].copy_from_slice(&dh_prev);
+        dc_next[..bs * h].copy_from_slice(&dc_prev);
+    }
+    attention_encode_backward(Some(&mut dfeats), &mut ag, &datt1, feats, &ap, AttnSize { b, l, d: f, h, a });
+    init_state_backward(
+        Some(&mut dfeats),
+        g_w_h,
+        g_b_h,
+        g_w_c,
+        g_b_c,
+        &dh_next,
+        &dc_next,
+        &fw.mean,
+        &p.w_h,
+        &p.w_c,
+        b,
+        l,
+        f,
+        h,
+    );
+    embedding_backward(g_emb, &demb, batch.tokens, Some(PAD), v, e);
+    fw.dfeats = dfeats;
+    Ok(StepLoss { ce: ce.loss, reg, tokens: ce.count })
+}
