@@ -4,6 +4,7 @@
 //!
 //! Kernels here work on plain slices and sizes (llm.c style); `crate::ops` adapts tensors to them.
 
+pub mod activation;
 pub mod adam;
 pub mod attention;
 pub mod conv;
@@ -14,3 +15,4 @@ pub mod linear;
 pub mod loss;
 pub mod lstm;
 pub mod peak;
+pub mod pool;

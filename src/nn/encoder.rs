@@ -54,7 +54,29 @@ pub trait Encoder: Send + Sync {
 
 /// Loads an encoder. `weights` is a safetensors path with torchvision names, or `random` (seeded
 /// random weights, `crate::weights::random`, with `seed`).
+///
+/// With a file, the number of classes is taken from its `fc.weight` / `classifier.6.weight` (so a
+/// fine-tuned head loads too); every other tensor must match the torchvision state dict exactly.
 pub fn load_encoder(kind: EncoderKind, weights: &str, seed: u64) -> Result<Box<dyn Encoder>> {
-    let _ = (kind, weights, seed);
-    Err(Error::msg("encoders are not implemented yet"))
+    use crate::nn::resnet::{ResNet, ResNetConfig};
+    use crate::nn::vgg::{Vgg, VggConfig};
+    let (mut rcfg, mut vcfg) = (ResNetConfig::resnet50(), VggConfig::vgg16());
+    if weights == "random" {
+        return Ok(match kind {
+            EncoderKind::ResNet50 => Box::new(ResNet::random(&rcfg, seed)),
+            EncoderKind::Vgg16 => Box::new(Vgg::random(&vcfg, seed)),
+        });
+    }
+    let f = crate::weights::TensorFile::load(std::path::Path::new(weights))?;
+    let classes = |name: &str| f.get(name).filter(|t| t.rank() == 2).map(|t| t.dims()[0]);
+    Ok(match kind {
+        EncoderKind::ResNet50 => {
+            rcfg.num_classes = classes("fc.weight").unwrap_or(rcfg.num_classes);
+            Box::new(ResNet::from_tensor_file(&rcfg, &f)?)
+        }
+        EncoderKind::Vgg16 => {
+            vcfg.num_classes = classes("classifier.6.weight").unwrap_or(vcfg.num_classes);
+            Box::new(Vgg::from_tensor_file(&vcfg, &f)?)
+        }
+    })
 }

@@ -131,7 +131,7 @@ impl TensorFile {
                 .iter()
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
                 .ok_or_else(|| bad(format!("tensor {name}: shape {:?} overflows", info.shape)))?;
-            let want = numel.checked_mul(dtype.size_in_bytes()).unwrap_or(usize::MAX);
+            let want = numel.saturating_mul(dtype.size_in_bytes());
             if info.end - info.begin != want {
                 return Err(bad(format!(
                     "tensor {name}: data_offsets [{}, {}] hold {} bytes but shape {:?} of {dtype} needs {want}",

@@ -1,0 +1,195 @@
+//! Pooling over the spatial dims of NCHW tensors: max-pool and (global / adaptive) average pool.
+//! Every (n, c) plane is independent, so planes are the unit of parallel work.
+
+use rayon::prelude::*;
+
+/// Geometry of a max-pool window: kernel, stride, padding (PyTorch `MaxPool2d`, ceil_mode false).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolParams {
+    pub kernel: (usize, usize),
+    pub stride: (usize, usize),
+    pub pad: (usize, usize),
+}
+
+impl PoolParams {
+    pub fn new(kernel: usize, stride: usize, pad: usize) -> Self {
+        PoolParams { kernel: (kernel, kernel), stride: (stride, stride), pad: (pad, pad) }
+    }
+    /// Output (height, width): floor((H + 2p - k) / s) + 1; None if the window does not fit.
+    pub fn out_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        let (hp, wp) = (h + 2 * self.pad.0, w + 2 * self.pad.1);
+        if hp < self.kernel.0 || wp < self.kernel.1 || self.stride.0 == 0 || self.stride.1 == 0 {
+            return None;
+        }
+        Some(((hp - self.kernel.0) / self.stride.0 + 1, (wp - self.kernel.1) / self.stride.1 + 1))
+    }
+}
+
+/// Max-pool. x (N, C, H, W) -> y (N, C, P, Q):
+///
+/// ```text
+/// y[n,c,p,q] = max_{r<kh, s<kw} x[n, c, p*sh - ph + r, q*sw - pw + s]
+/// ```
+///
+/// where positions outside the image count as -inf (PyTorch's padding), so they never win. With
+/// pad <= kernel/2 (which `ops` enforces, as PyTorch does) every window holds at least one real pixel.
+pub fn max_pool2d(x: &[f32], n: usize, c: usize, h: usize, w: usize, p: &PoolParams, y: &mut [f32]) {
+    let (oh, ow) = p.out_hw(h, w).expect("max_pool2d: empty output");
+    assert_eq!(x.len(), n * c * h * w, "max_pool2d input size");
+    assert_eq!(y.len(), n * c * oh * ow, "max_pool2d output size");
+    y.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(yp, xp)| {
+        for py in 0..oh {
+            // Clip the window to the image once per row / column.
+            let y0 = (py * p.stride.0) as isize - p.pad.0 as isize;
+            let (r0, r1) = (y0.max(0) as usize, ((y0 + p.kernel.0 as isize).min(h as isize)).max(0) as usize);
+            for px in 0..ow {
+                let x0 = (px * p.stride.1) as isize - p.pad.1 as isize;
+                let (s0, s1) =
+                    (x0.max(0) as usize, ((x0 + p.kernel.1 as isize).min(w as isize)).max(0) as usize);
+                let mut m = f32::NEG_INFINITY;
+                for r in r0..r1 {
+                    for &v in &xp[r * w + s0..r * w + s1] {
+                        // `v > m` alone would skip NaN; propagate NaN like PyTorch does.
+                        if v > m || v.is_nan() {
+                            m = v;
+                        }
+                    }
+                }
+                yp[py * ow + px] = m;
+            }
+        }
+    });
+}
+
+/// Global average pool. x (N, C, H, W) -> y (N, C): y[n,c] = mean over h, w of x[n,c,h,w].
+pub fn global_avg_pool(x: &[f32], n: usize, c: usize, h: usize, w: usize, y: &mut [f32]) {
+    assert_eq!(x.len(), n * c * h * w, "global_avg_pool input size");
+    assert_eq!(y.len(), n * c, "global_avg_pool output size");
+    let inv = 1.0 / (h * w) as f32;
+    y.par_iter_mut().zip(x.par_chunks(h * w)).for_each(|(o, plane)| {
+        *o = plane.iter().sum::<f32>() * inv;
+    });
+}
+
+/// Adaptive average pool (PyTorch `AdaptiveAvgPool2d`). x (N, C, H, W) -> y (N, C, OH, OW):
+///
+/// ```text
+/// y[n,c,i,j] = mean of x[n, c, h0(i)..h1(i), w0(j)..w1(j)]
+/// h0(i) = floor(i * H / OH),  h1(i) = ceil((i + 1) * H / OH)   (w likewise)
+/// ```
+///
+/// Bins may overlap (and, when OH > H, repeat pixels); when H is a multiple of OH it is an ordinary
+/// average pool with kernel = stride = H / OH.
+#[allow(clippy::too_many_arguments)]
+pub fn adaptive_avg_pool2d(
+    x: &[f32],
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    y: &mut [f32],
+) {
+    assert_eq!(x.len(), n * c * h * w, "adaptive_avg_pool2d input size");
+    assert_eq!(y.len(), n * c * oh * ow, "adaptive_avg_pool2d output size");
+    y.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(yp, xp)| {
+        for i in 0..oh {
+            let (h0, h1) = (i * h / oh, ((i + 1) * h).div_ceil(oh));
+            for j in 0..ow {
+                let (w0, w1) = (j * w / ow, ((j + 1) * w).div_ceil(ow));
+                let mut acc = 0.0f32;
+                for r in h0..h1 {
+                    acc += xp[r * w + w0..r * w + w1].iter().sum::<f32>();
+                }
+                yp[i * ow + j] = acc / ((h1 - h0) * (w1 - w0)) as f32;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::uniform_vec;
+
+    #[test]
+    fn max_pool_hand_computed() {
+        // 1x1x4x4, kernel 3, stride 2, pad 1 (ResNet's stem pool) -> 2x2.
+        #[rustfmt::skip]
+        let x = [ 1.,  2.,  3.,  4.,
+                  5., -6.,  7.,  8.,
+                  9., 10., 11., 12.,
+                -13., 14., 15., 16.];
+        let mut y = [0.0; 4];
+        max_pool2d(&x, 1, 1, 4, 4, &PoolParams::new(3, 2, 1), &mut y);
+        // Window rows/cols: out (0,0) covers rows -1..2, cols -1..2 -> {1,2,5,-6} -> 5
+        // (0,1): rows -1..2, cols 1..4 -> {2,3,4,-6,7,8} -> 8; (1,0): rows 1..4, cols -1..2 -> 14;
+        // (1,1): rows 1..4, cols 1..4 -> 16.
+        assert_eq!(y, [5., 8., 14., 16.]);
+        // All-negative input: padding (-inf) must never win.
+        let xn: Vec<f32> = x.iter().map(|v| -v.abs() - 1.0).collect();
+        max_pool2d(&xn, 1, 1, 4, 4, &PoolParams::new(3, 2, 1), &mut y);
+        assert_eq!(y, [-2., -3., -6., -7.]);
+    }
+
+    #[test]
+    fn max_pool_matches_direct_loop() {
+        let (n, c, h, w) = (2, 3, 9, 7);
+        let x = uniform_vec(5, "x", n * c * h * w, -1.0, 1.0);
+        for p in [PoolParams::new(3, 2, 1), PoolParams::new(2, 2, 0), PoolParams::new(3, 1, 1)] {
+            let (oh, ow) = p.out_hw(h, w).unwrap();
+            let mut y = vec![0.0; n * c * oh * ow];
+            max_pool2d(&x, n, c, h, w, &p, &mut y);
+            // Direct definition over the padded window.
+            for b in 0..n * c {
+                for i in 0..oh {
+                    for j in 0..ow {
+                        let mut m = f32::NEG_INFINITY;
+                        for r in 0..p.kernel.0 {
+                            for s in 0..p.kernel.1 {
+                                let (iy, ix) = (
+                                    (i * p.stride.0 + r) as isize - p.pad.0 as isize,
+                                    (j * p.stride.1 + s) as isize - p.pad.1 as isize,
+                                );
+                                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                    m = m.max(x[b * h * w + iy as usize * w + ix as usize]);
+                                }
+                            }
+                        }
+                        assert_eq!(y[b * oh * ow + i * ow + j], m, "{p:?} at {b},{i},{j}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn average_pools() {
+        // Hand case: 1x1x3x3, adaptive to 2x2: bins rows {0..2, 1..3}, cols likewise.
+        let x = [1., 2., 3., 4., 5., 6., 7., 8., 9.];
+        let mut y = [0.0; 4];
+        adaptive_avg_pool2d(&x, 1, 1, 3, 3, 2, 2, &mut y);
+        assert_eq!(y, [3., 4., 6., 7.]); // (1+2+4+5)/4, (2+3+5+6)/4, (4+5+7+8)/4, (5+6+8+9)/4
+                                         // Upsampling bins (OH > H): 1x1x2x2 -> 3x3; bins rows {0..1, 0..2, 1..2}.
+        let x2 = [1., 2., 3., 4.];
+        let mut y2 = [0.0; 9];
+        adaptive_avg_pool2d(&x2, 1, 1, 2, 2, 3, 3, &mut y2);
+        assert_eq!(y2, [1., 1.5, 2., 2., 2.5, 3., 3., 3.5, 4.]);
+        // Global pool == adaptive to 1x1 == plain mean (rel tol: f32 summation order differs).
+        let (n, c, h, w) = (2, 5, 7, 6);
+        let xr = uniform_vec(9, "g", n * c * h * w, -1.0, 1.0);
+        let mut g = vec![0.0; n * c];
+        let mut a = vec![0.0; n * c];
+        global_avg_pool(&xr, n, c, h, w, &mut g);
+        adaptive_avg_pool2d(&xr, n, c, h, w, 1, 1, &mut a);
+        for i in 0..n * c {
+            let mean = xr[i * h * w..(i + 1) * h * w].iter().map(|&v| v as f64).sum::<f64>() / (h * w) as f64;
+            assert!((g[i] as f64 - mean).abs() < 1e-6 && (a[i] as f64 - mean).abs() < 1e-6);
+        }
+        // Divisible case = average pool with kernel = stride = H/OH (7x7 -> 7x7 is the identity).
+        let mut same = vec![0.0; xr.len()];
+        adaptive_avg_pool2d(&xr, n, c, h, w, h, w, &mut same);
+        assert_eq!(same, xr);
+    }
+}
