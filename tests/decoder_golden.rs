@@ -13,8 +13,8 @@ use capgen::cpu::lstm::{
     active_from_lengths, lstm_backward, lstm_forward, LstmCache, LstmGrads, LstmParams, LstmSize,
 };
 use capgen::model::decoder::{
-    attention_backward, attention_forward, show_tell_backward, show_tell_forward, AttentionParams, Batch,
-    DecoderDims, ShowTellParams,
+    attention_backward, attention_forward, attention_init, attention_step, show_tell_backward,
+    show_tell_forward, show_tell_init, show_tell_step, AttentionParams, Batch, DecoderDims, ShowTellParams,
 };
 use capgen::weights::TensorFile;
 
@@ -203,4 +203,86 @@ fn decoder_rejects_bad_batches() {
         let batch = Batch { feats: fe, tokens: tok, targets: &ok_tok, lengths: lens, steps: 2 };
         assert!(show_tell_forward(&p, &d, &batch).is_err());
     }
+}
+
+/// Generation steps (LSTM cell path) reproduce the teacher-forced forward (sequence path) on every
+/// live (row, step); and both against torch's logits through the forward check above.
+#[test]
+fn generation_steps_match_teacher_forcing() {
+    let g = Golden::load();
+    // Show-tell: the sequence LSTM in training vs the cell in generation.
+    let t = g.dims("st.tokens")[1];
+    let ed = g.dims("st.emb");
+    let feat = g.dims("st.feats")[1];
+    let d =
+        DecoderDims { vocab: ed[0], embed: ed[1], feat, regions: 1, hidden: g.dims("st.w_hh")[1], att: 0 };
+    let mut p = ShowTellParams::zeros(&d);
+    for (name, v) in p.named_mut() {
+        v.copy_from_slice(&g.f(&format!("st.{name}")));
+    }
+    let (feats, tokens, lengths) = (g.f("st.feats"), g.ids("st.tokens"), g.lens("st.lengths"));
+    let reference = g.f("st.logits");
+    let b = lengths.len();
+    let mut st = show_tell_init(&p, &d, &feats).unwrap();
+    for s in 0..t {
+        let tok: Vec<u32> = (0..b).map(|r| tokens[r * t + s]).collect();
+        let logits = show_tell_step(&p, &d, &mut st, &tok).unwrap();
+        for r in (0..b).filter(|&r| s < lengths[r]) {
+            let v = d.vocab;
+            check(
+                "show-tell step logits",
+                &logits[r * v..(r + 1) * v],
+                &reference[(r * t + s) * v..(r * t + s + 1) * v],
+            );
+        }
+    }
+    // Attention.
+    let fd = g.dims("att.feats");
+    let t = g.dims("att.tokens")[1];
+    let ed = g.dims("att.emb");
+    let d = DecoderDims {
+        vocab: ed[0],
+        embed: ed[1],
+        feat: fd[2],
+        regions: fd[1],
+        hidden: g.dims("att.w_hh")[1],
+        att: g.dims("att.w_enc")[0],
+    };
+    let mut p = AttentionParams::zeros(&d);
+    for (name, v) in p.named_mut() {
+        v.copy_from_slice(&g.f(&format!("att.{name}")));
+    }
+    let (feats, tokens, lengths) = (g.f("att.feats"), g.ids("att.tokens"), g.lens("att.lengths"));
+    let (ref_logits, ref_alphas) = (g.f("att.logits"), g.f("att.alphas"));
+    let b = lengths.len();
+    let (mut st, att1) = attention_init(&p, &d, &feats).unwrap();
+    // Reverse the hypotheses through `gather` (and the features with them) to exercise reordering.
+    let order: Vec<usize> = (0..b).rev().collect();
+    st = st.gather(&order, d.hidden);
+    let per = |v: &[f32], n: usize| -> Vec<f32> {
+        order.iter().flat_map(|&r| v[r * n..(r + 1) * n].to_vec()).collect()
+    };
+    let (feats_r, att1_r) = (per(&feats, d.regions * d.feat), per(&att1, d.regions * d.att));
+    let (v, l) = (d.vocab, d.regions);
+    for s in 0..t {
+        let tok: Vec<u32> = order.iter().map(|&r| tokens[r * t + s]).collect();
+        let (logits, alpha) = attention_step(&p, &d, &feats_r, &att1_r, &mut st, &tok).unwrap();
+        for (k, &r) in order.iter().enumerate().filter(|&(_, &r)| s < lengths[r]) {
+            check(
+                "attention step logits",
+                &logits[k * v..(k + 1) * v],
+                &ref_logits[(r * t + s) * v..(r * t + s + 1) * v],
+            );
+            check(
+                "attention step alpha",
+                &alpha[k * l..(k + 1) * l],
+                &ref_alphas[(r * t + s) * l..(r * t + s + 1) * l],
+            );
+        }
+    }
+    // A token outside the vocabulary, or a token count that does not match the states: errors.
+    let (mut st, att1) = attention_init(&p, &d, &feats).unwrap();
+    let bad = vec![d.vocab as u32; b];
+    assert!(attention_step(&p, &d, &feats, &att1, &mut st, &bad).is_err());
+    assert!(attention_step(&p, &d, &feats, &att1, &mut st, &[1]).is_err());
 }

@@ -504,3 +504,137 @@ pub fn attention_backward(
     fw.dfeats = dfeats;
     Ok(StepLoss { ce: ce.loss, reg, tokens: ce.count })
 }
+
+/// The recurrent state of a decoder during generation: h, c (B,H), one row per hypothesis.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DecodeState {
+    pub h: Vec<f32>,
+    pub c: Vec<f32>,
+}
+
+impl DecodeState {
+    /// Keeps rows `rows` (in that order, repeats allowed): reorders hypotheses in beam search.
+    pub fn gather(&self, rows: &[usize], hidden: usize) -> DecodeState {
+        let pick =
+            |v: &[f32]| rows.iter().flat_map(|&r| v[r * hidden..(r + 1) * hidden].iter().copied()).collect();
+        DecodeState { h: pick(&self.h), c: pick(&self.c) }
+    }
+}
+
+/// Show-tell initial state from pooled features (B,D): h0 = tanh(f W_h^T + b_h), c0 likewise.
+pub fn show_tell_init(p: &ShowTellParams, d: &DecoderDims, feats: &[f32]) -> Result<DecodeState> {
+    if feats.is_empty() || feats.len() % d.feat != 0 {
+        return Err(Error::shape(format!(
+            "show-tell: features of length {} are not (B,{})",
+            feats.len(),
+            d.feat
+        )));
+    }
+    let b = feats.len() / d.feat;
+    let mut st = DecodeState { h: vec![0.0; b * d.hidden], c: vec![0.0; b * d.hidden] };
+    linear_forward(&mut st.h, feats, &p.w_h, Some(&p.b_h), b, d.feat, d.hidden);
+    linear_forward(&mut st.c, feats, &p.w_c, Some(&p.b_c), b, d.feat, d.hidden);
+    st.h.iter_mut().chain(st.c.iter_mut()).for_each(|x| *x = x.tanh());
+    Ok(st)
+}
+
+fn check_tokens(tokens: &[u32], b: usize, d: &DecoderDims) -> Result<()> {
+    if tokens.len() != b {
+        return Err(Error::shape(format!("decoder step: {} tokens for {b} states", tokens.len())));
+    }
+    if let Some(&bad) = tokens.iter().find(|&&x| x as usize >= d.vocab) {
+        return Err(Error::shape(format!("decoder step: token id {bad} >= vocabulary size {}", d.vocab)));
+    }
+    Ok(())
+}
+
+/// One show-tell generation step: feeds `tokens` (B), advances `state`, returns logits (B,V).
+pub fn show_tell_step(
+    p: &ShowTellParams,
+    d: &DecoderDims,
+    state: &mut DecodeState,
+    tokens: &[u32],
+) -> Result<Vec<f32>> {
+    let (v, e, h) = (d.vocab, d.embed, d.hidden);
+    let b = state.h.len() / h;
+    check_tokens(tokens, b, d)?;
+    let mut x = vec![0.0; b * e];
+    embedding_forward(&mut x, tokens, &p.emb, v, e);
+    let lp = LstmParams { w_ih: &p.w_ih, w_hh: &p.w_hh, b_ih: &p.b_ih, b_hh: &p.b_hh };
+    let mut hn = vec![0.0; b * h];
+    let mut cc = LstmCellCache::default();
+    lstm_cell_forward(&mut hn, &mut cc, &x, &state.h, &state.c, &lp, b, e, h);
+    state.h = hn;
+    state.c = cc.c;
+    let mut logits = vec![0.0; b * v];
+    linear_forward(&mut logits, &state.h, &p.fc_w, Some(&p.fc_b), b, h, v);
+    Ok(logits)
+}
+
+/// Attention decoder before generation: the initial state and att1 (B,L,A) from grid features (B,L,D).
+pub fn attention_init(
+    p: &AttentionParams,
+    d: &DecoderDims,
+    feats: &[f32],
+) -> Result<(DecodeState, Vec<f32>)> {
+    let (l, f, h, a) = (d.regions, d.feat, d.hidden, d.att);
+    if feats.is_empty() || feats.len() % (l * f) != 0 {
+        return Err(Error::shape(format!(
+            "attention: features of length {} are not (B,{l},{f})",
+            feats.len()
+        )));
+    }
+    let b = feats.len() / (l * f);
+    let mut st = DecodeState { h: vec![0.0; b * h], c: vec![0.0; b * h] };
+    let mut mean = vec![0.0; b * f];
+    init_state_forward(&mut mean, &mut st.h, &mut st.c, feats, &p.w_h, &p.b_h, &p.w_c, &p.b_c, b, l, f, h);
+    let mut att1 = vec![0.0; b * l * a];
+    attention_encode_forward(&mut att1, feats, &p.attn(), AttnSize { b, l, d: f, h, a });
+    Ok((st, att1))
+}
+
+/// One attention generation step: feeds `tokens` (B), advances `state`; returns logits (B,V) and
+/// alpha (B,L). `feats` (B,L,D) and `att1` (B,L,A) are per hypothesis (from `attention_init`,
+/// rows gathered like the state in beam search).
+pub fn attention_step(
+    p: &AttentionParams,
+    d: &DecoderDims,
+    feats: &[f32],
+    att1: &[f32],
+    state: &mut DecodeState,
+    tokens: &[u32],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (v, e, l, f, h, a) = (d.vocab, d.embed, d.regions, d.feat, d.hidden, d.att);
+    let b = state.h.len() / h;
+    check_tokens(tokens, b, d)?;
+    if feats.len() != b * l * f || att1.len() != b * l * a {
+        return Err(Error::shape(format!("attention step: features/att1 do not match {b} states")));
+    }
+    let mut ctx = vec![0.0; b * f];
+    let mut ac = AttnCache::default();
+    attention_step_forward(
+        &mut ctx,
+        &mut ac,
+        att1,
+        feats,
+        &state.h,
+        &p.attn(),
+        AttnSize { b, l, d: f, h, a },
+    );
+    let mut x = vec![0.0; b * (e + f)];
+    for r in 0..b {
+        let row = &mut x[r * (e + f)..(r + 1) * (e + f)];
+        let t = tokens[r] as usize;
+        row[..e].copy_from_slice(&p.emb[t * e..(t + 1) * e]);
+        row[e..].copy_from_slice(&ctx[r * f..(r + 1) * f]);
+    }
+    let lp = LstmParams { w_ih: &p.w_ih, w_hh: &p.w_hh, b_ih: &p.b_ih, b_hh: &p.b_hh };
+    let mut hn = vec![0.0; b * h];
+    let mut cc = LstmCellCache::default();
+    lstm_cell_forward(&mut hn, &mut cc, &x, &state.h, &state.c, &lp, b, e + f, h);
+    state.h = hn;
+    state.c = cc.c;
+    let mut logits = vec![0.0; b * v];
+    linear_forward(&mut logits, &state.h, &p.fc_w, Some(&p.fc_b), b, h, v);
+    Ok((logits, ac.alpha))
+}
