@@ -523,7 +523,7 @@ impl DecodeState {
 
 /// Show-tell initial state from pooled features (B,D): h0 = tanh(f W_h^T + b_h), c0 likewise.
 pub fn show_tell_init(p: &ShowTellParams, d: &DecoderDims, feats: &[f32]) -> Result<DecodeState> {
-    if feats.is_empty() || feats.len() % d.feat != 0 {
+    if feats.is_empty() || !feats.len().is_multiple_of(d.feat) {
         return Err(Error::shape(format!(
             "show-tell: features of length {} are not (B,{})",
             feats.len(),
@@ -578,7 +578,7 @@ pub fn attention_init(
     feats: &[f32],
 ) -> Result<(DecodeState, Vec<f32>)> {
     let (l, f, h, a) = (d.regions, d.feat, d.hidden, d.att);
-    if feats.is_empty() || feats.len() % (l * f) != 0 {
+    if feats.is_empty() || !feats.len().is_multiple_of(l * f) {
         return Err(Error::shape(format!(
             "attention: features of length {} are not (B,{l},{f})",
             feats.len()
