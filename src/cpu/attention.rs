@@ -35,7 +35,6 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::gemm::{sgemm, Epilogue, MatRef};
 use crate::cpu::linear::{linear_backward, linear_forward};
 
 /// Sizes: batch, regions, feature size, decoder hidden size, attention size.
@@ -126,40 +125,47 @@ pub fn attention_step_forward(
     assert_eq!(ctx.len(), b * d, "attention: ctx is not (B,D)");
     let mut att2 = vec![0.0f32; b * a]; // (B,A)
     linear_forward(&mut att2, h, p.w_dec, Some(p.b_dec), b, hd, a);
+    // r, e, alpha and z per batch row, in parallel over b. The score (B*L,A)x(A,1) and the context
+    // (1,L)x(L,D) per row are matrix-VECTOR products: memory-bound, so plain loops beat sgemm, whose
+    // packing would read and write the whole (L,D) / (L,A) operand once more for no reuse.
     cache.r.resize(b * l * a, 0.0);
-    cache.r.par_chunks_mut(l * a).zip(att1.par_chunks(l * a)).zip(att2.par_chunks(a)).for_each(
-        |((r, a1), a2)| {
-            for (rr, x1) in r.chunks_exact_mut(a).zip(a1.chunks_exact(a)) {
-                for k in 0..a {
-                    rr[k] = (x1[k] + a2[k]).max(0.0);
-                }
-            }
-        },
-    );
-    // e (B*L,1) = r (B*L,A) w_full^T + b_full, then softmax over L in place.
     cache.alpha.resize(b * l, 0.0);
-    linear_forward(&mut cache.alpha, &cache.r, p.w_full, Some(p.b_full), b * l, a, 1);
-    for row in cache.alpha.chunks_exact_mut(l) {
-        let m = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut s = 0.0f32;
-        for v in row.iter_mut() {
-            *v = (*v - m).exp();
-            s += *v;
-        }
-        let inv = 1.0 / s;
-        row.iter_mut().for_each(|v| *v *= inv);
-    }
-    // z[b] (1,D) = alpha[b] (1,L) x feats[b] (L,D)
     cache.z.resize(b * d, 0.0);
-    for bi in 0..b {
-        sgemm(
-            MatRef::row_major(&cache.alpha[bi * l..(bi + 1) * l], 1, l),
-            MatRef::row_major(&feats[bi * l * d..(bi + 1) * l * d], l, d),
-            &mut cache.z[bi * d..(bi + 1) * d],
-            d,
-            &Epilogue::default(),
-        );
-    }
+    let (wf, bf) = (p.w_full, p.b_full[0]);
+    cache
+        .r
+        .par_chunks_mut(l * a)
+        .zip(cache.alpha.par_chunks_mut(l))
+        .zip(cache.z.par_chunks_mut(d))
+        .zip(att1.par_chunks(l * a))
+        .zip(att2.par_chunks(a))
+        .zip(feats.par_chunks(l * d))
+        .for_each(|(((((r, al), z), a1), a2), fb)| {
+            // r = relu(att1 + att2) (L,A); e = r w_full^T + b_full (L)
+            for ((rr, x1), e) in r.chunks_exact_mut(a).zip(a1.chunks_exact(a)).zip(al.iter_mut()) {
+                let mut acc = bf;
+                for k in 0..a {
+                    let v = (x1[k] + a2[k]).max(0.0);
+                    rr[k] = v;
+                    acc += v * wf[k];
+                }
+                *e = acc;
+            }
+            // alpha = softmax(e) over L
+            let m = al.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0.0f32;
+            for v in al.iter_mut() {
+                *v = (*v - m).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            al.iter_mut().for_each(|v| *v *= inv);
+            // z = sum_l alpha_l feats_l (D)
+            z.fill(0.0);
+            for (&w, fl) in al.iter().zip(fb.chunks_exact(d)) {
+                z.iter_mut().zip(fl).for_each(|(zz, &x)| *zz += w * x);
+            }
+        });
     cache.gate.resize(b * d, 0.0);
     linear_forward(&mut cache.gate, h, p.w_beta, Some(p.b_beta), b, hd, d);
     for ((c, g), z) in ctx.iter_mut().zip(cache.gate.iter_mut()).zip(&cache.z) {
@@ -198,50 +204,60 @@ pub fn attention_step_backward(
         dz[k] = dctx[k] * gt;
     }
     linear_backward(dh.as_deref_mut(), g.w_beta, Some(g.b_beta), &dpre, h, p.w_beta, b, hd, d);
-    // dalpha[b] (L,1) = feats[b] (L,D) x dz[b] (D,1) (+ extra); dfeats[b] (L,D) += alpha[b]^T dz[b].
-    let mut de = match dalpha_extra {
-        Some(x) => {
-            assert_eq!(x.len(), b * l, "attention backward: dalpha is not (B,L)");
-            x.to_vec()
-        }
-        None => vec![0.0f32; b * l],
-    };
-    let acc = Epilogue { beta: 1.0, ..Default::default() };
-    for bi in 0..b {
-        let fb = MatRef::row_major(&feats[bi * l * d..(bi + 1) * l * d], l, d);
-        let dzb = MatRef::row_major(&dz[bi * d..(bi + 1) * d], 1, d);
-        sgemm(fb, dzb.t(), &mut de[bi * l..(bi + 1) * l], 1, &acc);
+    // de (B,L): dalpha = feats[b] dz[b] (+ extra), then the softmax backward
+    // de = alpha * (dalpha - sum_l alpha dalpha). Matrix-vector per row: plain loops (see forward).
+    let mut de = vec![0.0f32; b * l];
+    if let Some(x) = dalpha_extra {
+        assert_eq!(x.len(), b * l, "attention backward: dalpha is not (B,L)");
+        de.copy_from_slice(x);
     }
+    de.par_chunks_mut(l)
+        .zip(cache.alpha.par_chunks(l))
+        .zip(feats.par_chunks(l * d))
+        .zip(dz.par_chunks(d))
+        .for_each(|(((dr, al), fb), dzb)| {
+            for (x, fl) in dr.iter_mut().zip(fb.chunks_exact(d)) {
+                *x += fl.iter().zip(dzb).map(|(u, v)| u * v).sum::<f32>();
+            }
+            let dot: f32 = dr.iter().zip(al).map(|(x, y)| x * y).sum();
+            dr.iter_mut().zip(al).for_each(|(x, &y)| *x = y * (*x - dot));
+        });
+    // dfeats[b,l,:] += alpha[b,l] dz[b,:]
     if let Some(df) = dfeats {
         assert_eq!(df.len(), b * l * d, "attention backward: dfeats is not (B,L,D)");
-        for bi in 0..b {
-            let al = MatRef::row_major(&cache.alpha[bi * l..(bi + 1) * l], 1, l).t(); // (L,1)
-            let dzb = MatRef::row_major(&dz[bi * d..(bi + 1) * d], 1, d);
-            sgemm(al, dzb, &mut df[bi * l * d..(bi + 1) * l * d], d, &acc);
-        }
+        df.par_chunks_mut(l * d).zip(cache.alpha.par_chunks(l)).zip(dz.par_chunks(d)).for_each(
+            |((fb, al), dzb)| {
+                for (fl, &w) in fb.chunks_exact_mut(d).zip(al) {
+                    fl.iter_mut().zip(dzb).for_each(|(x, &v)| *x += w * v);
+                }
+            },
+        );
     }
-    // Softmax backward in place: de = alpha * (dalpha - sum_l alpha dalpha).
-    for (dr, ar) in de.chunks_exact_mut(l).zip(cache.alpha.chunks_exact(l)) {
-        let dot: f32 = dr.iter().zip(ar).map(|(x, y)| x * y).sum();
-        dr.iter_mut().zip(ar).for_each(|(x, &y)| *x = y * (*x - dot));
-    }
-    // Score layer: dr (B*L,A) = de w_full, dw_full += de^T r, db_full += sum de.
-    let mut dr = vec![0.0f32; b * l * a];
-    linear_backward(Some(&mut dr), g.w_full, Some(g.b_full), &de, &cache.r, p.w_full, b * l, a, 1);
-    // Through the relu: datt1 += ds, datt2 = sum_l ds.
+    // Score layer and relu, per row b: dw_full += sum_l de r; ds = de w_full [r > 0];
+    // datt1 += ds; datt2 = sum_l ds. Per-row partial dw_full (B,A) summed afterwards.
     let mut datt2 = vec![0.0f32; b * a]; // (B,A)
+    let mut dwf = vec![0.0f32; b * a]; // (B,A) per-row partial dw_full
+    let wf = p.w_full;
     datt1
         .par_chunks_mut(l * a)
-        .zip(dr.par_chunks_mut(l * a))
         .zip(cache.r.par_chunks(l * a))
+        .zip(de.par_chunks(l))
         .zip(datt2.par_chunks_mut(a))
-        .for_each(|(((d1, drb), rb), d2)| {
-            for k in 0..l * a {
-                let ds = if rb[k] > 0.0 { drb[k] } else { 0.0 };
-                d1[k] += ds;
-                d2[k % a] += ds;
+        .zip(dwf.par_chunks_mut(a))
+        .for_each(|((((d1, rb), deb), d2), dw)| {
+            for ((d1l, rl), &e) in d1.chunks_exact_mut(a).zip(rb.chunks_exact(a)).zip(deb) {
+                for k in 0..a {
+                    dw[k] += e * rl[k];
+                    let ds = if rl[k] > 0.0 { e * wf[k] } else { 0.0 };
+                    d1l[k] += ds;
+                    d2[k] += ds;
+                }
             }
         });
+    for row in dwf.chunks_exact(a) {
+        g.w_full.iter_mut().zip(row).for_each(|(x, y)| *x += y);
+    }
+    g.b_full[0] += de.iter().sum::<f32>();
     linear_backward(dh, g.w_dec, Some(g.b_dec), &datt2, h, p.w_dec, b, hd, a);
 }
 

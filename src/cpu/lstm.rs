@@ -359,35 +359,52 @@ pub fn lstm_cell_forward(
     i: usize,
     h: usize,
 ) {
-    check_params(p, i, h);
-    assert_eq!(x.len(), b * i, "lstm_cell_forward: x is not (B,I)");
-    assert!(h_prev.len() == b * h && c_prev.len() == b * h, "lstm_cell_forward: state is not (B,H)");
-    assert_eq!(h_out.len(), b * h, "lstm_cell_forward: h is not (B,H)");
-    let g4 = 4 * h;
     cache.acts.clear();
-    cache.acts.resize(b * g4, 0.0);
+    cache.acts.resize(b * 4 * h, 0.0);
     cache.c.clear();
     cache.c.resize(b * h, 0.0);
+    lstm_cell_forward_into(h_out, &mut cache.acts, &mut cache.c, x, h_prev, c_prev, p, b, i, h);
+}
+
+/// `lstm_cell_forward` writing into caller-owned buffers: acts (B,4H) and c (B,H) (e.g. rows of a
+/// stacked per-sequence buffer).
+#[allow(clippy::too_many_arguments)]
+pub fn lstm_cell_forward_into(
+    h_out: &mut [f32],
+    acts: &mut [f32],
+    c: &mut [f32],
+    x: &[f32],
+    h_prev: &[f32],
+    c_prev: &[f32],
+    p: &LstmParams,
+    b: usize,
+    i: usize,
+    h: usize,
+) {
+    check_params(p, i, h);
+    let g4 = 4 * h;
+    assert_eq!(x.len(), b * i, "lstm_cell_forward: x is not (B,I)");
+    assert!(h_prev.len() == b * h && c_prev.len() == b * h, "lstm_cell_forward: state is not (B,H)");
+    assert!(h_out.len() == b * h && c.len() == b * h, "lstm_cell_forward: h/c are not (B,H)");
+    assert_eq!(acts.len(), b * g4, "lstm_cell_forward: acts are not (B,4H)");
     let bias: Vec<f32> = p.b_ih.iter().zip(p.b_hh).map(|(a, c)| a + c).collect();
     // z (B,4H) = x W_ih^T + b ; z += h_prev W_hh^T
     sgemm(
         MatRef::row_major(x, b, i),
         MatRef::row_major(p.w_ih, g4, i).t(),
-        &mut cache.acts,
+        acts,
         g4,
         &Epilogue { col_bias: Some(&bias), ..Default::default() },
     );
     sgemm(
         MatRef::row_major(h_prev, b, h),
         MatRef::row_major(p.w_hh, g4, h).t(),
-        &mut cache.acts,
+        acts,
         g4,
         &Epilogue { beta: 1.0, ..Default::default() },
     );
-    cache
-        .acts
-        .par_chunks_mut(g4)
-        .zip(cache.c.par_chunks_mut(h))
+    acts.par_chunks_mut(g4)
+        .zip(c.par_chunks_mut(h))
         .zip(h_out.par_chunks_mut(h))
         .zip(c_prev.par_chunks(h))
         .with_min_len(min_rows(h))
@@ -413,15 +430,40 @@ pub fn lstm_cell_backward(
     i: usize,
     h: usize,
 ) {
-    check_params(p, i, h);
     check_grads(grads, i, h);
-    assert!(dh.len() == b * h && dc.len() == b * h, "lstm_cell_backward: dh/dc are not (B,H)");
     let g4 = 4 * h;
     let mut dz = vec![0.0f32; b * g4]; // (B,4H)
+    lstm_cell_backward_dz(&mut dz, dx, dh_prev, dc_prev, dh, dc, &cache.acts, &cache.c, c_prev, p, b, i, h);
+    lstm_cell_weight_grads(grads, &dz, x, h_prev, b, i, h);
+}
+
+/// The part of the cell backward that the recurrence needs at once: dz (B,4H) (overwritten), and
+/// accumulated dx (B,I), dh_prev, dc_prev (B,H). The weight gradients follow from dz by
+/// `lstm_cell_weight_grads`, which a sequence can run ONCE over all steps' stacked rows.
+#[allow(clippy::too_many_arguments)]
+pub fn lstm_cell_backward_dz(
+    dz: &mut [f32],
+    dx: Option<&mut [f32]>,
+    dh_prev: Option<&mut [f32]>,
+    dc_prev: Option<&mut [f32]>,
+    dh: &[f32],
+    dc: &[f32],
+    acts: &[f32],
+    c: &[f32],
+    c_prev: &[f32],
+    p: &LstmParams,
+    b: usize,
+    i: usize,
+    h: usize,
+) {
+    check_params(p, i, h);
+    let g4 = 4 * h;
+    assert!(dh.len() == b * h && dc.len() == b * h, "lstm_cell_backward: dh/dc are not (B,H)");
+    assert!(dz.len() == b * g4 && acts.len() == b * g4, "lstm_cell_backward: dz/acts are not (B,4H)");
     let mut dcp = dc.to_vec(); // (B,H): dL/dc_t in, dL/dc_{t-1} out
     dz.par_chunks_mut(g4)
-        .zip(cache.acts.par_chunks(g4))
-        .zip(cache.c.par_chunks(h))
+        .zip(acts.par_chunks(g4))
+        .zip(c.par_chunks(h))
         .zip(c_prev.par_chunks(h))
         .zip(dh.par_chunks(h))
         .zip(dcp.par_chunks_mut(h))
@@ -432,7 +474,7 @@ pub fn lstm_cell_backward(
         d.iter_mut().zip(&dcp).for_each(|(a, g)| *a += g);
     }
     let acc = Epilogue { beta: 1.0, ..Default::default() };
-    let dza = MatRef::row_major(&dz, b, g4);
+    let dza = MatRef::row_major(dz, b, g4);
     if let Some(d) = dh_prev {
         assert_eq!(d.len(), b * h, "lstm_cell_backward: dh_prev is not (B,H)");
         sgemm(dza, MatRef::row_major(p.w_hh, g4, h), d, h, &acc);
@@ -441,8 +483,26 @@ pub fn lstm_cell_backward(
         assert_eq!(d.len(), b * i, "lstm_cell_backward: dx is not (B,I)");
         sgemm(dza, MatRef::row_major(p.w_ih, g4, i), d, i, &acc);
     }
-    sgemm(dza.t(), MatRef::row_major(h_prev, b, h), grads.w_hh, h, &acc);
-    sgemm(dza.t(), MatRef::row_major(x, b, i), grads.w_ih, i, &acc);
-    colsum_acc(grads.b_ih, &dz, b, g4);
-    colsum_acc(grads.b_hh, &dz, b, g4);
+}
+
+/// dW_ih (4H,I) += dz^T x, dW_hh (4H,H) += dz^T h_prev, db_ih = db_hh += sum dz, over N rows of
+/// dz (N,4H), x (N,I), h_prev (N,H) (one step's batch, or all steps' rows stacked).
+pub fn lstm_cell_weight_grads(
+    grads: &mut LstmGrads,
+    dz: &[f32],
+    x: &[f32],
+    h_prev: &[f32],
+    n: usize,
+    i: usize,
+    h: usize,
+) {
+    check_grads(grads, i, h);
+    let g4 = 4 * h;
+    assert!(dz.len() == n * g4 && x.len() == n * i && h_prev.len() == n * h, "lstm_cell_weight_grads: sizes");
+    let acc = Epilogue { beta: 1.0, ..Default::default() };
+    let dza = MatRef::row_major(dz, n, g4);
+    sgemm(dza.t(), MatRef::row_major(h_prev, n, h), grads.w_hh, h, &acc);
+    sgemm(dza.t(), MatRef::row_major(x, n, i), grads.w_ih, i, &acc);
+    colsum_acc(grads.b_ih, dz, n, g4);
+    colsum_acc(grads.b_hh, dz, n, g4);
 }

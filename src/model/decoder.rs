@@ -23,8 +23,8 @@ use crate::cpu::embedding::{embedding_backward, embedding_forward};
 use crate::cpu::linear::{linear_backward, linear_forward};
 use crate::cpu::loss::{attention_reg, cross_entropy_fused};
 use crate::cpu::lstm::{
-    active_from_lengths, lstm_backward, lstm_cell_backward, lstm_cell_forward, lstm_forward, LstmCache,
-    LstmCellCache, LstmGrads, LstmParams, LstmSize,
+    active_from_lengths, lstm_backward, lstm_cell_backward_dz, lstm_cell_forward, lstm_cell_forward_into,
+    lstm_cell_weight_grads, lstm_forward, LstmCache, LstmCellCache, LstmGrads, LstmParams, LstmSize,
 };
 use crate::error::{Error, Result};
 
@@ -282,25 +282,56 @@ pub fn show_tell_backward(
 }
 
 /// What the attention forward keeps for backward.
+///
+/// Per-step rows are STACKED step-major ("packed"): step s owns rows offs[s]..offs[s] + active[s],
+/// row r of the step being batch row r. N = total live tokens. The output layer and the LSTM weight
+/// gradients do not feed the recurrence, so they run as single GEMMs over all N rows.
 #[derive(Clone, Debug, Default)]
 pub struct AttentionForward {
-    /// (B*T,V) logits, 0 past each row's length; the backward turns them into dlogits in place.
+    /// (N,V) logits in packed order (see `logits_padded` for (B,T,V)); the backward turns them
+    /// into dlogits in place.
     pub logits: Vec<f32>,
     /// (B,T,L) attention weights, 0 past each row's length.
     pub alphas: Vec<f32>,
     /// (B,L,D) dL/dfeats, filled by the backward (for encoder fine-tuning and tests).
     pub dfeats: Vec<f32>,
     active: Vec<usize>,
+    offs: Vec<usize>,
     mean: Vec<f32>,
     h0: Vec<f32>,
     c0: Vec<f32>,
     emb: Vec<f32>,
     att1: Vec<f32>,
-    /// Per step: LSTM input [emb, ctx] (bs,E+D), new h (bs,H), caches.
-    xs: Vec<Vec<f32>>,
-    hs: Vec<Vec<f32>>,
-    cells: Vec<LstmCellCache>,
+    x_all: Vec<f32>,    // (N,E+D) LSTM inputs [emb, ctx]
+    h_all: Vec<f32>,    // (N,H)
+    c_all: Vec<f32>,    // (N,H)
+    acts_all: Vec<f32>, // (N,4H)
     attns: Vec<AttnCache>,
+}
+
+impl AttentionForward {
+    /// The logits as (B,T,V), 0 past each row's length (call before the backward).
+    pub fn logits_padded(&self, b: usize, t: usize, v: usize) -> Vec<f32> {
+        let mut out = vec![0.0; b * t * v];
+        for s in 0..self.active.len() {
+            for r in 0..self.active[s] {
+                let src = (self.offs[s] + r) * v;
+                out[(r * t + s) * v..(r * t + s + 1) * v].copy_from_slice(&self.logits[src..src + v]);
+            }
+        }
+        out
+    }
+}
+
+/// Row offsets of each step in the packed order, and the total N.
+fn packed_offsets(active: &[usize]) -> (Vec<usize>, usize) {
+    let mut offs = Vec::with_capacity(active.len());
+    let mut n = 0;
+    for &a in active {
+        offs.push(n);
+        n += a;
+    }
+    (offs, n)
 }
 
 /// Attention decoder forward (teacher forcing).
@@ -308,8 +339,10 @@ pub fn attention_forward(p: &AttentionParams, d: &DecoderDims, batch: &Batch) ->
     let (l, f) = (d.regions, d.feat);
     let (b, t, active) = check_batch(batch, d, l * f)?;
     let (v, e, h, a) = (d.vocab, d.embed, d.hidden, d.att);
+    let xi = e + f;
     let feats = batch.feats;
-    let mut fw = AttentionForward { active, ..Default::default() };
+    let (offs, n) = packed_offsets(&active);
+    let mut fw = AttentionForward { active, offs, ..Default::default() };
     fw.mean = vec![0.0; b * f];
     fw.h0 = vec![0.0; b * h];
     fw.c0 = vec![0.0; b * h];
@@ -333,17 +366,22 @@ pub fn attention_forward(p: &AttentionParams, d: &DecoderDims, batch: &Batch) ->
     let ap = p.attn();
     attention_encode_forward(&mut fw.att1, feats, &ap, AttnSize { b, l, d: f, h, a });
     let lp = LstmParams { w_ih: &p.w_ih, w_hh: &p.w_hh, b_ih: &p.b_ih, b_hh: &p.b_hh };
-    fw.logits = vec![0.0; b * t * v];
     fw.alphas = vec![0.0; b * t * l];
+    fw.x_all = vec![0.0; n * xi];
+    fw.h_all = vec![0.0; n * h];
+    fw.c_all = vec![0.0; n * h];
+    fw.acts_all = vec![0.0; n * 4 * h];
     let mut ctx = vec![0.0; b * f];
-    let mut logit_rows = vec![0.0; b * v];
     for s in 0..t {
-        let bs = fw.active[s];
+        let (bs, o) = (fw.active[s], fw.offs[s]);
         let sz = AttnSize { b: bs, l, d: f, h, a };
+        let (h_before, h_out) = fw.h_all.split_at_mut(o * h);
+        let (c_before, c_out) = fw.c_all.split_at_mut(o * h);
         let (h_prev, c_prev) = if s == 0 {
             (&fw.h0[..bs * h], &fw.c0[..bs * h])
         } else {
-            (&fw.hs[s - 1][..bs * h], &fw.cells[s - 1].c[..bs * h])
+            let po = fw.offs[s - 1] * h;
+            (&h_before[po..po + bs * h], &c_before[po..po + bs * h])
         };
         let mut ac = AttnCache::default();
         attention_step_forward(
@@ -356,25 +394,30 @@ pub fn attention_forward(p: &AttentionParams, d: &DecoderDims, batch: &Batch) ->
             sz,
         );
         // x (bs, E+D) = [emb[:, s], ctx]
-        let mut x = vec![0.0; bs * (e + f)];
+        let x = &mut fw.x_all[o * xi..(o + bs) * xi];
         for r in 0..bs {
-            let row = &mut x[r * (e + f)..(r + 1) * (e + f)];
+            let row = &mut x[r * xi..(r + 1) * xi];
             row[..e].copy_from_slice(&fw.emb[(r * t + s) * e..(r * t + s + 1) * e]);
             row[e..].copy_from_slice(&ctx[r * f..(r + 1) * f]);
-        }
-        let mut hn = vec![0.0; bs * h];
-        let mut cc = LstmCellCache::default();
-        lstm_cell_forward(&mut hn, &mut cc, &x, h_prev, c_prev, &lp, bs, e + f, h);
-        linear_forward(&mut logit_rows[..bs * v], &hn, &p.fc_w, Some(&p.fc_b), bs, h, v);
-        for r in 0..bs {
-            fw.logits[(r * t + s) * v..(r * t + s + 1) * v].copy_from_slice(&logit_rows[r * v..(r + 1) * v]);
             fw.alphas[(r * t + s) * l..(r * t + s + 1) * l].copy_from_slice(&ac.alpha[r * l..(r + 1) * l]);
         }
-        fw.xs.push(x);
-        fw.hs.push(hn);
-        fw.cells.push(cc);
+        lstm_cell_forward_into(
+            &mut h_out[..bs * h],
+            &mut fw.acts_all[o * 4 * h..(o + bs) * 4 * h],
+            &mut c_out[..bs * h],
+            x,
+            h_prev,
+            c_prev,
+            &lp,
+            bs,
+            xi,
+            h,
+        );
         fw.attns.push(ac);
     }
+    // Output layer over all live rows at once: (N,H) x (H,V).
+    fw.logits = vec![0.0; n * v];
+    linear_forward(&mut fw.logits, &fw.h_all, &p.fc_w, Some(&p.fc_b), n, h, v);
     Ok(fw)
 }
 
@@ -391,8 +434,17 @@ pub fn attention_backward(
     let (l, f) = (d.regions, d.feat);
     let (b, t, _) = check_batch(batch, d, l * f)?;
     let (v, e, h, a) = (d.vocab, d.embed, d.hidden, d.att);
+    let xi = e + f;
     let feats = batch.feats;
-    let ce = cross_entropy_fused(&mut fw.logits, batch.targets, v, smoothing, Some(PAD), 1.0);
+    let n = fw.h_all.len() / h;
+    // Targets in the packed order of the logits.
+    let mut tp = vec![PAD; n];
+    for s in 0..t {
+        for r in 0..fw.active[s] {
+            tp[fw.offs[s] + r] = batch.targets[r * t + s];
+        }
+    }
+    let ce = cross_entropy_fused(&mut fw.logits, &tp, v, smoothing, Some(PAD), 1.0);
     let mut dalphas = vec![0.0; b * t * l];
     let reg = attention_reg(Some(&mut dalphas), &fw.alphas, batch.lengths, alpha_c, t, l);
     let ap = p.attn();
@@ -418,52 +470,53 @@ pub fn attention_backward(
         fc_w: g_fc_w,
         fc_b: g_fc_b,
     } = g;
+    // Output layer over all rows: dH (N,H) = dlogits W_fc; dW_fc += dlogits^T H; db_fc += sum.
+    let mut dh_all = vec![0.0; n * h];
+    linear_backward(Some(&mut dh_all), g_fc_w, Some(g_fc_b), &fw.logits, &fw.h_all, &p.fc_w, n, h, v);
     let mut ag = AttnGrads { w_enc, b_enc, w_dec, b_dec, w_full, b_full, w_beta, b_beta };
-    let mut lg = LstmGrads { w_ih, w_hh, b_ih, b_hh };
-    let mut dh_next = vec![0.0; b * h]; // (B,H) dL/dh_{s}
-    let mut dc_next = vec![0.0; b * h]; // (B,H) dL/dc_{s}
+    let mut dh_next = vec![0.0; b * h]; // (B,H) dL/dh_{s} from step s+1
+    let mut dc_next = vec![0.0; b * h]; // (B,H) dL/dc_{s} from step s+1
     let mut datt1 = vec![0.0; b * l * a];
     let mut dfeats = vec![0.0; b * l * f]; // (B,L,D)
     let mut demb = vec![0.0; b * t * e];
-    let mut dlog = vec![0.0; b * v];
     let mut dalpha = vec![0.0; b * l];
+    let mut dz_all = vec![0.0; n * 4 * h]; // (N,4H)
     for s in (0..t).rev() {
-        let bs = fw.active[s];
+        let (bs, o) = (fw.active[s], fw.offs[s]);
         let sz = AttnSize { b: bs, l, d: f, h, a };
         let (h_prev, c_prev) = if s == 0 {
             (&fw.h0[..bs * h], &fw.c0[..bs * h])
         } else {
-            (&fw.hs[s - 1][..bs * h], &fw.cells[s - 1].c[..bs * h])
+            let po = fw.offs[s - 1] * h;
+            (&fw.h_all[po..po + bs * h], &fw.c_all[po..po + bs * h])
         };
         for r in 0..bs {
-            dlog[r * v..(r + 1) * v].copy_from_slice(&fw.logits[(r * t + s) * v..(r * t + s + 1) * v]);
             dalpha[r * l..(r + 1) * l].copy_from_slice(&dalphas[(r * t + s) * l..(r * t + s + 1) * l]);
         }
-        // dh_s = dh_next + dlogits_s fc_w
+        // dh_s = dh_next + the output layer's share
         let mut dh = dh_next[..bs * h].to_vec();
-        linear_backward(Some(&mut dh), g_fc_w, Some(g_fc_b), &dlog[..bs * v], &fw.hs[s], &p.fc_w, bs, h, v);
-        let mut dx = vec![0.0; bs * (e + f)];
+        dh.iter_mut().zip(&dh_all[o * h..(o + bs) * h]).for_each(|(x, y)| *x += y);
+        let mut dx = vec![0.0; bs * xi];
         let mut dh_prev = vec![0.0; bs * h];
         let mut dc_prev = vec![0.0; bs * h];
-        lstm_cell_backward(
+        lstm_cell_backward_dz(
+            &mut dz_all[o * 4 * h..(o + bs) * 4 * h],
             Some(&mut dx),
             Some(&mut dh_prev),
             Some(&mut dc_prev),
-            &mut lg,
             &dh,
             &dc_next[..bs * h],
-            &fw.cells[s],
-            &fw.xs[s],
-            h_prev,
+            &fw.acts_all[o * 4 * h..(o + bs) * 4 * h],
+            &fw.c_all[o * h..(o + bs) * h],
             c_prev,
             &lp,
             bs,
-            e + f,
+            xi,
             h,
         );
         let mut dctx = vec![0.0; bs * f];
         for r in 0..bs {
-            let row = &dx[r * (e + f)..(r + 1) * (e + f)];
+            let row = &dx[r * xi..(r + 1) * xi];
             demb[(r * t + s) * e..(r * t + s + 1) * e].copy_from_slice(&row[..e]);
             dctx[r * f..(r + 1) * f].copy_from_slice(&row[e..]);
         }
@@ -483,6 +536,16 @@ pub fn attention_backward(
         dh_next[..bs * h].copy_from_slice(&dh_prev);
         dc_next[..bs * h].copy_from_slice(&dc_prev);
     }
+    // LSTM weight gradients over all rows at once; h_prev stacked in the same packed order.
+    let mut hprev_all = vec![0.0; n * h];
+    for s in 0..t {
+        let (bs, o) = (fw.active[s], fw.offs[s]);
+        let src =
+            if s == 0 { &fw.h0[..bs * h] } else { &fw.h_all[fw.offs[s - 1] * h..(fw.offs[s - 1] + bs) * h] };
+        hprev_all[o * h..(o + bs) * h].copy_from_slice(src);
+    }
+    let mut lg = LstmGrads { w_ih, w_hh, b_ih, b_hh };
+    lstm_cell_weight_grads(&mut lg, &dz_all, &fw.x_all, &hprev_all, n, xi, h);
     attention_encode_backward(Some(&mut dfeats), &mut ag, &datt1, feats, &ap, AttnSize { b, l, d: f, h, a });
     init_state_backward(
         Some(&mut dfeats),
