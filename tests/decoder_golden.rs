@@ -140,7 +140,7 @@ fn attention_decoder_matches_torch() {
         (g.f("att.feats"), g.ids("att.tokens"), g.ids("att.targets"), g.lens("att.lengths"));
     let batch = Batch { feats: &feats, tokens: &tokens, targets: &targets, lengths: &lengths, steps: t };
     assert_eq!(b, lengths.len());
-    let mut fw = attention_forward(&p, &d, &batch).unwrap();
+    let mut fw = attention_forward(&p, &d, &batch, None).unwrap();
     check("attention logits", &fw.logits_padded(b, t, d.vocab), &g.f("att.logits"));
     check("attention alphas", &fw.alphas, &g.f("att.alphas"));
     let mut grads = p.zeros_like();
@@ -179,7 +179,7 @@ fn show_tell_decoder_matches_torch() {
         (g.f("st.feats"), g.ids("st.tokens"), g.ids("st.targets"), g.lens("st.lengths"));
     assert_eq!(b, lengths.len());
     let batch = Batch { feats: &feats, tokens: &tokens, targets: &targets, lengths: &lengths, steps: t };
-    let mut fw = show_tell_forward(&p, &d, &batch).unwrap();
+    let mut fw = show_tell_forward(&p, &d, &batch, None).unwrap();
     check("show-tell logits", &fw.logits, &g.f("st.logits"));
     let mut grads = p.zeros_like();
     let loss = show_tell_backward(&p, &mut grads, &d, &batch, &mut fw, 0.1).unwrap();
@@ -201,7 +201,7 @@ fn decoder_rejects_bad_batches() {
         [(&feats, &ok_tok, &[1, 2]), (&feats, &bad_tok, &[2, 2]), (&feats[..7], &ok_tok, &[2, 2])];
     for (fe, tok, lens) in cases {
         let batch = Batch { feats: fe, tokens: tok, targets: &ok_tok, lengths: lens, steps: 2 };
-        assert!(show_tell_forward(&p, &d, &batch).is_err());
+        assert!(show_tell_forward(&p, &d, &batch, None).is_err());
     }
 }
 

@@ -629,3 +629,87 @@ fn clip_by_global_norm() {
         assert!((x - y).abs() < 1e-5, "{x} vs {y}");
     }
 }
+
+/// Whole decoders, dropout on: the directional derivative of the loss along a random direction u
+/// over ALL parameters, by f32 central differences, against sum(grad * u). This checks the wiring of
+/// the composed step (every layer above is checked exactly on its own); f32 forward passes limit the
+/// precision: with step 1e-3, rounding of a loss ~2 is ~2e-7 / 2e-3 = 1e-4 absolute against a
+/// directional derivative of order 1, and relu kinks crossed within the step add a little more, so
+/// the bound is 1e-2 relative -- a wrong or missing term (e.g. the dropout mask ignored in backward)
+/// is an O(1) error. The same seed gives the same mask in every evaluation.
+#[test]
+fn decoders_directional_derivative_with_dropout() {
+    use capgen::model::decoder::{
+        attention_backward, attention_forward, show_tell_backward, show_tell_forward, AttentionParams, Batch,
+        DecoderDims, ShowTellParams,
+    };
+    let (b, t) = (3, 4);
+    let lengths = [4, 3, 1];
+    let mut tokens = vec![0u32; b * t];
+    let mut targets = vec![0u32; b * t];
+    let mut rng = Rng::new(5);
+    for r in 0..b {
+        for s in 0..lengths[r] {
+            tokens[r * t + s] = 1 + rng.below(8) as u32;
+            targets[r * t + s] = 1 + rng.below(8) as u32;
+        }
+    }
+    let d = DecoderDims { vocab: 9, embed: 5, feat: 6, regions: 4, hidden: 7, att: 5 };
+    let (p_drop, eps) = (0.3f32, 1e-3f32);
+
+    // Attention decoder.
+    let feats = rnd("feats", b * d.regions * d.feat, 1.0);
+    let batch = Batch { feats: &feats, tokens: &tokens, targets: &targets, lengths: &lengths, steps: t };
+    let mut p = AttentionParams::zeros(&d);
+    for (name, v) in p.named_mut() {
+        v.copy_from_slice(&rnd(name, v.len(), 0.5));
+    }
+    let loss = |p: &AttentionParams, g: &mut AttentionParams| -> f64 {
+        let mut fw = attention_forward(p, &d, &batch, Some((p_drop, &mut Rng::new(77)))).unwrap();
+        let l = attention_backward(p, g, &d, &batch, &mut fw, 0.8, 0.1).unwrap();
+        l.ce as f64 + l.reg as f64
+    };
+    let mut g = p.zeros_like();
+    loss(&p, &mut g);
+    let u: Vec<Vec<f32>> = p.named().iter().map(|(n, v)| rnd(&format!("u.{n}"), v.len(), 1.0)).collect();
+    let gu: f64 = g.named().iter().zip(&u).map(|((_, gv), uv)| dot(&to64(gv), &to64(uv))).sum();
+    let shifted = |sign: f32| {
+        let mut q = p.clone();
+        for ((_, v), uv) in q.named_mut().into_iter().zip(&u) {
+            v.iter_mut().zip(uv).for_each(|(x, du)| *x += sign * eps * du);
+        }
+        q
+    };
+    let mut scratch = p.zeros_like();
+    let fd = (loss(&shifted(1.0), &mut scratch) - loss(&shifted(-1.0), &mut scratch)) / (2.0 * eps as f64);
+    eprintln!("attention decoder: directional derivative {gu:.6} vs FD {fd:.6}");
+    assert!(((gu - fd) / fd).abs() < 1e-2, "attention decoder: {gu} vs FD {fd}");
+
+    // Show-tell decoder.
+    let d = DecoderDims { regions: 1, ..d };
+    let feats = rnd("pooled", b * d.feat, 1.0);
+    let batch = Batch { feats: &feats, tokens: &tokens, targets: &targets, lengths: &lengths, steps: t };
+    let mut p = ShowTellParams::zeros(&d);
+    for (name, v) in p.named_mut() {
+        v.copy_from_slice(&rnd(name, v.len(), 0.5));
+    }
+    let loss = |p: &ShowTellParams, g: &mut ShowTellParams| -> f64 {
+        let mut fw = show_tell_forward(p, &d, &batch, Some((p_drop, &mut Rng::new(78)))).unwrap();
+        show_tell_backward(p, g, &d, &batch, &mut fw, 0.1).unwrap().ce as f64
+    };
+    let mut g = p.zeros_like();
+    loss(&p, &mut g);
+    let u: Vec<Vec<f32>> = p.named().iter().map(|(n, v)| rnd(&format!("u.{n}"), v.len(), 1.0)).collect();
+    let gu: f64 = g.named().iter().zip(&u).map(|((_, gv), uv)| dot(&to64(gv), &to64(uv))).sum();
+    let shifted = |sign: f32| {
+        let mut q = p.clone();
+        for ((_, v), uv) in q.named_mut().into_iter().zip(&u) {
+            v.iter_mut().zip(uv).for_each(|(x, du)| *x += sign * eps * du);
+        }
+        q
+    };
+    let mut scratch = p.zeros_like();
+    let fd = (loss(&shifted(1.0), &mut scratch) - loss(&shifted(-1.0), &mut scratch)) / (2.0 * eps as f64);
+    eprintln!("show-tell decoder: directional derivative {gu:.6} vs FD {fd:.6}");
+    assert!(((gu - fd) / fd).abs() < 1e-2, "show-tell decoder: {gu} vs FD {fd}");
+}

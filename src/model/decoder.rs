@@ -13,12 +13,14 @@
 //!   logits_t = h_t fc_w^T + fc_b.
 //! Loss: cross-entropy over the vocabulary, `<pad>` ignored, mean over tokens, optional label
 //! smoothing; the attention decoder adds alpha_c * mean_b sum_l (1 - sum_t alpha[b,t,l])^2.
-//! (No dropout yet.)
+//! Dropout (training only, optional): on the LSTM output h right before the output layer, as in the
+//! common Show-Attend-Tell implementation; a seeded inverted-dropout mask (`cpu::dropout`).
 
 use crate::cpu::attention::{
     attention_encode_backward, attention_encode_forward, attention_step_backward, attention_step_forward,
     init_state_backward, init_state_forward, AttnCache, AttnGrads, AttnParams, AttnSize,
 };
+use crate::cpu::dropout::{dropout_backward, dropout_forward};
 use crate::cpu::embedding::{embedding_backward, embedding_forward};
 use crate::cpu::linear::{linear_backward, linear_forward};
 use crate::cpu::loss::{attention_reg, cross_entropy_fused};
@@ -27,6 +29,7 @@ use crate::cpu::lstm::{
     lstm_cell_weight_grads, lstm_forward, LstmCache, LstmCellCache, LstmGrads, LstmParams, LstmSize,
 };
 use crate::error::{Error, Result};
+use crate::rng::Rng;
 
 /// The index of `<pad>` in every vocabulary.
 pub const PAD: u32 = 0;
@@ -197,6 +200,50 @@ fn check_batch(batch: &Batch, d: &DecoderDims, feat_len: usize) -> Result<(usize
     Ok((b, t, active))
 }
 
+/// Applies dropout to `h` (N,H) if asked: returns the layer input the output layer sees (a copy
+/// with the mask applied) and keeps the mask in `mask`; with no dropout, returns None.
+fn maybe_dropout(
+    h: &[f32],
+    mask: &mut Vec<f32>,
+    dropout: Option<(f32, &mut Rng)>,
+) -> Result<Option<Vec<f32>>> {
+    match dropout {
+        Some((p, rng)) if p > 0.0 => {
+            let mut y = vec![0.0; h.len()];
+            dropout_forward(&mut y, mask, h, p, rng)?;
+            Ok(Some(y))
+        }
+        Some((p, _)) if p < 0.0 => Err(Error::msg(format!("dropout probability {p} is not in [0, 1)"))),
+        _ => Ok(None),
+    }
+}
+
+/// Output-layer backward through the optional dropout: dh (N,H) += mask * (dlogits W_fc), and the fc
+/// gradients with the dropped input.
+#[allow(clippy::too_many_arguments)]
+fn output_backward(
+    dh: &mut [f32],
+    g_fc_w: &mut [f32],
+    g_fc_b: &mut [f32],
+    dlogits: &[f32],
+    h: &[f32],
+    h_drop: &Option<Vec<f32>>,
+    mask: &[f32],
+    fc_w: &[f32],
+    n: usize,
+    hd: usize,
+    v: usize,
+) {
+    match h_drop {
+        Some(hd_in) => {
+            let mut dy = vec![0.0; n * hd];
+            linear_backward(Some(&mut dy), g_fc_w, Some(g_fc_b), dlogits, hd_in, fc_w, n, hd, v);
+            dropout_backward(dh, &dy, mask);
+        }
+        None => linear_backward(Some(dh), g_fc_w, Some(g_fc_b), dlogits, h, fc_w, n, hd, v),
+    }
+}
+
 /// What the show-tell forward keeps for backward.
 #[derive(Clone, Debug, Default)]
 pub struct ShowTellForward {
@@ -204,6 +251,8 @@ pub struct ShowTellForward {
     pub logits: Vec<f32>,
     /// (B,T,H) LSTM outputs.
     pub hs: Vec<f32>,
+    h_drop: Option<Vec<f32>>,
+    mask: Vec<f32>,
     h0: Vec<f32>,
     c0: Vec<f32>,
     x: Vec<f32>,
@@ -211,8 +260,13 @@ pub struct ShowTellForward {
     active: Vec<usize>,
 }
 
-/// Show-tell forward (teacher forcing).
-pub fn show_tell_forward(p: &ShowTellParams, d: &DecoderDims, batch: &Batch) -> Result<ShowTellForward> {
+/// Show-tell forward (teacher forcing); `dropout` = (probability, mask stream) for training.
+pub fn show_tell_forward(
+    p: &ShowTellParams,
+    d: &DecoderDims,
+    batch: &Batch,
+    dropout: Option<(f32, &mut Rng)>,
+) -> Result<ShowTellForward> {
     let (b, t, active) = check_batch(batch, d, d.feat)?;
     let (v, e, f, h) = (d.vocab, d.embed, d.feat, d.hidden);
     let mut fw = ShowTellForward { active, ..Default::default() };
@@ -236,7 +290,9 @@ pub fn show_tell_forward(p: &ShowTellParams, d: &DecoderDims, batch: &Batch) -> 
         LstmSize { b, t, i: e, h },
     );
     fw.logits = vec![0.0; b * t * v];
-    linear_forward(&mut fw.logits, &fw.hs, &p.fc_w, Some(&p.fc_b), b * t, h, v);
+    fw.h_drop = maybe_dropout(&fw.hs, &mut fw.mask, dropout)?;
+    let h_in = fw.h_drop.as_deref().unwrap_or(&fw.hs);
+    linear_forward(&mut fw.logits, h_in, &p.fc_w, Some(&p.fc_b), b * t, h, v);
     Ok(fw)
 }
 
@@ -253,7 +309,19 @@ pub fn show_tell_backward(
     let (v, e, f, h) = (d.vocab, d.embed, d.feat, d.hidden);
     let ce = cross_entropy_fused(&mut fw.logits, batch.targets, v, smoothing, Some(PAD), 1.0);
     let mut dhs = vec![0.0; b * t * h];
-    linear_backward(Some(&mut dhs), &mut g.fc_w, Some(&mut g.fc_b), &fw.logits, &fw.hs, &p.fc_w, b * t, h, v);
+    output_backward(
+        &mut dhs,
+        &mut g.fc_w,
+        &mut g.fc_b,
+        &fw.logits,
+        &fw.hs,
+        &fw.h_drop,
+        &fw.mask,
+        &p.fc_w,
+        b * t,
+        h,
+        v,
+    );
     let (mut dx, mut dh0, mut dc0) = (vec![0.0; b * t * e], vec![0.0; b * h], vec![0.0; b * h]);
     let lp = LstmParams { w_ih: &p.w_ih, w_hh: &p.w_hh, b_ih: &p.b_ih, b_hh: &p.b_hh };
     let mut lg = LstmGrads { w_ih: &mut g.w_ih, w_hh: &mut g.w_hh, b_ih: &mut g.b_ih, b_hh: &mut g.b_hh };
@@ -307,6 +375,8 @@ pub struct AttentionForward {
     c_all: Vec<f32>,    // (N,H)
     acts_all: Vec<f32>, // (N,4H)
     attns: Vec<AttnCache>,
+    h_drop: Option<Vec<f32>>,
+    mask: Vec<f32>,
 }
 
 impl AttentionForward {
@@ -334,8 +404,13 @@ fn packed_offsets(active: &[usize]) -> (Vec<usize>, usize) {
     (offs, n)
 }
 
-/// Attention decoder forward (teacher forcing).
-pub fn attention_forward(p: &AttentionParams, d: &DecoderDims, batch: &Batch) -> Result<AttentionForward> {
+/// Attention decoder forward (teacher forcing); `dropout` = (probability, mask stream) for training.
+pub fn attention_forward(
+    p: &AttentionParams,
+    d: &DecoderDims,
+    batch: &Batch,
+    dropout: Option<(f32, &mut Rng)>,
+) -> Result<AttentionForward> {
     let (l, f) = (d.regions, d.feat);
     let (b, t, active) = check_batch(batch, d, l * f)?;
     let (v, e, h, a) = (d.vocab, d.embed, d.hidden, d.att);
@@ -417,7 +492,9 @@ pub fn attention_forward(p: &AttentionParams, d: &DecoderDims, batch: &Batch) ->
     }
     // Output layer over all live rows at once: (N,H) x (H,V).
     fw.logits = vec![0.0; n * v];
-    linear_forward(&mut fw.logits, &fw.h_all, &p.fc_w, Some(&p.fc_b), n, h, v);
+    fw.h_drop = maybe_dropout(&fw.h_all, &mut fw.mask, dropout)?;
+    let h_in = fw.h_drop.as_deref().unwrap_or(&fw.h_all);
+    linear_forward(&mut fw.logits, h_in, &p.fc_w, Some(&p.fc_b), n, h, v);
     Ok(fw)
 }
 
@@ -472,7 +549,19 @@ pub fn attention_backward(
     } = g;
     // Output layer over all rows: dH (N,H) = dlogits W_fc; dW_fc += dlogits^T H; db_fc += sum.
     let mut dh_all = vec![0.0; n * h];
-    linear_backward(Some(&mut dh_all), g_fc_w, Some(g_fc_b), &fw.logits, &fw.h_all, &p.fc_w, n, h, v);
+    output_backward(
+        &mut dh_all,
+        g_fc_w,
+        g_fc_b,
+        &fw.logits,
+        &fw.h_all,
+        &fw.h_drop,
+        &fw.mask,
+        &p.fc_w,
+        n,
+        h,
+        v,
+    );
     let mut ag = AttnGrads { w_enc, b_enc, w_dec, b_dec, w_full, b_full, w_beta, b_beta };
     let mut dh_next = vec![0.0; b * h]; // (B,H) dL/dh_{s} from step s+1
     let mut dc_next = vec![0.0; b * h]; // (B,H) dL/dc_{s} from step s+1
