@@ -203,6 +203,13 @@ fn decoder_rejects_bad_batches() {
         let batch = Batch { feats: fe, tokens: tok, targets: &ok_tok, lengths: lens, steps: 2 };
         assert!(show_tell_forward(&p, &d, &batch, None).is_err());
     }
+    // Out-of-range dropout or label smoothing: errors too.
+    let batch = Batch { feats: &feats, tokens: &ok_tok, targets: &ok_tok, lengths: &[2, 2], steps: 2 };
+    let mut rng = capgen::rng::Rng::new(1);
+    assert!(show_tell_forward(&p, &d, &batch, Some((1.0, &mut rng))).is_err());
+    let mut fw = show_tell_forward(&p, &d, &batch, None).unwrap();
+    let mut g = p.zeros_like();
+    assert!(show_tell_backward(&p, &mut g, &d, &batch, &mut fw, 1.5).is_err());
 }
 
 /// Generation steps (LSTM cell path) reproduce the teacher-forced forward (sequence path) on every

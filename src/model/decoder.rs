@@ -175,6 +175,13 @@ impl AttentionParams {
 }
 
 /// Checks a batch against the dims; returns (B, T, active sizes).
+fn check_smoothing(smoothing: f32) -> Result<()> {
+    if !(0.0..1.0).contains(&smoothing) {
+        return Err(Error::msg(format!("label smoothing {smoothing} is not in [0, 1)")));
+    }
+    Ok(())
+}
+
 fn check_batch(batch: &Batch, d: &DecoderDims, feat_len: usize) -> Result<(usize, usize, Vec<usize>)> {
     let b = batch.lengths.len();
     let t = batch.steps;
@@ -306,6 +313,7 @@ pub fn show_tell_backward(
     smoothing: f32,
 ) -> Result<StepLoss> {
     let (b, t, _) = check_batch(batch, d, d.feat)?;
+    check_smoothing(smoothing)?;
     let (v, e, f, h) = (d.vocab, d.embed, d.feat, d.hidden);
     let ce = cross_entropy_fused(&mut fw.logits, batch.targets, v, smoothing, Some(PAD), 1.0);
     let mut dhs = vec![0.0; b * t * h];
@@ -510,6 +518,7 @@ pub fn attention_backward(
 ) -> Result<StepLoss> {
     let (l, f) = (d.regions, d.feat);
     let (b, t, _) = check_batch(batch, d, l * f)?;
+    check_smoothing(smoothing)?;
     let (v, e, h, a) = (d.vocab, d.embed, d.hidden, d.att);
     let xi = e + f;
     let feats = batch.feats;
