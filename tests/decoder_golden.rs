@@ -145,7 +145,7 @@ fn attention_decoder_matches_torch() {
     check("attention alphas", &fw.alphas, &g.f("att.alphas"));
     let mut grads = p.zeros_like();
     let alpha_c = g.f("att.alpha_c")[0];
-    let loss = attention_backward(&p, &mut grads, &d, &batch, &mut fw, alpha_c, 0.0).unwrap();
+    let loss = attention_backward(&p, &mut grads, &d, &batch, &mut fw, alpha_c, 0.0, true).unwrap();
     check("attention ce", &[loss.ce], &g.f("att.ce"));
     check("attention reg", &[loss.reg], &g.f("att.reg"));
     check("attention grad feats", &fw.dfeats, &g.f("att.grad.feats"));

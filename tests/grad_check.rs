@@ -666,7 +666,7 @@ fn decoders_directional_derivative_with_dropout() {
     }
     let loss = |p: &AttentionParams, g: &mut AttentionParams| -> f64 {
         let mut fw = attention_forward(p, &d, &batch, Some((p_drop, &mut Rng::new(77)))).unwrap();
-        let l = attention_backward(p, g, &d, &batch, &mut fw, 0.8, 0.1).unwrap();
+        let l = attention_backward(p, g, &d, &batch, &mut fw, 0.8, 0.1, false).unwrap();
         l.ce as f64 + l.reg as f64
     };
     let mut g = p.zeros_like();

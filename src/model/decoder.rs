@@ -369,7 +369,8 @@ pub struct AttentionForward {
     pub logits: Vec<f32>,
     /// (B,T,L) attention weights, 0 past each row's length.
     pub alphas: Vec<f32>,
-    /// (B,L,D) dL/dfeats, filled by the backward (for encoder fine-tuning and tests).
+    /// (B,L,D) dL/dfeats, filled by the backward when asked (`feats_grad`; encoder fine-tuning and
+    /// tests), else empty. Skipping it saves a (B*L,A)x(A,D) GEMM and a pass over (B,L,D) per step.
     pub dfeats: Vec<f32>,
     active: Vec<usize>,
     offs: Vec<usize>,
@@ -506,7 +507,9 @@ pub fn attention_forward(
     Ok(fw)
 }
 
-/// Attention decoder loss and backward: consumes `fw.logits` (turned into dlogits), accumulates into `g`.
+/// Attention decoder loss and backward: consumes `fw.logits` (turned into dlogits), accumulates into
+/// `g`; with `feats_grad`, also leaves dL/dfeats in `fw.dfeats`.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     p: &AttentionParams,
     g: &mut AttentionParams,
@@ -515,6 +518,7 @@ pub fn attention_backward(
     fw: &mut AttentionForward,
     alpha_c: f32,
     smoothing: f32,
+    feats_grad: bool,
 ) -> Result<StepLoss> {
     let (l, f) = (d.regions, d.feat);
     let (b, t, _) = check_batch(batch, d, l * f)?;
@@ -575,7 +579,7 @@ pub fn attention_backward(
     let mut dh_next = vec![0.0; b * h]; // (B,H) dL/dh_{s} from step s+1
     let mut dc_next = vec![0.0; b * h]; // (B,H) dL/dc_{s} from step s+1
     let mut datt1 = vec![0.0; b * l * a];
-    let mut dfeats = vec![0.0; b * l * f]; // (B,L,D)
+    let mut dfeats = if feats_grad { vec![0.0; b * l * f] } else { Vec::new() }; // (B,L,D)
     let mut demb = vec![0.0; b * t * e];
     let mut dalpha = vec![0.0; b * l];
     let mut dz_all = vec![0.0; n * 4 * h]; // (N,4H)
@@ -619,7 +623,7 @@ pub fn attention_backward(
             dctx[r * f..(r + 1) * f].copy_from_slice(&row[e..]);
         }
         attention_step_backward(
-            Some(&mut dfeats[..bs * l * f]),
+            if feats_grad { Some(&mut dfeats[..bs * l * f]) } else { None },
             &mut datt1[..bs * l * a],
             Some(&mut dh_prev),
             &mut ag,
@@ -644,9 +648,16 @@ pub fn attention_backward(
     }
     let mut lg = LstmGrads { w_ih, w_hh, b_ih, b_hh };
     lstm_cell_weight_grads(&mut lg, &dz_all, &fw.x_all, &hprev_all, n, xi, h);
-    attention_encode_backward(Some(&mut dfeats), &mut ag, &datt1, feats, &ap, AttnSize { b, l, d: f, h, a });
+    attention_encode_backward(
+        feats_grad.then_some(&mut dfeats[..]),
+        &mut ag,
+        &datt1,
+        feats,
+        &ap,
+        AttnSize { b, l, d: f, h, a },
+    );
     init_state_backward(
-        Some(&mut dfeats),
+        feats_grad.then_some(&mut dfeats[..]),
         g_w_h,
         g_b_h,
         g_w_c,
