@@ -293,3 +293,54 @@ fn generation_steps_match_teacher_forcing() {
     assert!(attention_step(&p, &d, &feats, &att1, &mut st, &bad).is_err());
     assert!(attention_step(&p, &d, &feats, &att1, &mut st, &[1]).is_err());
 }
+
+/// A row of length 0 contributes nothing: without the regulariser, the loss and every gradient equal
+/// those of the batch without it; the regulariser (a mean over rows) gains exactly (1 - 0)^2 per
+/// region for the empty row.
+#[test]
+fn zero_length_rows_change_nothing() {
+    let g = Golden::load();
+    let fd = g.dims("att.feats");
+    let ed = g.dims("att.emb");
+    let d = DecoderDims {
+        vocab: ed[0],
+        embed: ed[1],
+        feat: fd[2],
+        regions: fd[1],
+        hidden: g.dims("att.w_hh")[1],
+        att: g.dims("att.w_enc")[0],
+    };
+    let mut p = AttentionParams::zeros(&d);
+    for (name, v) in p.named_mut() {
+        v.copy_from_slice(&g.f(&format!("att.{name}")));
+    }
+    let t = g.dims("att.tokens")[1];
+    let (feats, tokens, targets) = (g.f("att.feats"), g.ids("att.tokens"), g.ids("att.targets"));
+    let per = d.regions * d.feat;
+    // Row 0 alone, and row 0 followed by an empty row (features of row 1, tokens all <pad>).
+    let run = |rows: usize, lengths: &[usize], alpha_c: f32| {
+        let mut tok = tokens[..rows * t].to_vec();
+        let mut tgt = targets[..rows * t].to_vec();
+        tok[t..].fill(0);
+        tgt[t..].fill(0);
+        let batch = Batch { feats: &feats[..rows * per], tokens: &tok, targets: &tgt, lengths, steps: t };
+        let mut fw = attention_forward(&p, &d, &batch, None).unwrap();
+        let mut grads = p.zeros_like();
+        let loss = attention_backward(&p, &mut grads, &d, &batch, &mut fw, alpha_c, 0.1, false).unwrap();
+        (loss, grads)
+    };
+    let (l1, g1) = run(1, &[5], 0.0);
+    let (l2, g2) = run(2, &[5, 0], 0.0);
+    assert_eq!(l1.tokens, l2.tokens);
+    assert!((l1.ce - l2.ce).abs() < 1e-6, "ce {} vs {}", l1.ce, l2.ce);
+    for ((name, a), (_, b)) in g1.named().into_iter().zip(g2.named()) {
+        if name != "b_full" {
+            // (b_full: exactly 0 in theory, f32 noise in practice; see attention_decoder_matches_torch)
+            check(&format!("zero-length row: grad {name}"), a, b);
+        }
+    }
+    let (l1, _) = run(1, &[5], 1.0);
+    let (l2, _) = run(2, &[5, 0], 1.0);
+    let expected_reg = (l1.reg + d.regions as f32) / 2.0;
+    assert!((l2.reg - expected_reg).abs() < 1e-5, "reg {} vs {expected_reg}", l2.reg);
+}
