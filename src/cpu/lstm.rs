@@ -506,3 +506,51 @@ pub fn lstm_cell_weight_grads(
     colsum_acc(grads.b_ih, dz, n, g4);
     colsum_acc(grads.b_hh, dz, n, g4);
 }
+
+/// The fused elementwise part of a cell step alone, for callers that build the pre-activations
+/// themselves (e.g. with part of the input projection precomputed for all steps): `acts` (B,4H)
+/// holds z on entry and the gate activations on exit; writes c (B,H) and h (B,H).
+pub fn lstm_gates_forward(
+    acts: &mut [f32],
+    c_prev: &[f32],
+    c: &mut [f32],
+    h_out: &mut [f32],
+    b: usize,
+    h: usize,
+) {
+    let g4 = 4 * h;
+    assert!(acts.len() == b * g4, "lstm_gates_forward: acts are not (B,4H)");
+    assert!(c_prev.len() == b * h && c.len() == b * h && h_out.len() == b * h, "lstm_gates_forward: (B,H)");
+    acts.par_chunks_mut(g4)
+        .zip(c.par_chunks_mut(h))
+        .zip(h_out.par_chunks_mut(h))
+        .zip(c_prev.par_chunks(h))
+        .with_min_len(min_rows(h))
+        .for_each(|(((a, c), hr), cp)| gates_row_forward(a, cp, c, hr));
+}
+
+/// The fused elementwise gate backward alone: dz (B,4H) (overwritten) from dh (B,H) and `dc`
+/// (B,H), which holds dL/dc_t on entry and dL/dc_{t-1} on exit.
+#[allow(clippy::too_many_arguments)]
+pub fn lstm_gates_backward(
+    dz: &mut [f32],
+    dc: &mut [f32],
+    dh: &[f32],
+    acts: &[f32],
+    c: &[f32],
+    c_prev: &[f32],
+    b: usize,
+    h: usize,
+) {
+    let g4 = 4 * h;
+    assert!(dz.len() == b * g4 && acts.len() == b * g4, "lstm_gates_backward: dz/acts are not (B,4H)");
+    assert!(dc.len() == b * h && dh.len() == b * h && c.len() == b * h && c_prev.len() == b * h);
+    dz.par_chunks_mut(g4)
+        .zip(acts.par_chunks(g4))
+        .zip(c.par_chunks(h))
+        .zip(c_prev.par_chunks(h))
+        .zip(dh.par_chunks(h))
+        .zip(dc.par_chunks_mut(h))
+        .with_min_len(min_rows(h))
+        .for_each(|(((((dzr, a), c), cp), dhr), dcr)| gates_row_backward(dzr, a, c, cp, dhr, None, dcr));
+}

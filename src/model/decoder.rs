@@ -22,11 +22,13 @@ use crate::cpu::attention::{
 };
 use crate::cpu::dropout::{dropout_backward, dropout_forward};
 use crate::cpu::embedding::{embedding_backward, embedding_forward};
+use crate::cpu::gemm::{sgemm, Epilogue, MatRef};
+use crate::cpu::linear::colsum_acc;
 use crate::cpu::linear::{linear_backward, linear_forward};
 use crate::cpu::loss::{attention_reg, cross_entropy_fused};
 use crate::cpu::lstm::{
-    active_from_lengths, lstm_backward, lstm_cell_backward_dz, lstm_cell_forward, lstm_cell_forward_into,
-    lstm_cell_weight_grads, lstm_forward, LstmCache, LstmCellCache, LstmGrads, LstmParams, LstmSize,
+    active_from_lengths, lstm_backward, lstm_cell_forward, lstm_forward, lstm_gates_backward,
+    lstm_gates_forward, LstmCache, LstmCellCache, LstmGrads, LstmParams, LstmSize,
 };
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -377,9 +379,10 @@ pub struct AttentionForward {
     mean: Vec<f32>,
     h0: Vec<f32>,
     c0: Vec<f32>,
-    emb: Vec<f32>,
     att1: Vec<f32>,
-    x_all: Vec<f32>,    // (N,E+D) LSTM inputs [emb, ctx]
+    tok: Vec<u32>,      // (N) input tokens, packed
+    emb: Vec<f32>,      // (N,E) their embeddings
+    ctx_all: Vec<f32>,  // (N,D) attention contexts
     h_all: Vec<f32>,    // (N,H)
     c_all: Vec<f32>,    // (N,H)
     acts_all: Vec<f32>, // (N,4H)
@@ -400,6 +403,21 @@ impl AttentionForward {
         }
         out
     }
+}
+
+/// Views of the LSTM weights of the attention decoder: W_ih[:, :E] (4H,E) and W_ih[:, E:] (4H,D), both
+/// with leading dimension E+D, and W_hh (4H,H).
+fn lstm_input_views(
+    p: &AttentionParams,
+    e: usize,
+    f: usize,
+    h: usize,
+) -> (MatRef<'_>, MatRef<'_>, MatRef<'_>) {
+    (
+        MatRef::row_major_ld(&p.w_ih, 4 * h, e, e + f),
+        MatRef::row_major_ld(&p.w_ih[e..], 4 * h, f, e + f),
+        MatRef::row_major(&p.w_hh, 4 * h, h),
+    )
 }
 
 /// Row offsets of each step in the packed order, and the total N.
@@ -423,7 +441,6 @@ pub fn attention_forward(
     let (l, f) = (d.regions, d.feat);
     let (b, t, active) = check_batch(batch, d, l * f)?;
     let (v, e, h, a) = (d.vocab, d.embed, d.hidden, d.att);
-    let xi = e + f;
     let feats = batch.feats;
     let (offs, n) = packed_offsets(&active);
     let mut fw = AttentionForward { active, offs, ..Default::default() };
@@ -444,18 +461,31 @@ pub fn attention_forward(
         f,
         h,
     );
-    fw.emb = vec![0.0; b * t * e];
-    embedding_forward(&mut fw.emb, batch.tokens, &p.emb, v, e);
+    fw.tok = vec![PAD; n];
+    for s in 0..t {
+        for r in 0..fw.active[s] {
+            fw.tok[fw.offs[s] + r] = batch.tokens[r * t + s];
+        }
+    }
+    fw.emb = vec![0.0; n * e];
+    embedding_forward(&mut fw.emb, &fw.tok, &p.emb, v, e);
     fw.att1 = vec![0.0; b * l * a];
     let ap = p.attn();
     attention_encode_forward(&mut fw.att1, feats, &ap, AttnSize { b, l, d: f, h, a });
-    let lp = LstmParams { w_ih: &p.w_ih, w_hh: &p.w_hh, b_ih: &p.b_ih, b_hh: &p.b_hh };
     fw.alphas = vec![0.0; b * t * l];
-    fw.x_all = vec![0.0; n * xi];
+    fw.ctx_all = vec![0.0; n * f];
     fw.h_all = vec![0.0; n * h];
     fw.c_all = vec![0.0; n * h];
+    // The LSTM input is [emb, ctx], so z = emb W_ih[:, :E]^T + ctx W_ih[:, E:]^T + h W_hh^T + b.
+    // The embedding part is known for all steps under teacher forcing: one GEMM (N,E) x (E,4H).
+    let (w_emb, w_ctx, w_hh) = lstm_input_views(p, e, f, h);
+    let bias: Vec<f32> = p.b_ih.iter().zip(&p.b_hh).map(|(x, y)| x + y).collect();
     fw.acts_all = vec![0.0; n * 4 * h];
-    let mut ctx = vec![0.0; b * f];
+    if n > 0 {
+        let epi = Epilogue { col_bias: Some(&bias), ..Default::default() };
+        sgemm(MatRef::row_major(&fw.emb, n, e), w_emb.t(), &mut fw.acts_all, 4 * h, &epi);
+    }
+    let acc = Epilogue { beta: 1.0, ..Default::default() };
     for s in 0..t {
         let (bs, o) = (fw.active[s], fw.offs[s]);
         let sz = AttnSize { b: bs, l, d: f, h, a };
@@ -467,36 +497,21 @@ pub fn attention_forward(
             let po = fw.offs[s - 1] * h;
             (&h_before[po..po + bs * h], &c_before[po..po + bs * h])
         };
+        if bs == 0 {
+            fw.attns.push(AttnCache::default());
+            continue;
+        }
         let mut ac = AttnCache::default();
-        attention_step_forward(
-            &mut ctx[..bs * f],
-            &mut ac,
-            &fw.att1[..bs * l * a],
-            &feats[..bs * l * f],
-            h_prev,
-            &ap,
-            sz,
-        );
-        // x (bs, E+D) = [emb[:, s], ctx]
-        let x = &mut fw.x_all[o * xi..(o + bs) * xi];
+        let ctx = &mut fw.ctx_all[o * f..(o + bs) * f];
+        attention_step_forward(ctx, &mut ac, &fw.att1[..bs * l * a], &feats[..bs * l * f], h_prev, &ap, sz);
         for r in 0..bs {
-            let row = &mut x[r * xi..(r + 1) * xi];
-            row[..e].copy_from_slice(&fw.emb[(r * t + s) * e..(r * t + s + 1) * e]);
-            row[e..].copy_from_slice(&ctx[r * f..(r + 1) * f]);
             fw.alphas[(r * t + s) * l..(r * t + s + 1) * l].copy_from_slice(&ac.alpha[r * l..(r + 1) * l]);
         }
-        lstm_cell_forward_into(
-            &mut h_out[..bs * h],
-            &mut fw.acts_all[o * 4 * h..(o + bs) * 4 * h],
-            &mut c_out[..bs * h],
-            x,
-            h_prev,
-            c_prev,
-            &lp,
-            bs,
-            xi,
-            h,
-        );
+        // z (bs,4H) += ctx W_ih[:, E:]^T + h_prev W_hh^T, then the fused gate/cell update.
+        let z = &mut fw.acts_all[o * 4 * h..(o + bs) * 4 * h];
+        sgemm(MatRef::row_major(ctx, bs, f), w_ctx.t(), z, 4 * h, &acc);
+        sgemm(MatRef::row_major(h_prev, bs, h), w_hh.t(), z, 4 * h, &acc);
+        lstm_gates_forward(z, c_prev, &mut c_out[..bs * h], &mut h_out[..bs * h], bs, h);
         fw.attns.push(ac);
     }
     // Output layer over all live rows at once: (N,H) x (H,V).
@@ -538,7 +553,7 @@ pub fn attention_backward(
     let mut dalphas = vec![0.0; b * t * l];
     let reg = attention_reg(Some(&mut dalphas), &fw.alphas, batch.lengths, alpha_c, t, l);
     let ap = p.attn();
-    let lp = LstmParams { w_ih: &p.w_ih, w_hh: &p.w_hh, b_ih: &p.b_ih, b_hh: &p.b_hh };
+    let (w_emb, w_ctx, w_hh_v) = lstm_input_views(p, e, f, h);
     let AttentionParams {
         emb: g_emb,
         w_h: g_w_h,
@@ -580,11 +595,13 @@ pub fn attention_backward(
     let mut dc_next = vec![0.0; b * h]; // (B,H) dL/dc_{s} from step s+1
     let mut datt1 = vec![0.0; b * l * a];
     let mut dfeats = if feats_grad { vec![0.0; b * l * f] } else { Vec::new() }; // (B,L,D)
-    let mut demb = vec![0.0; b * t * e];
     let mut dalpha = vec![0.0; b * l];
     let mut dz_all = vec![0.0; n * 4 * h]; // (N,4H)
     for s in (0..t).rev() {
         let (bs, o) = (fw.active[s], fw.offs[s]);
+        if bs == 0 {
+            continue;
+        }
         let sz = AttnSize { b: bs, l, d: f, h, a };
         let (h_prev, c_prev) = if s == 0 {
             (&fw.h0[..bs * h], &fw.c0[..bs * h])
@@ -598,30 +615,17 @@ pub fn attention_backward(
         // dh_s = dh_next + the output layer's share
         let mut dh = dh_next[..bs * h].to_vec();
         dh.iter_mut().zip(&dh_all[o * h..(o + bs) * h]).for_each(|(x, y)| *x += y);
-        let mut dx = vec![0.0; bs * xi];
-        let mut dh_prev = vec![0.0; bs * h];
-        let mut dc_prev = vec![0.0; bs * h];
-        lstm_cell_backward_dz(
-            &mut dz_all[o * 4 * h..(o + bs) * 4 * h],
-            Some(&mut dx),
-            Some(&mut dh_prev),
-            Some(&mut dc_prev),
-            &dh,
-            &dc_next[..bs * h],
-            &fw.acts_all[o * 4 * h..(o + bs) * 4 * h],
-            &fw.c_all[o * h..(o + bs) * h],
-            c_prev,
-            &lp,
-            bs,
-            xi,
-            h,
-        );
+        // Gate backward: dz (bs,4H); dc_prev = dc * f. Then dctx = dz W_ih[:, E:], dh_prev = dz W_hh
+        // (the embedding part of dx is one GEMM after the loop).
+        let mut dc_prev = dc_next[..bs * h].to_vec();
+        let dz = &mut dz_all[o * 4 * h..(o + bs) * 4 * h];
+        let (acts, cs) = (&fw.acts_all[o * 4 * h..(o + bs) * 4 * h], &fw.c_all[o * h..(o + bs) * h]);
+        lstm_gates_backward(dz, &mut dc_prev, &dh, acts, cs, c_prev, bs, h);
+        let dza = MatRef::row_major(dz, bs, 4 * h);
         let mut dctx = vec![0.0; bs * f];
-        for r in 0..bs {
-            let row = &dx[r * xi..(r + 1) * xi];
-            demb[(r * t + s) * e..(r * t + s + 1) * e].copy_from_slice(&row[..e]);
-            dctx[r * f..(r + 1) * f].copy_from_slice(&row[e..]);
-        }
+        sgemm(dza, w_ctx, &mut dctx, f, &Epilogue::default());
+        let mut dh_prev = vec![0.0; bs * h];
+        sgemm(dza, w_hh_v, &mut dh_prev, h, &Epilogue::default());
         attention_step_backward(
             if feats_grad { Some(&mut dfeats[..bs * l * f]) } else { None },
             &mut datt1[..bs * l * a],
@@ -646,8 +650,19 @@ pub fn attention_backward(
             if s == 0 { &fw.h0[..bs * h] } else { &fw.h_all[fw.offs[s - 1] * h..(fw.offs[s - 1] + bs) * h] };
         hprev_all[o * h..(o + bs) * h].copy_from_slice(src);
     }
-    let mut lg = LstmGrads { w_ih, w_hh, b_ih, b_hh };
-    lstm_cell_weight_grads(&mut lg, &dz_all, &fw.x_all, &hprev_all, n, xi, h);
+    // LSTM weight gradients as single GEMMs over the N stacked rows: dW_ih[:, :E] += dz^T emb,
+    // dW_ih[:, E:] += dz^T ctx (column blocks of the (4H, E+D) matrix, ldc = E+D), dW_hh += dz^T h_prev.
+    let mut demb = vec![0.0; n * e]; // (N,E)
+    if n > 0 {
+        let acc = Epilogue { beta: 1.0, ..Default::default() };
+        let dza = MatRef::row_major(&dz_all, n, 4 * h);
+        sgemm(dza.t(), MatRef::row_major(&fw.emb, n, e), &mut w_ih[..], xi, &acc);
+        sgemm(dza.t(), MatRef::row_major(&fw.ctx_all, n, f), &mut w_ih[e..], xi, &acc);
+        sgemm(dza.t(), MatRef::row_major(&hprev_all, n, h), w_hh, h, &acc);
+        colsum_acc(b_ih, &dz_all, n, 4 * h);
+        colsum_acc(b_hh, &dz_all, n, 4 * h);
+        sgemm(dza, w_emb, &mut demb, e, &Epilogue::default());
+    }
     attention_encode_backward(
         feats_grad.then_some(&mut dfeats[..]),
         &mut ag,
@@ -672,7 +687,7 @@ pub fn attention_backward(
         f,
         h,
     );
-    embedding_backward(g_emb, &demb, batch.tokens, Some(PAD), v, e);
+    embedding_backward(g_emb, &demb, &fw.tok, Some(PAD), v, e);
     fw.dfeats = dfeats;
     Ok(StepLoss { ce: ce.loss, reg, tokens: ce.count })
 }
