@@ -5,7 +5,14 @@
 //! Kernels here work on plain slices and sizes (llm.c style); `crate::ops` adapts tensors to them.
 
 pub mod activation;
+pub mod adam;
+pub mod attention;
 pub mod conv;
+pub mod dropout;
+pub mod embedding;
 pub mod gemm;
+pub mod linear;
+pub mod loss;
+pub mod lstm;
 pub mod peak;
 pub mod pool;

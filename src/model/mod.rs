@@ -1,1 +1,2 @@
 //! Encoder + decoder = captioner; greedy and beam search.
+pub mod decoder;

@@ -1,0 +1,827 @@
+//! The two caption decoders composed from the CPU layers, and one teacher-forced training step each
+//! (forward, loss, backward). Parameters are plain named `Vec<f32>`s in PyTorch layouts; gradients use
+//! the same struct, accumulated into (`+=`), so a caller zeroes them between steps.
+//!
+//! Batch layout: tokens and targets (B,T) row-major, `lengths` (B) sorted longest first (the LSTM's
+//! per-step active batch size, see `cpu::lstm`); tokens/targets past a row's length are `<pad>` = 0.
+//! `tokens[b,t]` is the input at step t (`<start>` first), `targets[b,t]` the word to predict.
+//!
+//! `show-tell`: pooled feature f (B,D); h0 = tanh(f W_h^T + b_h), c0 = tanh(f W_c^T + b_c) (B,H);
+//!   x = embedding(tokens) (B,T,E); hs = LSTM(x, h0, c0) (B,T,H); logits = hs fc_w^T + fc_b (B,T,V).
+//! `attention`: grid features (B,L,D); h0, c0 from the mean feature (`cpu::attention`); each step t on
+//!   the live rows: ctx, alpha = attention(feats, h_{t-1}); (h_t, c_t) = LSTMCell([emb_t, ctx]);
+//!   logits_t = h_t fc_w^T + fc_b.
+//! Loss: cross-entropy over the vocabulary, `<pad>` ignored, mean over tokens, optional label
+//! smoothing; the attention decoder adds alpha_c * mean_b sum_l (1 - sum_t alpha[b,t,l])^2.
+//! Dropout (training only, optional): on the LSTM output h right before the output layer, as in the
+//! common Show-Attend-Tell implementation; a seeded inverted-dropout mask (`cpu::dropout`).
+
+use crate::cpu::attention::{
+    attention_encode_backward, attention_encode_forward, attention_step_backward, attention_step_forward,
+    init_state_backward, init_state_forward, AttnCache, AttnGrads, AttnParams, AttnSize,
+};
+use crate::cpu::dropout::{dropout_backward, dropout_forward};
+use crate::cpu::embedding::{embedding_backward, embedding_forward};
+use crate::cpu::gemm::{sgemm, Epilogue, MatRef};
+use crate::cpu::linear::colsum_acc;
+use crate::cpu::linear::{linear_backward, linear_forward};
+use crate::cpu::loss::{attention_reg, cross_entropy_fused};
+use crate::cpu::lstm::{
+    active_from_lengths, lstm_backward, lstm_cell_forward, lstm_forward, lstm_gates_backward,
+    lstm_gates_forward, LstmCache, LstmCellCache, LstmGrads, LstmParams, LstmSize,
+};
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// The index of `<pad>` in every vocabulary.
+pub const PAD: u32 = 0;
+
+/// Sizes of a decoder. `regions` is 1 (unused) for show-tell; `att` is unused for show-tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecoderDims {
+    pub vocab: usize,
+    pub embed: usize,
+    pub feat: usize,
+    pub regions: usize,
+    pub hidden: usize,
+    pub att: usize,
+}
+
+/// A teacher-forced batch.
+#[derive(Clone, Copy, Debug)]
+pub struct Batch<'a> {
+    /// (B,D) pooled features (show-tell) or (B,L,D) grid features (attention).
+    pub feats: &'a [f32],
+    /// (B,T) input token ids.
+    pub tokens: &'a [u32],
+    /// (B,T) target token ids (`<pad>` past each length).
+    pub targets: &'a [u32],
+    /// (B) lengths, longest first.
+    pub lengths: &'a [usize],
+    /// T, the padded number of steps.
+    pub steps: usize,
+}
+
+/// Loss of one step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepLoss {
+    /// Mean cross-entropy over the non-pad tokens.
+    pub ce: f32,
+    /// Attention regulariser (0 for show-tell).
+    pub reg: f32,
+    /// Number of non-pad target tokens.
+    pub tokens: usize,
+}
+
+macro_rules! param_struct {
+    ($(#[$m:meta])* $name:ident { $($field:ident),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Clone, Debug, Default, PartialEq)]
+        pub struct $name {
+            $(pub $field: Vec<f32>,)*
+        }
+        impl $name {
+            /// (name, values) of every parameter, in a fixed order (checkpoints, Adam).
+            pub fn named(&self) -> Vec<(&'static str, &[f32])> {
+                vec![$((stringify!($field), &self.$field[..]),)*]
+            }
+            /// Mutable views in the same order as `named`.
+            pub fn named_mut(&mut self) -> Vec<(&'static str, &mut [f32])> {
+                vec![$((stringify!($field), &mut self.$field[..]),)*]
+            }
+            /// A copy with every value 0 (a gradient buffer).
+            pub fn zeros_like(&self) -> Self {
+                $name { $($field: vec![0.0; self.$field.len()],)* }
+            }
+            /// Sets every value to 0.
+            pub fn zero(&mut self) {
+                $(self.$field.fill(0.0);)*
+            }
+        }
+    };
+}
+
+param_struct!(
+    /// Show-and-tell parameters: emb (V,E), w_h/w_c (H,D), b_h/b_c (H), LSTM (I = E), fc_w (V,H), fc_b (V).
+    ShowTellParams { emb, w_h, b_h, w_c, b_c, w_ih, w_hh, b_ih, b_hh, fc_w, fc_b }
+);
+
+param_struct!(
+    /// Show-attend-tell parameters: emb (V,E), init w_h/w_c (H,D) b_h/b_c (H), attention (see
+    /// `cpu::attention::AttnParams`), LSTM cell with input [emb, ctx] (I = E + D), fc_w (V,H), fc_b (V).
+    AttentionParams {
+        emb, w_h, b_h, w_c, b_c, w_enc, b_enc, w_dec, b_dec, w_full, b_full, w_beta, b_beta,
+        w_ih, w_hh, b_ih, b_hh, fc_w, fc_b,
+    }
+);
+
+impl ShowTellParams {
+    /// Zero-filled parameters of the right shapes.
+    pub fn zeros(d: &DecoderDims) -> Self {
+        let (v, e, f, h) = (d.vocab, d.embed, d.feat, d.hidden);
+        ShowTellParams {
+            emb: vec![0.0; v * e],
+            w_h: vec![0.0; h * f],
+            b_h: vec![0.0; h],
+            w_c: vec![0.0; h * f],
+            b_c: vec![0.0; h],
+            w_ih: vec![0.0; 4 * h * e],
+            w_hh: vec![0.0; 4 * h * h],
+            b_ih: vec![0.0; 4 * h],
+            b_hh: vec![0.0; 4 * h],
+            fc_w: vec![0.0; v * h],
+            fc_b: vec![0.0; v],
+        }
+    }
+}
+
+impl AttentionParams {
+    /// Zero-filled parameters of the right shapes.
+    pub fn zeros(d: &DecoderDims) -> Self {
+        let (v, e, f, h, a) = (d.vocab, d.embed, d.feat, d.hidden, d.att);
+        AttentionParams {
+            emb: vec![0.0; v * e],
+            w_h: vec![0.0; h * f],
+            b_h: vec![0.0; h],
+            w_c: vec![0.0; h * f],
+            b_c: vec![0.0; h],
+            w_enc: vec![0.0; a * f],
+            b_enc: vec![0.0; a],
+            w_dec: vec![0.0; a * h],
+            b_dec: vec![0.0; a],
+            w_full: vec![0.0; a],
+            b_full: vec![0.0; 1],
+            w_beta: vec![0.0; f * h],
+            b_beta: vec![0.0; f],
+            w_ih: vec![0.0; 4 * h * (e + f)],
+            w_hh: vec![0.0; 4 * h * h],
+            b_ih: vec![0.0; 4 * h],
+            b_hh: vec![0.0; 4 * h],
+            fc_w: vec![0.0; v * h],
+            fc_b: vec![0.0; v],
+        }
+    }
+
+    fn attn(&self) -> AttnParams<'_> {
+        AttnParams {
+            w_enc: &self.w_enc,
+            b_enc: &self.b_enc,
+            w_dec: &self.w_dec,
+            b_dec: &self.b_dec,
+            w_full: &self.w_full,
+            b_full: &self.b_full,
+            w_beta: &self.w_beta,
+            b_beta: &self.b_beta,
+        }
+    }
+}
+
+/// Checks a batch against the dims; returns (B, T, active sizes).
+fn check_smoothing(smoothing: f32) -> Result<()> {
+    if !(0.0..1.0).contains(&smoothing) {
+        return Err(Error::msg(format!("label smoothing {smoothing} is not in [0, 1)")));
+    }
+    Ok(())
+}
+
+fn check_batch(batch: &Batch, d: &DecoderDims, feat_len: usize) -> Result<(usize, usize, Vec<usize>)> {
+    let b = batch.lengths.len();
+    let t = batch.steps;
+    if batch.tokens.len() != b * t || batch.targets.len() != b * t {
+        return Err(Error::shape(format!(
+            "decoder batch: tokens {} / targets {} are not B*T = {}*{}",
+            batch.tokens.len(),
+            batch.targets.len(),
+            b,
+            t
+        )));
+    }
+    if batch.feats.len() != b * feat_len {
+        return Err(Error::shape(format!(
+            "decoder batch: features {} are not B*{feat_len}",
+            batch.feats.len()
+        )));
+    }
+    if let Some(&bad) = batch.tokens.iter().chain(batch.targets).find(|&&x| x as usize >= d.vocab) {
+        return Err(Error::shape(format!("decoder batch: token id {bad} >= vocabulary size {}", d.vocab)));
+    }
+    let active = active_from_lengths(batch.lengths, t)?;
+    Ok((b, t, active))
+}
+
+/// Applies dropout to `h` (N,H) if asked: returns the layer input the output layer sees (a copy
+/// with the mask applied) and keeps the mask in `mask`; with no dropout, returns None.
+fn maybe_dropout(
+    h: &[f32],
+    mask: &mut Vec<f32>,
+    dropout: Option<(f32, &mut Rng)>,
+) -> Result<Option<Vec<f32>>> {
+    match dropout {
+        Some((p, rng)) if p > 0.0 => {
+            let mut y = vec![0.0; h.len()];
+            dropout_forward(&mut y, mask, h, p, rng)?;
+            Ok(Some(y))
+        }
+        Some((p, _)) if p < 0.0 => Err(Error::msg(format!("dropout probability {p} is not in [0, 1)"))),
+        _ => Ok(None),
+    }
+}
+
+/// Output-layer backward through the optional dropout: dh (N,H) += mask * (dlogits W_fc), and the fc
+/// gradients with the dropped input.
+#[allow(clippy::too_many_arguments)]
+fn output_backward(
+    dh: &mut [f32],
+    g_fc_w: &mut [f32],
+    g_fc_b: &mut [f32],
+    dlogits: &[f32],
+    h: &[f32],
+    h_drop: &Option<Vec<f32>>,
+    mask: &[f32],
+    fc_w: &[f32],
+    n: usize,
+    hd: usize,
+    v: usize,
+) {
+    match h_drop {
+        Some(hd_in) => {
+            let mut dy = vec![0.0; n * hd];
+            linear_backward(Some(&mut dy), g_fc_w, Some(g_fc_b), dlogits, hd_in, fc_w, n, hd, v);
+            dropout_backward(dh, &dy, mask);
+        }
+        None => linear_backward(Some(dh), g_fc_w, Some(g_fc_b), dlogits, h, fc_w, n, hd, v),
+    }
+}
+
+/// What the show-tell forward keeps for backward.
+#[derive(Clone, Debug, Default)]
+pub struct ShowTellForward {
+    /// (B*T,V) logits; the backward turns them into dlogits in place.
+    pub logits: Vec<f32>,
+    /// (B,T,H) LSTM outputs.
+    pub hs: Vec<f32>,
+    h_drop: Option<Vec<f32>>,
+    mask: Vec<f32>,
+    h0: Vec<f32>,
+    c0: Vec<f32>,
+    x: Vec<f32>,
+    lstm: LstmCache,
+    active: Vec<usize>,
+}
+
+/// Show-tell forward (teacher forcing); `dropout` = (probability, mask stream) for training.
+pub fn show_tell_forward(
+    p: &ShowTellParams,
+    d: &DecoderDims,
+    batch: &Batch,
+    dropout: Option<(f32, &mut Rng)>,
+) -> Result<ShowTellForward> {
+    let (b, t, active) = check_batch(batch, d, d.feat)?;
+    let (v, e, f, h) = (d.vocab, d.embed, d.feat, d.hidden);
+    let mut fw = ShowTellForward { active, ..Default::default() };
+    fw.h0 = vec![0.0; b * h];
+    fw.c0 = vec![0.0; b * h];
+    linear_forward(&mut fw.h0, batch.feats, &p.w_h, Some(&p.b_h), b, f, h);
+    linear_forward(&mut fw.c0, batch.feats, &p.w_c, Some(&p.b_c), b, f, h);
+    fw.h0.iter_mut().chain(fw.c0.iter_mut()).for_each(|x| *x = x.tanh());
+    fw.x = vec![0.0; b * t * e];
+    embedding_forward(&mut fw.x, batch.tokens, &p.emb, v, e);
+    fw.hs = vec![0.0; b * t * h];
+    let lp = LstmParams { w_ih: &p.w_ih, w_hh: &p.w_hh, b_ih: &p.b_ih, b_hh: &p.b_hh };
+    lstm_forward(
+        &mut fw.hs,
+        &mut fw.lstm,
+        &fw.x,
+        &fw.h0,
+        &fw.c0,
+        &lp,
+        &fw.active,
+        LstmSize { b, t, i: e, h },
+    );
+    fw.logits = vec![0.0; b * t * v];
+    fw.h_drop = maybe_dropout(&fw.hs, &mut fw.mask, dropout)?;
+    let h_in = fw.h_drop.as_deref().unwrap_or(&fw.hs);
+    linear_forward(&mut fw.logits, h_in, &p.fc_w, Some(&p.fc_b), b * t, h, v);
+    Ok(fw)
+}
+
+/// Show-tell loss and backward: consumes `fw.logits` (turned into dlogits), accumulates into `g`.
+pub fn show_tell_backward(
+    p: &ShowTellParams,
+    g: &mut ShowTellParams,
+    d: &DecoderDims,
+    batch: &Batch,
+    fw: &mut ShowTellForward,
+    smoothing: f32,
+) -> Result<StepLoss> {
+    let (b, t, _) = check_batch(batch, d, d.feat)?;
+    check_smoothing(smoothing)?;
+    let (v, e, f, h) = (d.vocab, d.embed, d.feat, d.hidden);
+    let ce = cross_entropy_fused(&mut fw.logits, batch.targets, v, smoothing, Some(PAD), 1.0);
+    let mut dhs = vec![0.0; b * t * h];
+    output_backward(
+        &mut dhs,
+        &mut g.fc_w,
+        &mut g.fc_b,
+        &fw.logits,
+        &fw.hs,
+        &fw.h_drop,
+        &fw.mask,
+        &p.fc_w,
+        b * t,
+        h,
+        v,
+    );
+    let (mut dx, mut dh0, mut dc0) = (vec![0.0; b * t * e], vec![0.0; b * h], vec![0.0; b * h]);
+    let lp = LstmParams { w_ih: &p.w_ih, w_hh: &p.w_hh, b_ih: &p.b_ih, b_hh: &p.b_hh };
+    let mut lg = LstmGrads { w_ih: &mut g.w_ih, w_hh: &mut g.w_hh, b_ih: &mut g.b_ih, b_hh: &mut g.b_hh };
+    lstm_backward(
+        Some(&mut dx),
+        Some(&mut dh0),
+        Some(&mut dc0),
+        &mut lg,
+        &dhs,
+        &fw.hs,
+        &fw.lstm,
+        &fw.x,
+        &fw.h0,
+        &fw.c0,
+        &lp,
+        &fw.active,
+        LstmSize { b, t, i: e, h },
+    );
+    embedding_backward(&mut g.emb, &dx, batch.tokens, Some(PAD), v, e);
+    // Through tanh: d(pre) = d(out) * (1 - out^2).
+    dh0.iter_mut().zip(&fw.h0).for_each(|(d, y)| *d *= 1.0 - y * y);
+    dc0.iter_mut().zip(&fw.c0).for_each(|(d, y)| *d *= 1.0 - y * y);
+    linear_backward(None, &mut g.w_h, Some(&mut g.b_h), &dh0, batch.feats, &p.w_h, b, f, h);
+    linear_backward(None, &mut g.w_c, Some(&mut g.b_c), &dc0, batch.feats, &p.w_c, b, f, h);
+    Ok(StepLoss { ce: ce.loss, reg: 0.0, tokens: ce.count })
+}
+
+/// What the attention forward keeps for backward.
+///
+/// Per-step rows are STACKED step-major ("packed"): step s owns rows offs[s]..offs[s] + active[s],
+/// row r of the step being batch row r. N = total live tokens. The output layer and the LSTM weight
+/// gradients do not feed the recurrence, so they run as single GEMMs over all N rows.
+#[derive(Clone, Debug, Default)]
+pub struct AttentionForward {
+    /// (N,V) logits in packed order (see `logits_padded` for (B,T,V)); the backward turns them
+    /// into dlogits in place.
+    pub logits: Vec<f32>,
+    /// (B,T,L) attention weights, 0 past each row's length.
+    pub alphas: Vec<f32>,
+    /// (B,L,D) dL/dfeats, filled by the backward when asked (`feats_grad`; encoder fine-tuning and
+    /// tests), else empty. Skipping it saves a (B*L,A)x(A,D) GEMM and a pass over (B,L,D) per step.
+    pub dfeats: Vec<f32>,
+    active: Vec<usize>,
+    offs: Vec<usize>,
+    mean: Vec<f32>,
+    h0: Vec<f32>,
+    c0: Vec<f32>,
+    att1: Vec<f32>,
+    tok: Vec<u32>,      // (N) input tokens, packed
+    emb: Vec<f32>,      // (N,E) their embeddings
+    ctx_all: Vec<f32>,  // (N,D) attention contexts
+    h_all: Vec<f32>,    // (N,H)
+    c_all: Vec<f32>,    // (N,H)
+    acts_all: Vec<f32>, // (N,4H)
+    attns: Vec<AttnCache>,
+    h_drop: Option<Vec<f32>>,
+    mask: Vec<f32>,
+}
+
+impl AttentionForward {
+    /// The logits as (B,T,V), 0 past each row's length (call before the backward).
+    pub fn logits_padded(&self, b: usize, t: usize, v: usize) -> Vec<f32> {
+        let mut out = vec![0.0; b * t * v];
+        for s in 0..self.active.len() {
+            for r in 0..self.active[s] {
+                let src = (self.offs[s] + r) * v;
+                out[(r * t + s) * v..(r * t + s + 1) * v].copy_from_slice(&self.logits[src..src + v]);
+            }
+        }
+        out
+    }
+}
+
+/// Views of the LSTM weights of the attention decoder: W_ih[:, :E] (4H,E) and W_ih[:, E:] (4H,D), both
+/// with leading dimension E+D, and W_hh (4H,H).
+fn lstm_input_views(
+    p: &AttentionParams,
+    e: usize,
+    f: usize,
+    h: usize,
+) -> (MatRef<'_>, MatRef<'_>, MatRef<'_>) {
+    (
+        MatRef::row_major_ld(&p.w_ih, 4 * h, e, e + f),
+        MatRef::row_major_ld(&p.w_ih[e..], 4 * h, f, e + f),
+        MatRef::row_major(&p.w_hh, 4 * h, h),
+    )
+}
+
+/// Row offsets of each step in the packed order, and the total N.
+fn packed_offsets(active: &[usize]) -> (Vec<usize>, usize) {
+    let mut offs = Vec::with_capacity(active.len());
+    let mut n = 0;
+    for &a in active {
+        offs.push(n);
+        n += a;
+    }
+    (offs, n)
+}
+
+/// Attention decoder forward (teacher forcing); `dropout` = (probability, mask stream) for training.
+pub fn attention_forward(
+    p: &AttentionParams,
+    d: &DecoderDims,
+    batch: &Batch,
+    dropout: Option<(f32, &mut Rng)>,
+) -> Result<AttentionForward> {
+    let (l, f) = (d.regions, d.feat);
+    let (b, t, active) = check_batch(batch, d, l * f)?;
+    let (v, e, h, a) = (d.vocab, d.embed, d.hidden, d.att);
+    let feats = batch.feats;
+    let (offs, n) = packed_offsets(&active);
+    let mut fw = AttentionForward { active, offs, ..Default::default() };
+    fw.mean = vec![0.0; b * f];
+    fw.h0 = vec![0.0; b * h];
+    fw.c0 = vec![0.0; b * h];
+    init_state_forward(
+        &mut fw.mean,
+        &mut fw.h0,
+        &mut fw.c0,
+        feats,
+        &p.w_h,
+        &p.b_h,
+        &p.w_c,
+        &p.b_c,
+        b,
+        l,
+        f,
+        h,
+    );
+    fw.tok = vec![PAD; n];
+    for s in 0..t {
+        for r in 0..fw.active[s] {
+            fw.tok[fw.offs[s] + r] = batch.tokens[r * t + s];
+        }
+    }
+    fw.emb = vec![0.0; n * e];
+    embedding_forward(&mut fw.emb, &fw.tok, &p.emb, v, e);
+    fw.att1 = vec![0.0; b * l * a];
+    let ap = p.attn();
+    attention_encode_forward(&mut fw.att1, feats, &ap, AttnSize { b, l, d: f, h, a });
+    fw.alphas = vec![0.0; b * t * l];
+    fw.ctx_all = vec![0.0; n * f];
+    fw.h_all = vec![0.0; n * h];
+    fw.c_all = vec![0.0; n * h];
+    // The LSTM input is [emb, ctx], so z = emb W_ih[:, :E]^T + ctx W_ih[:, E:]^T + h W_hh^T + b.
+    // The embedding part is known for all steps under teacher forcing: one GEMM (N,E) x (E,4H).
+    let (w_emb, w_ctx, w_hh) = lstm_input_views(p, e, f, h);
+    let bias: Vec<f32> = p.b_ih.iter().zip(&p.b_hh).map(|(x, y)| x + y).collect();
+    fw.acts_all = vec![0.0; n * 4 * h];
+    if n > 0 {
+        let epi = Epilogue { col_bias: Some(&bias), ..Default::default() };
+        sgemm(MatRef::row_major(&fw.emb, n, e), w_emb.t(), &mut fw.acts_all, 4 * h, &epi);
+    }
+    let acc = Epilogue { beta: 1.0, ..Default::default() };
+    for s in 0..t {
+        let (bs, o) = (fw.active[s], fw.offs[s]);
+        let sz = AttnSize { b: bs, l, d: f, h, a };
+        let (h_before, h_out) = fw.h_all.split_at_mut(o * h);
+        let (c_before, c_out) = fw.c_all.split_at_mut(o * h);
+        let (h_prev, c_prev) = if s == 0 {
+            (&fw.h0[..bs * h], &fw.c0[..bs * h])
+        } else {
+            let po = fw.offs[s - 1] * h;
+            (&h_before[po..po + bs * h], &c_before[po..po + bs * h])
+        };
+        if bs == 0 {
+            fw.attns.push(AttnCache::default());
+            continue;
+        }
+        let mut ac = AttnCache::default();
+        let ctx = &mut fw.ctx_all[o * f..(o + bs) * f];
+        attention_step_forward(ctx, &mut ac, &fw.att1[..bs * l * a], &feats[..bs * l * f], h_prev, &ap, sz);
+        for r in 0..bs {
+            fw.alphas[(r * t + s) * l..(r * t + s + 1) * l].copy_from_slice(&ac.alpha[r * l..(r + 1) * l]);
+        }
+        // z (bs,4H) += ctx W_ih[:, E:]^T + h_prev W_hh^T, then the fused gate/cell update.
+        let z = &mut fw.acts_all[o * 4 * h..(o + bs) * 4 * h];
+        sgemm(MatRef::row_major(ctx, bs, f), w_ctx.t(), z, 4 * h, &acc);
+        sgemm(MatRef::row_major(h_prev, bs, h), w_hh.t(), z, 4 * h, &acc);
+        lstm_gates_forward(z, c_prev, &mut c_out[..bs * h], &mut h_out[..bs * h], bs, h);
+        fw.attns.push(ac);
+    }
+    // Output layer over all live rows at once: (N,H) x (H,V).
+    fw.logits = vec![0.0; n * v];
+    fw.h_drop = maybe_dropout(&fw.h_all, &mut fw.mask, dropout)?;
+    let h_in = fw.h_drop.as_deref().unwrap_or(&fw.h_all);
+    linear_forward(&mut fw.logits, h_in, &p.fc_w, Some(&p.fc_b), n, h, v);
+    Ok(fw)
+}
+
+/// Attention decoder loss and backward: consumes `fw.logits` (turned into dlogits), accumulates into
+/// `g`; with `feats_grad`, also leaves dL/dfeats in `fw.dfeats`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    p: &AttentionParams,
+    g: &mut AttentionParams,
+    d: &DecoderDims,
+    batch: &Batch,
+    fw: &mut AttentionForward,
+    alpha_c: f32,
+    smoothing: f32,
+    feats_grad: bool,
+) -> Result<StepLoss> {
+    let (l, f) = (d.regions, d.feat);
+    let (b, t, _) = check_batch(batch, d, l * f)?;
+    check_smoothing(smoothing)?;
+    let (v, e, h, a) = (d.vocab, d.embed, d.hidden, d.att);
+    let xi = e + f;
+    let feats = batch.feats;
+    let n = fw.h_all.len() / h;
+    // Targets in the packed order of the logits.
+    let mut tp = vec![PAD; n];
+    for s in 0..t {
+        for r in 0..fw.active[s] {
+            tp[fw.offs[s] + r] = batch.targets[r * t + s];
+        }
+    }
+    let ce = cross_entropy_fused(&mut fw.logits, &tp, v, smoothing, Some(PAD), 1.0);
+    let mut dalphas = vec![0.0; b * t * l];
+    let reg = attention_reg(Some(&mut dalphas), &fw.alphas, batch.lengths, alpha_c, t, l);
+    let ap = p.attn();
+    let (w_emb, w_ctx, w_hh_v) = lstm_input_views(p, e, f, h);
+    let AttentionParams {
+        emb: g_emb,
+        w_h: g_w_h,
+        b_h: g_b_h,
+        w_c: g_w_c,
+        b_c: g_b_c,
+        w_enc,
+        b_enc,
+        w_dec,
+        b_dec,
+        w_full,
+        b_full,
+        w_beta,
+        b_beta,
+        w_ih,
+        w_hh,
+        b_ih,
+        b_hh,
+        fc_w: g_fc_w,
+        fc_b: g_fc_b,
+    } = g;
+    // Output layer over all rows: dH (N,H) = dlogits W_fc; dW_fc += dlogits^T H; db_fc += sum.
+    let mut dh_all = vec![0.0; n * h];
+    output_backward(
+        &mut dh_all,
+        g_fc_w,
+        g_fc_b,
+        &fw.logits,
+        &fw.h_all,
+        &fw.h_drop,
+        &fw.mask,
+        &p.fc_w,
+        n,
+        h,
+        v,
+    );
+    let mut ag = AttnGrads { w_enc, b_enc, w_dec, b_dec, w_full, b_full, w_beta, b_beta };
+    let mut dh_next = vec![0.0; b * h]; // (B,H) dL/dh_{s} from step s+1
+    let mut dc_next = vec![0.0; b * h]; // (B,H) dL/dc_{s} from step s+1
+    let mut datt1 = vec![0.0; b * l * a];
+    let mut dfeats = if feats_grad { vec![0.0; b * l * f] } else { Vec::new() }; // (B,L,D)
+    let mut dalpha = vec![0.0; b * l];
+    let mut dz_all = vec![0.0; n * 4 * h]; // (N,4H)
+    for s in (0..t).rev() {
+        let (bs, o) = (fw.active[s], fw.offs[s]);
+        if bs == 0 {
+            continue;
+        }
+        let sz = AttnSize { b: bs, l, d: f, h, a };
+        let (h_prev, c_prev) = if s == 0 {
+            (&fw.h0[..bs * h], &fw.c0[..bs * h])
+        } else {
+            let po = fw.offs[s - 1] * h;
+            (&fw.h_all[po..po + bs * h], &fw.c_all[po..po + bs * h])
+        };
+        for r in 0..bs {
+            dalpha[r * l..(r + 1) * l].copy_from_slice(&dalphas[(r * t + s) * l..(r * t + s + 1) * l]);
+        }
+        // dh_s = dh_next + the output layer's share
+        let mut dh = dh_next[..bs * h].to_vec();
+        dh.iter_mut().zip(&dh_all[o * h..(o + bs) * h]).for_each(|(x, y)| *x += y);
+        // Gate backward: dz (bs,4H); dc_prev = dc * f. Then dctx = dz W_ih[:, E:], dh_prev = dz W_hh
+        // (the embedding part of dx is one GEMM after the loop).
+        let mut dc_prev = dc_next[..bs * h].to_vec();
+        let dz = &mut dz_all[o * 4 * h..(o + bs) * 4 * h];
+        let (acts, cs) = (&fw.acts_all[o * 4 * h..(o + bs) * 4 * h], &fw.c_all[o * h..(o + bs) * h]);
+        lstm_gates_backward(dz, &mut dc_prev, &dh, acts, cs, c_prev, bs, h);
+        let dza = MatRef::row_major(dz, bs, 4 * h);
+        let mut dctx = vec![0.0; bs * f];
+        sgemm(dza, w_ctx, &mut dctx, f, &Epilogue::default());
+        let mut dh_prev = vec![0.0; bs * h];
+        sgemm(dza, w_hh_v, &mut dh_prev, h, &Epilogue::default());
+        attention_step_backward(
+            if feats_grad { Some(&mut dfeats[..bs * l * f]) } else { None },
+            &mut datt1[..bs * l * a],
+            Some(&mut dh_prev),
+            &mut ag,
+            &dctx,
+            Some(&dalpha[..bs * l]),
+            &fw.attns[s],
+            &feats[..bs * l * f],
+            h_prev,
+            &ap,
+            sz,
+        );
+        dh_next[..bs * h].copy_from_slice(&dh_prev);
+        dc_next[..bs * h].copy_from_slice(&dc_prev);
+    }
+    // LSTM weight gradients over all rows at once; h_prev stacked in the same packed order.
+    let mut hprev_all = vec![0.0; n * h];
+    for s in 0..t {
+        let (bs, o) = (fw.active[s], fw.offs[s]);
+        let src =
+            if s == 0 { &fw.h0[..bs * h] } else { &fw.h_all[fw.offs[s - 1] * h..(fw.offs[s - 1] + bs) * h] };
+        hprev_all[o * h..(o + bs) * h].copy_from_slice(src);
+    }
+    // LSTM weight gradients as single GEMMs over the N stacked rows: dW_ih[:, :E] += dz^T emb,
+    // dW_ih[:, E:] += dz^T ctx (column blocks of the (4H, E+D) matrix, ldc = E+D), dW_hh += dz^T h_prev.
+    let mut demb = vec![0.0; n * e]; // (N,E)
+    if n > 0 {
+        let acc = Epilogue { beta: 1.0, ..Default::default() };
+        let dza = MatRef::row_major(&dz_all, n, 4 * h);
+        sgemm(dza.t(), MatRef::row_major(&fw.emb, n, e), &mut w_ih[..], xi, &acc);
+        sgemm(dza.t(), MatRef::row_major(&fw.ctx_all, n, f), &mut w_ih[e..], xi, &acc);
+        sgemm(dza.t(), MatRef::row_major(&hprev_all, n, h), w_hh, h, &acc);
+        colsum_acc(b_ih, &dz_all, n, 4 * h);
+        colsum_acc(b_hh, &dz_all, n, 4 * h);
+        sgemm(dza, w_emb, &mut demb, e, &Epilogue::default());
+    }
+    attention_encode_backward(
+        feats_grad.then_some(&mut dfeats[..]),
+        &mut ag,
+        &datt1,
+        feats,
+        &ap,
+        AttnSize { b, l, d: f, h, a },
+    );
+    init_state_backward(
+        feats_grad.then_some(&mut dfeats[..]),
+        g_w_h,
+        g_b_h,
+        g_w_c,
+        g_b_c,
+        &dh_next,
+        &dc_next,
+        &fw.mean,
+        &p.w_h,
+        &p.w_c,
+        b,
+        l,
+        f,
+        h,
+    );
+    embedding_backward(g_emb, &demb, &fw.tok, Some(PAD), v, e);
+    fw.dfeats = dfeats;
+    Ok(StepLoss { ce: ce.loss, reg, tokens: ce.count })
+}
+
+/// The recurrent state of a decoder during generation: h, c (B,H), one row per hypothesis.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DecodeState {
+    pub h: Vec<f32>,
+    pub c: Vec<f32>,
+}
+
+impl DecodeState {
+    /// Keeps rows `rows` (in that order, repeats allowed): reorders hypotheses in beam search.
+    pub fn gather(&self, rows: &[usize], hidden: usize) -> DecodeState {
+        let pick =
+            |v: &[f32]| rows.iter().flat_map(|&r| v[r * hidden..(r + 1) * hidden].iter().copied()).collect();
+        DecodeState { h: pick(&self.h), c: pick(&self.c) }
+    }
+}
+
+/// Show-tell initial state from pooled features (B,D): h0 = tanh(f W_h^T + b_h), c0 likewise.
+pub fn show_tell_init(p: &ShowTellParams, d: &DecoderDims, feats: &[f32]) -> Result<DecodeState> {
+    if feats.is_empty() || !feats.len().is_multiple_of(d.feat) {
+        return Err(Error::shape(format!(
+            "show-tell: features of length {} are not (B,{})",
+            feats.len(),
+            d.feat
+        )));
+    }
+    let b = feats.len() / d.feat;
+    let mut st = DecodeState { h: vec![0.0; b * d.hidden], c: vec![0.0; b * d.hidden] };
+    linear_forward(&mut st.h, feats, &p.w_h, Some(&p.b_h), b, d.feat, d.hidden);
+    linear_forward(&mut st.c, feats, &p.w_c, Some(&p.b_c), b, d.feat, d.hidden);
+    st.h.iter_mut().chain(st.c.iter_mut()).for_each(|x| *x = x.tanh());
+    Ok(st)
+}
+
+fn check_tokens(tokens: &[u32], b: usize, d: &DecoderDims) -> Result<()> {
+    if tokens.len() != b {
+        return Err(Error::shape(format!("decoder step: {} tokens for {b} states", tokens.len())));
+    }
+    if let Some(&bad) = tokens.iter().find(|&&x| x as usize >= d.vocab) {
+        return Err(Error::shape(format!("decoder step: token id {bad} >= vocabulary size {}", d.vocab)));
+    }
+    Ok(())
+}
+
+/// One show-tell generation step: feeds `tokens` (B), advances `state`, returns logits (B,V).
+pub fn show_tell_step(
+    p: &ShowTellParams,
+    d: &DecoderDims,
+    state: &mut DecodeState,
+    tokens: &[u32],
+) -> Result<Vec<f32>> {
+    let (v, e, h) = (d.vocab, d.embed, d.hidden);
+    let b = state.h.len() / h;
+    check_tokens(tokens, b, d)?;
+    let mut x = vec![0.0; b * e];
+    embedding_forward(&mut x, tokens, &p.emb, v, e);
+    let lp = LstmParams { w_ih: &p.w_ih, w_hh: &p.w_hh, b_ih: &p.b_ih, b_hh: &p.b_hh };
+    let mut hn = vec![0.0; b * h];
+    let mut cc = LstmCellCache::default();
+    lstm_cell_forward(&mut hn, &mut cc, &x, &state.h, &state.c, &lp, b, e, h);
+    state.h = hn;
+    state.c = cc.c;
+    let mut logits = vec![0.0; b * v];
+    linear_forward(&mut logits, &state.h, &p.fc_w, Some(&p.fc_b), b, h, v);
+    Ok(logits)
+}
+
+/// Attention decoder before generation: the initial state and att1 (B,L,A) from grid features (B,L,D).
+pub fn attention_init(
+    p: &AttentionParams,
+    d: &DecoderDims,
+    feats: &[f32],
+) -> Result<(DecodeState, Vec<f32>)> {
+    let (l, f, h, a) = (d.regions, d.feat, d.hidden, d.att);
+    if feats.is_empty() || !feats.len().is_multiple_of(l * f) {
+        return Err(Error::shape(format!(
+            "attention: features of length {} are not (B,{l},{f})",
+            feats.len()
+        )));
+    }
+    let b = feats.len() / (l * f);
+    let mut st = DecodeState { h: vec![0.0; b * h], c: vec![0.0; b * h] };
+    let mut mean = vec![0.0; b * f];
+    init_state_forward(&mut mean, &mut st.h, &mut st.c, feats, &p.w_h, &p.b_h, &p.w_c, &p.b_c, b, l, f, h);
+    let mut att1 = vec![0.0; b * l * a];
+    attention_encode_forward(&mut att1, feats, &p.attn(), AttnSize { b, l, d: f, h, a });
+    Ok((st, att1))
+}
+
+/// One attention generation step: feeds `tokens` (B), advances `state`; returns logits (B,V) and
+/// alpha (B,L). `feats` (B,L,D) and `att1` (B,L,A) are per hypothesis (from `attention_init`,
+/// rows gathered like the state in beam search).
+pub fn attention_step(
+    p: &AttentionParams,
+    d: &DecoderDims,
+    feats: &[f32],
+    att1: &[f32],
+    state: &mut DecodeState,
+    tokens: &[u32],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (v, e, l, f, h, a) = (d.vocab, d.embed, d.regions, d.feat, d.hidden, d.att);
+    let b = state.h.len() / h;
+    check_tokens(tokens, b, d)?;
+    if feats.len() != b * l * f || att1.len() != b * l * a {
+        return Err(Error::shape(format!("attention step: features/att1 do not match {b} states")));
+    }
+    let mut ctx = vec![0.0; b * f];
+    let mut ac = AttnCache::default();
+    attention_step_forward(
+        &mut ctx,
+        &mut ac,
+        att1,
+        feats,
+        &state.h,
+        &p.attn(),
+        AttnSize { b, l, d: f, h, a },
+    );
+    let mut x = vec![0.0; b * (e + f)];
+    for r in 0..b {
+        let row = &mut x[r * (e + f)..(r + 1) * (e + f)];
+        let t = tokens[r] as usize;
+        row[..e].copy_from_slice(&p.emb[t * e..(t + 1) * e]);
+        row[e..].copy_from_slice(&ctx[r * f..(r + 1) * f]);
+    }
+    let lp = LstmParams { w_ih: &p.w_ih, w_hh: &p.w_hh, b_ih: &p.b_ih, b_hh: &p.b_hh };
+    let mut hn = vec![0.0; b * h];
+    let mut cc = LstmCellCache::default();
+    lstm_cell_forward(&mut hn, &mut cc, &x, &state.h, &state.c, &lp, b, e + f, h);
+    state.h = hn;
+    state.c = cc.c;
+    let mut logits = vec![0.0; b * v];
+    linear_forward(&mut logits, &state.h, &p.fc_w, Some(&p.fc_b), b, h, v);
+    Ok((logits, ac.alpha))
+}
