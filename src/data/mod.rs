@@ -3,5 +3,6 @@
 pub mod captions;
 pub mod loader;
 pub mod split;
+pub mod synth;
 pub mod tokenize;
 pub mod vocab;
