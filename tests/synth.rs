@@ -188,6 +188,66 @@ fn every_caption_names_exactly_its_scene_and_wrong_ones_fail() {
 }
 
 #[test]
+fn position_words_match_the_coordinates() {
+    // Checked against the object centres in pixels (thirds of the 96-pixel image), not the grid
+    // indices the generator used.
+    let (dir, scenes) = world("positions", 200, 13);
+    let (caps, _) = read_captions(dir.join(CAPTIONS_FILE), None).unwrap();
+    let third = |v: f32| (v / 32.0).floor() as usize;
+    let mut checked = [0usize; 3];
+    for (name, cs) in &caps {
+        let scene = &scenes[name];
+        let o = &scene.objects;
+        for c in cs {
+            let t = tokenize(c);
+            let has = |w: &str| t.iter().any(|x| x == w);
+            let placed = ["left", "right", "top", "bottom", "center", "middle"].iter().any(|w| has(w));
+            if o.len() == 1 && placed {
+                // "left"/"right" only for the outer thirds, "top"/"bottom" likewise, "center" or
+                // "middle" for the central cell.
+                let central = third(o[0].x) == 1 && third(o[0].y) == 1;
+                assert_eq!(has("center") || has("middle"), central, "{name}: `{c}` {:?}", o[0]);
+                assert_eq!(has("left"), third(o[0].x) == 0, "{name}: `{c}` {:?}", o[0]);
+                assert_eq!(has("right"), third(o[0].x) == 2, "{name}: `{c}` {:?}", o[0]);
+                assert_eq!(has("top"), third(o[0].y) == 0, "{name}: `{c}` {:?}", o[0]);
+                assert_eq!(has("bottom"), third(o[0].y) == 2, "{name}: `{c}` {:?}", o[0]);
+                checked[0] += 1;
+            }
+            if o.len() == 2 && (has("above") || has("below")) {
+                // "a A above a B" / "a A below a B": the first named object is higher / lower.
+                let named: Vec<(Colour, Shape)> = t
+                    .windows(2)
+                    .filter_map(|w| Some((Colour::from_word(&w[0])?, Shape::from_word(&w[1])?)))
+                    .collect();
+                let first = if (o[0].colour, o[0].shape) == named[0] { &o[0] } else { &o[1] };
+                let second = if std::ptr::eq(first, &o[0]) { &o[1] } else { &o[0] };
+                if (o[0].colour, o[0].shape) != (o[1].colour, o[1].shape) {
+                    assert_eq!(has("above"), first.y < second.y - 16.0, "{name}: `{c}` {o:?}");
+                    assert_eq!(has("below"), first.y > second.y + 16.0, "{name}: `{c}` {o:?}");
+                    checked[1] += 1;
+                }
+            }
+            let left_of = t.windows(4).any(|w| w == ["to", "the", "left", "of"]);
+            let right_of = t.windows(4).any(|w| w == ["to", "the", "right", "of"]);
+            if o.len() == 2 && (left_of || right_of) && (o[0].colour, o[0].shape) != (o[1].colour, o[1].shape)
+            {
+                // "a A to the left of a B": A is the object with the smaller x; "right of" the other.
+                let named: Vec<(Colour, Shape)> = t
+                    .windows(2)
+                    .filter_map(|w| Some((Colour::from_word(&w[0])?, Shape::from_word(&w[1])?)))
+                    .collect();
+                let (l, r) = if o[0].x < o[1].x { (&o[0], &o[1]) } else { (&o[1], &o[0]) };
+                assert!(l.x + 16.0 < r.x, "{name}: {o:?}");
+                let first = if left_of { l } else { r };
+                assert_eq!(named[0], (first.colour, first.shape), "{name}: `{c}` {o:?}");
+                checked[2] += 1;
+            }
+        }
+    }
+    assert!(checked.iter().all(|&n| n > 20), "{checked:?}");
+}
+
+#[test]
 fn object_centres_have_their_colour_and_objects_do_not_overlap() {
     let (dir, scenes) = world("pixels", 120, 9);
     let mut seen_sizes = BTreeSet::new();

@@ -768,7 +768,7 @@ pub fn generate_with(opts: &SynthOptions, progress: &(dyn Fn() + Sync)) -> Resul
             let caps = captions_for(&scene, &mut Rng::for_name(opts.seed, &format!("captions/{i}")));
             let path = images_dir.join(&name);
             let png = encode_png(&pixels, size).map_err(|e| Error::format(&path, e))?;
-            write_atomic(&path, &png)?;
+            write_atomic(&path, &png, false)?;
             progress();
             Ok((scene, caps))
         })
@@ -815,10 +815,10 @@ pub fn generate_with(opts: &SynthOptions, progress: &(dyn Fn() + Sync)) -> Resul
         "images": rows.iter().map(|(s, _)| scene_json(s)).collect::<Vec<_>>(),
     });
     let dataset = json!({"dataset": "synth", "images": karpathy});
-    write_atomic(&dir.join(SCENES_FILE), to_json_bytes(&scenes).as_slice())?;
-    write_atomic(&dir.join(SPLIT_FILE), to_json_bytes(&dataset).as_slice())?;
+    write_atomic(&dir.join(SCENES_FILE), to_json_bytes(&scenes).as_slice(), true)?;
+    write_atomic(&dir.join(SPLIT_FILE), to_json_bytes(&dataset).as_slice(), true)?;
     // Last: a directory with a captions.txt is complete.
-    write_atomic(&dir.join(CAPTIONS_FILE), csv.as_bytes())?;
+    write_atomic(&dir.join(CAPTIONS_FILE), csv.as_bytes(), true)?;
     Ok(SynthSummary {
         images: rows.len(),
         captions: rows.iter().map(|(_, c)| c.len()).sum(),
@@ -831,9 +831,7 @@ pub fn generate_with(opts: &SynthOptions, progress: &(dyn Fn() + Sync)) -> Resul
 /// interrupted forced run cannot leave an old captions.txt describing new images.
 fn prepare_dir(dir: &Path, force: bool) -> Result<()> {
     match fs::metadata(dir) {
-        Ok(m) if !m.is_dir() => {
-            return Err(Error::msg(format!("{}: exists and is not a directory", dir.display())))
-        }
+        Ok(m) if !m.is_dir() => Err(Error::msg(format!("{}: exists and is not a directory", dir.display()))),
         Ok(_) => {
             let mut entries = fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
             if entries.next().is_some() {
@@ -903,15 +901,18 @@ fn encode_png(rgb: &[u8], size: u32) -> std::result::Result<Vec<u8>, String> {
 }
 
 /// Writes `bytes` to `path` via a temporary file in the same directory and a rename, so readers
-/// never see a half-written file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// never see a half-written file. `durable` also syncs the data to disk before the rename (for the
+/// index files; the images skip it, as 2000 fsyncs would dominate the run time).
+fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
     let mut tmp_name = path.file_name().map(|f| f.to_os_string()).unwrap_or_default();
     tmp_name.push(".tmp");
     let tmp = path.with_file_name(tmp_name);
     let res = (|| {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)
     })();
     res.map_err(|e| {
