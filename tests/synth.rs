@@ -13,8 +13,8 @@ use std::process::Command;
 use capgen::data::captions::{read_captions, CaptionFormat};
 use capgen::data::split::{read_karpathy, read_split};
 use capgen::data::synth::{
-    attribute_correct, generate, generate_with, image_name, load_scenes, Colour, Scene, Shape, SynthOptions,
-    CAPTIONS_FILE, IMAGES_DIR, SCENES_FILE, SPLIT_FILE,
+    attribute_accuracy, attribute_correct, generate, generate_with, image_name, load_scenes, Colour, Scene,
+    Shape, SynthOptions, CAPTIONS_FILE, IMAGES_DIR, SCENES_FILE, SPLIT_FILE,
 };
 use capgen::data::tokenize::tokenize;
 use capgen::data::vocab::Vocab;
@@ -309,6 +309,11 @@ fn non_empty_dir_refused_unless_force() {
     let (caps, report) = read_captions(dir.join(CAPTIONS_FILE), None).unwrap();
     assert!(report.is_clean());
     assert_eq!(caps.len(), 20);
+    // Temporary files of an interrupted run are cleaned up by a forced run (an index the new run does
+    // not write, so only the cleanup can remove it).
+    fs::write(dir.join(IMAGES_DIR).join("synth_000099.png.tmp"), b"half").unwrap();
+    generate(&dir, 20, 2, true).unwrap();
+    assert!(!dir.join(IMAGES_DIR).join("synth_000099.png.tmp").exists());
     // And the result is the same as a fresh run with that seed.
     let fresh = scratch("force_fresh");
     generate(&fresh, 20, 2, false).unwrap();
@@ -386,4 +391,31 @@ fn cli_synth_writes_and_refuses() {
         Command::new(exe).args(["synth", "--out", dir.to_str().unwrap(), "--images", "0"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--images must be at least 1"));
+}
+
+#[test]
+fn attribute_accuracy_counts_correct_captions() {
+    let (dir, scenes) = world("accuracy", 20, 17);
+    let (caps, _) = read_captions(dir.join(CAPTIONS_FILE), None).unwrap();
+    // Every image's own first caption: all correct. Each image given the next image's caption: only
+    // those whose (colour, shape) multisets happen to agree, which the scenes tell us independently.
+    let names: Vec<&String> = caps.keys().collect();
+    let own: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), caps[*n][0].as_str())).collect();
+    assert_eq!(attribute_accuracy(own, &scenes).unwrap(), 1.0);
+    let key = |s: &Scene| {
+        let mut v: Vec<(Colour, Shape)> = s.objects.iter().map(|o| (o.colour, o.shape)).collect();
+        v.sort();
+        v
+    };
+    let shifted: Vec<(&str, &str)> = (0..names.len())
+        .map(|i| (names[i].as_str(), caps[names[(i + 1) % names.len()]][0].as_str()))
+        .collect();
+    let same = (0..names.len())
+        .filter(|&i| key(&scenes[names[i]]) == key(&scenes[names[(i + 1) % names.len()]]))
+        .count();
+    let acc = attribute_accuracy(shifted, &scenes).unwrap();
+    assert!((acc - same as f64 / names.len() as f64).abs() < 1e-12, "{acc} vs {same}");
+    assert!(acc < 0.5);
+    let err = attribute_accuracy([("nope.png", "a red circle")], &scenes).unwrap_err().to_string();
+    assert!(err.contains("nope.png"), "{err}");
 }

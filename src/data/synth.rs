@@ -292,7 +292,8 @@ pub struct Scene {
 // ---------------------------------------------------------------------------------------------
 // Drawing a scene.
 
-/// Draws the content of image `index` (objects and background kind) from `rng`.
+/// Draws the content of the image called `filename` (objects and background kind) from `rng`.
+/// Always terminates: see the comment on the rejection loop.
 pub fn draw_scene(rng: &mut Rng, image_size: u32, filename: &str) -> Scene {
     let s = image_size as f32;
     // One object 30%, two 35%, three 35%.
@@ -620,6 +621,24 @@ fn scene_json(s: &Scene) -> Value {
     })
 }
 
+/// The share of `predictions` (image file name, generated caption) that pass [`attribute_correct`]
+/// against their scene: the demo's attribute accuracy. An image without a scene is an error naming
+/// it; no predictions gives 0.
+pub fn attribute_accuracy<'a>(
+    predictions: impl IntoIterator<Item = (&'a str, &'a str)>,
+    scenes: &BTreeMap<String, Scene>,
+) -> Result<f64> {
+    let (mut right, mut total) = (0usize, 0usize);
+    for (image, caption) in predictions {
+        let scene = scenes
+            .get(image)
+            .ok_or_else(|| Error::msg(format!("{image}: no such image in the scenes file")))?;
+        right += attribute_correct(caption, scene) as usize;
+        total += 1;
+    }
+    Ok(if total == 0 { 0.0 } else { right as f64 / total as f64 })
+}
+
 /// Reads `scenes.json` back: image file name → its scene (objects left to right). Coordinates come
 /// back rounded to 0.01 pixel.
 pub fn load_scenes(path: impl AsRef<Path>) -> Result<BTreeMap<String, Scene>> {
@@ -841,8 +860,8 @@ fn prepare_dir(dir: &Path, force: bool) -> Result<()> {
                         dir.display()
                     )));
                 }
-                for f in [CAPTIONS_FILE, SPLIT_FILE, SCENES_FILE] {
-                    let p = dir.join(f);
+                let ours = [CAPTIONS_FILE, SPLIT_FILE, SCENES_FILE];
+                for p in ours.iter().flat_map(|f| [dir.join(f), dir.join(format!("{f}.tmp"))]) {
                     match fs::remove_file(&p) {
                         Ok(()) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -859,17 +878,19 @@ fn prepare_dir(dir: &Path, force: bool) -> Result<()> {
     }
 }
 
-/// Removes `synth_NNNNNN.png` files from an earlier, larger run (only names we write; nothing else).
+/// Removes `synth_NNNNNN.png` files from an earlier, larger run, and temporary files an interrupted
+/// run left behind (only names we write; nothing else).
 fn remove_stale_images(images_dir: &Path, n: usize) -> Result<()> {
     for entry in fs::read_dir(images_dir).map_err(|e| Error::io(images_dir, e))? {
         let entry = entry.map_err(|e| Error::io(images_dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
+        let is_tmp = name.starts_with("synth_") && name.ends_with(".png.tmp");
         let index = name
             .strip_prefix("synth_")
             .and_then(|r| r.strip_suffix(".png"))
             .filter(|d| d.len() >= 6 && d.bytes().all(|b| b.is_ascii_digit()))
             .and_then(|d| d.parse::<usize>().ok());
-        if index.is_some_and(|i| i >= n || image_name(i) != name) {
+        if is_tmp || index.is_some_and(|i| i >= n || image_name(i) != name) {
             fs::remove_file(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
         }
     }
