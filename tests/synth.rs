@@ -329,6 +329,10 @@ fn bad_arguments_are_clear_errors() {
     opts.image_size = 8;
     let err = generate_with(&opts, &|| {}).unwrap_err().to_string();
     assert!(err.contains("image size 8"), "{err}");
+    let mut opts = SynthOptions::new(scratch("many"), 5, 1, false);
+    opts.max_objects = 4;
+    let err = generate_with(&opts, &|| {}).unwrap_err().to_string();
+    assert!(err.contains("1, 2 or 3"), "{err}");
     // A file where the directory should be.
     let file = scratch("a_file");
     fs::write(&file, b"x").unwrap();
@@ -418,4 +422,23 @@ fn attribute_accuracy_counts_correct_captions() {
     assert!(acc < 0.5);
     let err = attribute_accuracy([("nope.png", "a red circle")], &scenes).unwrap_err().to_string();
     assert!(err.contains("nope.png"), "{err}");
+}
+
+#[test]
+fn options_image_size_and_max_objects() {
+    let mut opts = SynthOptions::new(scratch("options"), 40, 2, false);
+    opts.image_size = 64;
+    opts.max_objects = 2;
+    generate_with(&opts, &|| {}).unwrap();
+    let scenes = load_scenes(opts.out_dir.join(SCENES_FILE)).unwrap();
+    assert!(scenes.values().all(|s| (1..=2).contains(&s.objects.len())));
+    assert!(scenes.values().any(|s| s.objects.len() == 2));
+    for (name, scene) in &scenes {
+        let img = image::open(opts.out_dir.join(IMAGES_DIR).join(name)).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (64, 64));
+        for o in &scene.objects {
+            let p = img.get_pixel(o.x.floor() as u32, o.y.floor() as u32).0;
+            assert_eq!(Colour::nearest(p).0, o.colour, "{name}: {o:?}");
+        }
+    }
 }

@@ -26,7 +26,7 @@
 //!   "a small red circle to the left of a large blue square"); the other four use different templates
 //!   (relations, counts, background tone, position words) and sometimes synonyms (little / big, disk,
 //!   block, rhombus, plus). Every caption names each object exactly once, colour before shape, so
-//!   [`attribute_correct`] can check a caption against its scene. About 60 words in all.
+//!   [`attribute_correct`] can check a caption against its scene. 54 words in all.
 //!
 //! Every image draws from its own seeded streams (`image/{i}`, `pixels/{i}`, `captions/{i}`), so
 //! generation is parallel and the output is byte-identical for a given seed and size.
@@ -294,14 +294,15 @@ pub struct Scene {
 
 /// Draws the content of the image called `filename` (objects and background kind) from `rng`.
 /// Always terminates: see the comment on the rejection loop.
-pub fn draw_scene(rng: &mut Rng, image_size: u32, filename: &str) -> Scene {
+pub fn draw_scene(rng: &mut Rng, image_size: u32, max_objects: usize, filename: &str) -> Scene {
     let s = image_size as f32;
-    // One object 30%, two 35%, three 35%.
+    // One object 30%, two 35%, three 35%; then capped at `max_objects` (1..=3).
     let k = match rng.below(20) {
         0..=5 => 1,
         6..=12 => 2,
         _ => 3,
-    };
+    }
+    .min(max_objects.clamp(1, 3));
     let tone = if rng.below(2) == 0 { Tone::Light } else { Tone::Dark };
     let pattern = Pattern::ALL[rng.below(4)];
     let mut columns = [0usize, 1, 2];
@@ -729,11 +730,20 @@ pub struct SynthOptions {
     /// Write into a non-empty directory (replacing our files there).
     pub force: bool,
     pub image_size: u32,
+    /// At most this many objects per scene, 1..=3 (default 3): a difficulty knob for the demo.
+    pub max_objects: usize,
 }
 
 impl SynthOptions {
     pub fn new(out_dir: impl Into<PathBuf>, images: usize, seed: u64, force: bool) -> Self {
-        SynthOptions { out_dir: out_dir.into(), images, seed, force, image_size: DEFAULT_IMAGE_SIZE }
+        SynthOptions {
+            out_dir: out_dir.into(),
+            images,
+            seed,
+            force,
+            image_size: DEFAULT_IMAGE_SIZE,
+            max_objects: 3,
+        }
     }
 }
 
@@ -765,6 +775,13 @@ pub fn generate_with(opts: &SynthOptions, progress: &(dyn Fn() + Sync)) -> Resul
     if opts.images == 0 {
         return Err(Error::msg(format!("{}: --images must be at least 1", dir.display())));
     }
+    if !(1..=3).contains(&opts.max_objects) {
+        return Err(Error::msg(format!(
+            "{}: at most {} objects per scene asked for; it must be 1, 2 or 3",
+            dir.display(),
+            opts.max_objects
+        )));
+    }
     if opts.image_size < MIN_IMAGE_SIZE {
         return Err(Error::msg(format!(
             "{}: image size {} is below the minimum of {MIN_IMAGE_SIZE}",
@@ -782,7 +799,12 @@ pub fn generate_with(opts: &SynthOptions, progress: &(dyn Fn() + Sync)) -> Resul
         .into_par_iter()
         .map(|i| {
             let name = image_name(i);
-            let scene = draw_scene(&mut Rng::for_name(opts.seed, &format!("image/{i}")), size, &name);
+            let scene = draw_scene(
+                &mut Rng::for_name(opts.seed, &format!("image/{i}")),
+                size,
+                opts.max_objects,
+                &name,
+            );
             let pixels = render(&scene, size, &mut Rng::for_name(opts.seed, &format!("pixels/{i}")));
             let caps = captions_for(&scene, &mut Rng::for_name(opts.seed, &format!("captions/{i}")));
             let path = images_dir.join(&name);
