@@ -13,6 +13,8 @@ use clap::{Parser, Subcommand};
 
 use crate::error::{Error, Result};
 
+pub mod synth;
+
 #[derive(Parser, Debug)]
 #[command(name = "capgen", version, about = "A from-scratch tensor engine and CNN-LSTM image captioner")]
 pub struct Cli {
@@ -206,7 +208,7 @@ fn not_yet(what: &str, issue: u32) -> Result<()> {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo(_) => not_yet("demo", 4),
-        Command::Synth(_) => not_yet("synth", 4),
+        Command::Synth(a) => synth::run(a),
         Command::Extract(a) => extract::run(&a),
         Command::Classify(a) => classify::run(&a),
         Command::Train(_) => not_yet("train", 3),

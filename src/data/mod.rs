@@ -4,5 +4,6 @@ pub mod captions;
 pub mod image;
 pub mod loader;
 pub mod split;
+pub mod synth;
 pub mod tokenize;
 pub mod vocab;
