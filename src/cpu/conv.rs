@@ -375,7 +375,16 @@ pub fn im2col(x: &[f32], c: usize, h: usize, w: usize, r: usize, s: usize, p: &C
 
 /// The adjoint of `im2col`: dx (C, H, W) += scatter of cols (C*R*S, P*Q).
 #[allow(clippy::too_many_arguments)]
-pub fn col2im_add(cols: &[f32], c: usize, h: usize, w: usize, r: usize, s: usize, p: &ConvParams, dx: &mut [f32]) {
+pub fn col2im_add(
+    cols: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    r: usize,
+    s: usize,
+    p: &ConvParams,
+    dx: &mut [f32],
+) {
     let (oh, ow) = p.out_hw(h, w, r, s).expect("conv output is empty");
     assert_eq!(dx.len(), c * h * w, "col2im output size");
     assert_eq!(cols.len(), c * r * s * oh * ow, "col2im input size");

@@ -159,7 +159,15 @@ pub fn max_pool2d_with_argmax(
 
 /// Max-pool backward: each output's gradient goes to the input its window picked.
 /// dy, argmax (N, C, P, Q); accumulates dx (N, C, H, W).
-pub fn max_pool2d_backward(dy: &[f32], argmax: &[u32], n: usize, c: usize, h: usize, w: usize, dx: &mut [f32]) {
+pub fn max_pool2d_backward(
+    dy: &[f32],
+    argmax: &[u32],
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    dx: &mut [f32],
+) {
     assert_eq!(dy.len(), argmax.len(), "max_pool2d backward sizes");
     assert_eq!(dx.len(), n * c * h * w, "max_pool2d backward dx size");
     let opl = dy.len() / (n * c).max(1);
