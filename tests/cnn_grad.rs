@@ -161,9 +161,9 @@ fn adaptive64(x: &[f64], planes: usize, h: usize, w: usize, oh: usize, ow: usize
     let mut y = vec![0.0; planes * oh * ow];
     for pl in 0..planes {
         for i in 0..oh {
-            let (h0, h1) = ((i * h) / oh, ((i + 1) * h + oh - 1) / oh);
+            let (h0, h1) = ((i * h) / oh, ((i + 1) * h).div_ceil(oh));
             for j in 0..ow {
-                let (w0, w1) = ((j * w) / ow, ((j + 1) * w + ow - 1) / ow);
+                let (w0, w1) = ((j * w) / ow, ((j + 1) * w).div_ceil(ow));
                 let mut s = 0.0;
                 for a in h0..h1 {
                     for b in w0..w1 {

@@ -111,6 +111,7 @@ pub fn adaptive_avg_pool2d(
 /// Max-pool that also records, for each output, the flat index (within its H*W plane) of the input
 /// that won: the first maximum in window order (row by row), as PyTorch does for ties; NaN wins.
 /// argmax is (N, C, P, Q) like y.
+#[allow(clippy::too_many_arguments)]
 pub fn max_pool2d_with_argmax(
     x: &[f32],
     n: usize,
@@ -138,8 +139,7 @@ pub fn max_pool2d_with_argmax(
                         (x0.max(0) as usize, ((x0 + p.kernel.1 as isize).min(w as isize)).max(0) as usize);
                     let (mut m, mut at) = (f32::NEG_INFINITY, r0 * w + s0);
                     'win: for r in r0..r1 {
-                        for i in r * w + s0..r * w + s1 {
-                            let v = xp[i];
+                        for (i, &v) in xp.iter().enumerate().take(r * w + s1).skip(r * w + s0) {
                             if v.is_nan() {
                                 (m, at) = (v, i);
                                 break 'win;

@@ -32,6 +32,7 @@ use crate::cpu::pool::{
     global_avg_pool, global_avg_pool_backward, max_pool2d_backward, max_pool2d_with_argmax,
 };
 use crate::error::{Error, Result};
+use crate::nn::conv::ParamFn;
 use crate::nn::encoder::FeatureLayer;
 use crate::nn::resnet::{state_dict_shapes, BlockKind, ResNet, ResNetConfig};
 use crate::tensor::Tensor;
@@ -131,7 +132,7 @@ enum Mode {
 
 impl TrainResNet {
     /// Builds the network with each state-dict tensor from `get(name, dims)`.
-    fn build(cfg: &ResNetConfig, get: &dyn Fn(&str, &[usize]) -> Result<Vec<f32>>) -> Result<Self> {
+    fn build(cfg: &ResNetConfig, get: ParamFn) -> Result<Self> {
         let mut net = TrainResNet {
             cfg: cfg.clone(),
             params: Vec::new(),
@@ -683,4 +684,133 @@ impl TrainResNet {
 
 fn relu(v: &mut [f32]) {
     v.iter_mut().for_each(|x| *x = x.max(0.0));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::encoder::Encoder;
+    use crate::rng::uniform_vec;
+
+    fn cfg(block: BlockKind) -> ResNetConfig {
+        ResNetConfig { block, layers: [1, 2, 1, 1], width: 4, num_classes: 5 }
+    }
+
+    fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
+        let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
+        assert!(den > 0.0);
+        (num / den).sqrt()
+    }
+
+    #[test]
+    fn eval_forward_matches_exported_inference_resnet() {
+        // After a training step has moved the running stats, eval mode (running stats, unfolded)
+        // must equal the inference ResNet built from the exported state dict (BN folded into the
+        // convs, fused epilogues): two independent code paths.
+        for block in [BlockKind::Basic, BlockKind::Bottleneck] {
+            let c = cfg(block);
+            let mut net = TrainResNet::random(&c, 3);
+            let (n, h, w) = (2, 64, 48);
+            let x = uniform_vec(4, "x", n * 3 * h * w, -2.0, 2.0);
+            let before = net.stat("layer2.0.bn1.running_mean").unwrap().to_vec();
+            net.forward_train(&x, n, h, w, FeatureLayer::Grid).unwrap();
+            assert_ne!(net.stat("layer2.0.bn1.running_mean").unwrap(), &before[..]);
+            for layer in [FeatureLayer::Grid, FeatureLayer::Pooled] {
+                let ours = net.forward_eval(&x, n, h, w, layer).unwrap();
+                let inf = net.to_resnet().unwrap();
+                let t = Tensor::from_vec(x.clone(), &[n, 3, h, w]).unwrap();
+                let want = inf.features(&t, layer).unwrap().to_f32_vec();
+                // Folding BN changes the rounding of every conv: f32, ~10 layers deep.
+                let e = rel_l2(&ours, &want);
+                assert!(e < 1e-5, "{block:?}: eval vs inference rel L2 {e:.2e}");
+            }
+        }
+    }
+
+    #[test]
+    fn pooled_backward_equals_grid_backward_of_the_mean() {
+        // d/dgrid of sum(pooled * r) is r[n,c] / hw at every grid position: both paths must give the
+        // same parameter gradients.
+        let c = cfg(BlockKind::Basic);
+        let (n, h, w) = (2, 64, 64);
+        let x = uniform_vec(9, "x", n * 3 * h * w, -2.0, 2.0);
+        let mut a = TrainResNet::random(&c, 1);
+        let mut b = a.clone();
+        let (p, ca) = a.forward_train(&x, n, h, w, FeatureLayer::Pooled).unwrap();
+        let r = uniform_vec(9, "r", p.len(), -1.0, 1.0);
+        a.backward(&ca, &r).unwrap();
+        let (g, cb) = b.forward_train(&x, n, h, w, FeatureLayer::Grid).unwrap();
+        let (ch, hw) = (p.len() / n, g.len() / p.len());
+        let dg: Vec<f32> = (0..g.len()).map(|i| r[(i / (hw * ch)) * ch + i % ch] / hw as f32).collect();
+        b.backward(&cb, &dg).unwrap();
+        for (pa, pb) in a.params.iter().zip(&b.params) {
+            let e = rel_l2(&pa.grad, &pb.grad);
+            assert!(e < 1e-5, "{}: {e:.2e}", pa.name);
+        }
+    }
+
+    #[test]
+    fn freezing_trains_only_the_last_pieces() {
+        let c = cfg(BlockKind::Bottleneck);
+        let mut net = TrainResNet::random(&c, 2);
+        assert_eq!(net.num_pieces(), 6); // stem + 5 blocks
+        net.freeze_all_but_last(2); // layer3.0 and layer4.0
+        let (n, h, w) = (2, 64, 64);
+        let x = uniform_vec(5, "x", n * 3 * h * w, -2.0, 2.0);
+        let stats_before = net.stats.clone();
+        let (g, cache) = net.forward_train(&x, n, h, w, FeatureLayer::Grid).unwrap();
+        let r = uniform_vec(5, "r", g.len(), -1.0, 1.0);
+        net.backward(&cache, &r).unwrap();
+        let trainable = |name: &str| name.starts_with("layer3.") || name.starts_with("layer4.");
+        for p in &net.params {
+            let nonzero = p.grad.iter().any(|&v| v != 0.0);
+            assert_eq!(nonzero, trainable(&p.name), "{}", p.name);
+        }
+        for ((name, after), (_, before)) in net.stats.iter().zip(&stats_before) {
+            assert_eq!(after != before, trainable(name), "{name}");
+        }
+        let names: Vec<String> = net.trainable_params().iter().map(|(n, _, _)| n.to_string()).collect();
+        assert!(!names.is_empty() && names.iter().all(|n| trainable(n)));
+        assert!(net.backward_with_input_grad(&cache, &r).is_err());
+        net.zero_grad();
+        assert!(net.params.iter().all(|p| p.grad.iter().all(|&v| v == 0.0)));
+    }
+
+    #[test]
+    fn state_dict_round_trips_through_safetensors() {
+        let c = cfg(BlockKind::Basic);
+        let net = TrainResNet::random(&c, 6);
+        let dir = std::env::temp_dir().join(format!("capgen_train_resnet_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("enc.safetensors");
+        net.save(&path).unwrap();
+        let f = TensorFile::load(&path).unwrap();
+        let back = TrainResNet::from_tensor_file(&c, &f).unwrap();
+        for (a, b) in net.params.iter().zip(&back.params) {
+            assert_eq!((&a.name, &a.data), (&b.name, &b.data));
+        }
+        assert_eq!(net.stats, back.stats);
+        // Names follow torchvision.
+        for name in ["conv1.weight", "bn1.running_var", "layer2.0.downsample.0.weight", "layer2.1.bn2.bias"] {
+            assert!(f.get(name).is_some(), "{name}");
+        }
+        // A wrong config is an error naming the problem, not a panic.
+        let wrong = ResNetConfig { width: 8, ..c };
+        assert!(TrainResNet::from_tensor_file(&wrong, &f).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn bad_input_is_an_error() {
+        let mut net = TrainResNet::random(&cfg(BlockKind::Basic), 1);
+        assert!(net.forward_train(&[0.0; 10], 1, 3, 3, FeatureLayer::Grid).is_err());
+        // One 32x32 image ends in a 1x1 grid: batch-norm would normalise single values.
+        let one = uniform_vec(1, "x", 3 * 32 * 32, -1.0, 1.0);
+        let e = net.forward_train(&one, 1, 32, 32, FeatureLayer::Grid).err().expect("an error");
+        assert!(e.to_string().contains("more than one value"), "{e}");
+        let x = uniform_vec(1, "x", 2 * 3 * 32 * 32, -1.0, 1.0);
+        let (g, cache) = net.forward_train(&x, 2, 32, 32, FeatureLayer::Grid).unwrap();
+        assert!(net.backward(&cache, &g[..g.len() - 1]).is_err());
+    }
 }
