@@ -813,4 +813,32 @@ mod tests {
         let (g, cache) = net.forward_train(&x, 2, 32, 32, FeatureLayer::Grid).unwrap();
         assert!(net.backward(&cache, &g[..g.len() - 1]).is_err());
     }
+
+    #[test]
+    fn adam_on_trainable_params_fits_a_target() {
+        // The optimiser API end to end: a few Adam steps on L = mean((pooled - target)^2) must cut
+        // the loss well down (a broken gradient or update would not).
+        use crate::cpu::adam::{Adam, AdamConfig};
+        let c = ResNetConfig { block: BlockKind::Basic, layers: [1, 1, 1, 1], width: 4, num_classes: 2 };
+        let mut net = TrainResNet::random(&c, 8);
+        let (n, h, w) = (4, 32, 32);
+        let x = uniform_vec(8, "x", n * 3 * h * w, -2.0, 2.0);
+        let target = uniform_vec(8, "t", n * c.feature_dim(), 0.0, 1.0);
+        let sizes: Vec<usize> = net.trainable_params().iter().map(|(_, p, _)| p.len()).collect();
+        let mut adam = Adam::new(AdamConfig { lr: 1e-2, ..Default::default() }, &sizes);
+        let mut losses = Vec::new();
+        for _ in 0..30 {
+            net.zero_grad();
+            let (p, cache) = net.forward_train(&x, n, h, w, FeatureLayer::Pooled).unwrap();
+            let m = p.len() as f32;
+            losses.push(p.iter().zip(&target).map(|(a, b)| (a - b) * (a - b)).sum::<f32>() / m);
+            let dp: Vec<f32> = p.iter().zip(&target).map(|(a, b)| 2.0 * (a - b) / m).collect();
+            net.backward(&cache, &dp).unwrap();
+            let (mut ps, gs): (Vec<&mut [f32]>, Vec<&[f32]>) =
+                net.trainable_params().into_iter().map(|(_, p, g)| (p, g)).unzip();
+            adam.step(&mut ps, &gs);
+        }
+        let (first, last) = (losses[0], *losses.last().unwrap());
+        assert!(last < 0.2 * first, "loss {first} -> {last}");
+    }
 }
