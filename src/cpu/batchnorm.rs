@@ -164,9 +164,9 @@ pub fn batchnorm_backward(
     }
     let sums = &sums;
     dx.par_chunks_mut(g.hw).enumerate().for_each(|(i, dxp)| {
+        // Plane i is (image i / c, channel i % c), at offset i * hw in x and dy.
         let ch = i % c;
-        let (b, _) = (i / c, 0);
-        let off = (b * c + ch) * g.hw;
+        let off = i * g.hw;
         let (sdy, sdyx) = sums[ch];
         let (mu, rs) = (mean[ch], rstd[ch]);
         let k = gamma[ch] * rs;

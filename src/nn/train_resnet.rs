@@ -124,12 +124,6 @@ pub struct TrainCache {
     blocks: Vec<BlockCache>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Train,
-    Eval,
-}
-
 impl TrainResNet {
     /// Builds the network with each state-dict tensor from `get(name, dims)`.
     fn build(cfg: &ResNetConfig, get: ParamFn) -> Result<Self> {
@@ -376,12 +370,16 @@ impl TrainResNet {
         layer: FeatureLayer,
     ) -> Result<(Vec<f32>, TrainCache)> {
         self.check_input(x, n, h, w)?;
-        Ok(self.forward(x, n, h, w, layer, Mode::Train))
+        // The running stats are updated on a copy (a few KB) so the forward can borrow self shared.
+        let mut stats = self.stats.clone();
+        let out = self.forward(x, n, h, w, layer, Some(&mut stats));
+        self.stats = stats;
+        Ok(out)
     }
 
     /// Eval forward: every BN with its running statistics (no state changes). x (N, 3, H, W).
     pub fn forward_eval(
-        &mut self,
+        &self,
         x: &[f32],
         n: usize,
         h: usize,
@@ -389,17 +387,18 @@ impl TrainResNet {
         layer: FeatureLayer,
     ) -> Result<Vec<f32>> {
         self.check_input(x, n, h, w)?;
-        Ok(self.forward(x, n, h, w, layer, Mode::Eval).0)
+        Ok(self.forward(x, n, h, w, layer, None).0)
     }
 
-    /// conv -> BN for one unit; returns BN output (N, K, P, Q) and the cache.
+    /// conv -> BN for one unit; returns BN output (N, K, P, Q) and the cache. With `running`, BN
+    /// uses batch statistics and updates those running stats; without, it uses `self.stats`.
     fn unit_forward(
-        &mut self,
+        &self,
         u: &Unit,
         x: &[f32],
         n: usize,
         hw: (usize, usize),
-        train: bool,
+        running: Option<&mut Stats>,
     ) -> (Vec<f32>, UnitCache) {
         let [k, c, r, s] = u.dims;
         let (oh, ow) = u.conv.out_hw(hw.0, hw.1, r, s).expect("checked in check_input");
@@ -410,44 +409,46 @@ impl TrainResNet {
         let mut y = vec![0.0f32; z.len()];
         let (mut mean, mut rstd) = (vec![0.0f32; k], vec![0.0f32; k]);
         let (gamma, beta) = (&self.params[u.gamma].data, &self.params[u.beta].data);
-        let (rm, rv) = {
-            let (a, b) = self.stats.split_at_mut(u.running + 1);
-            (&mut a[u.running].1, &mut b[0].1)
-        };
-        if train {
-            batchnorm_train_forward(
-                &z,
-                &g,
-                gamma,
-                beta,
-                rm,
-                rv,
-                BN_MOMENTUM,
-                BN_EPS,
-                &mut y,
-                &mut mean,
-                &mut rstd,
-            );
-        } else {
-            batchnorm_eval_forward(&z, &g, gamma, beta, rm, rv, BN_EPS, &mut y);
+        match running {
+            Some(stats) => {
+                let (a, b) = stats.split_at_mut(u.running + 1);
+                let (rm, rv) = (&mut a[u.running].1, &mut b[0].1);
+                batchnorm_train_forward(
+                    &z,
+                    &g,
+                    gamma,
+                    beta,
+                    rm,
+                    rv,
+                    BN_MOMENTUM,
+                    BN_EPS,
+                    &mut y,
+                    &mut mean,
+                    &mut rstd,
+                );
+            }
+            None => {
+                let (rm, rv) = (&self.stats[u.running].1, &self.stats[u.running + 1].1);
+                batchnorm_eval_forward(&z, &g, gamma, beta, rm, rv, BN_EPS, &mut y);
+            }
         }
         (y, UnitCache { z, mean, rstd, in_hw: hw, out_hw: (oh, ow) })
     }
 
     fn forward(
-        &mut self,
+        &self,
         x: &[f32],
         n: usize,
         h: usize,
         w: usize,
         layer: FeatureLayer,
-        mode: Mode,
+        mut running: Option<&mut Stats>,
     ) -> (Vec<f32>, TrainCache) {
-        let train_piece = |net: &Self, piece: usize| mode == Mode::Train && net.piece_trainable(piece);
+        // BN of a trainable piece in training mode updates `running`; any other BN is eval-mode.
         // Stem: conv1 -> bn1 -> relu -> maxpool.
-        let stem = self.stem.clone();
-        let t = train_piece(self, 0);
-        let (mut a, stem_cache) = self.unit_forward(&stem, x, n, (h, w), t);
+        let stem = &self.stem;
+        let (mut a, stem_cache) =
+            self.unit_forward(stem, x, n, (h, w), reborrow_if(self.piece_trainable(0), &mut running));
         relu(&mut a);
         let mp = PoolParams::new(3, 2, 1);
         let (sh, sw) = stem_cache.out_hw;
@@ -468,14 +469,19 @@ impl TrainResNet {
             blocks: Vec::new(),
         };
         for bi in 0..self.blocks.len() {
-            let block = self.blocks[bi].clone();
-            let t = train_piece(self, bi + 1);
+            let block = &self.blocks[bi];
             let xin = cache.acts.last().expect("at least the stem");
             let hw = *cache.acts_hw.last().expect("at least the stem");
             let mut bc = BlockCache::default();
             let identity = match &block.downsample {
                 Some(d) => {
-                    let (y, uc) = self.unit_forward(d, xin, n, hw, t);
+                    let (y, uc) = self.unit_forward(
+                        d,
+                        xin,
+                        n,
+                        hw,
+                        reborrow_if(self.piece_trainable(bi + 1), &mut running),
+                    );
                     bc.downsample = Some(uc);
                     Some(y)
                 }
@@ -486,7 +492,13 @@ impl TrainResNet {
             let mut out = Vec::new();
             for (i, u) in block.units.iter().enumerate() {
                 let input: &[f32] = if i == 0 { xin } else { &bc.inner[i - 1] };
-                let (mut y, uc) = self.unit_forward(u, input, n, cur_hw, t);
+                let (mut y, uc) = self.unit_forward(
+                    u,
+                    input,
+                    n,
+                    cur_hw,
+                    reborrow_if(self.piece_trainable(bi + 1), &mut running),
+                );
                 cur_hw = uc.out_hw;
                 bc.units.push(uc);
                 if i == last {
@@ -679,6 +691,18 @@ impl TrainResNet {
         let mut dx = vec![0.0f32; if want_dx { cache.x.len() } else { 0 }];
         self.unit_backward(&stem, &cache.stem, &cache.x, n, &dy, want_dx.then_some(&mut dx[..]));
         Ok(want_dx.then_some(dx))
+    }
+}
+
+/// BN running statistics: (name, values) pairs.
+type Stats = Vec<(String, Vec<f32>)>;
+
+/// `r`'s stats, reborrowed, when `cond`; else None.
+fn reborrow_if<'a>(cond: bool, r: &'a mut Option<&mut Stats>) -> Option<&'a mut Stats> {
+    if cond {
+        r.as_deref_mut()
+    } else {
+        None
     }
 }
 
