@@ -18,7 +18,7 @@
 //! `Im2col` below), so no (C*R*S, P*Q) matrix is ever materialised. Bias, residual and ReLU run in
 //! the GEMM's epilogue, on the output tile while it is in registers.
 
-use crate::cpu::gemm::{gemm_driver, pack_a, ASrc, Epilogue, MatRef, PackB, PackedA};
+use crate::cpu::gemm::{gemm_driver, pack_a, sgemm, ASrc, Epilogue, MatRef, PackB, PackedA};
 
 /// Geometry of a convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -324,6 +324,336 @@ pub fn conv2d_forward(
             let im = Im2col { x: xi, h, w, r: wt.r, s: wt.s, p: *p, ow };
             gemm_driver(isa, k, pq, crs, &a, &im, yi, pq, &epi);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+//
+// Math: with y = conv(x, w) + b as above, L a scalar and dy = dL/dy (N, K, P, Q):
+//
+//   db[k]       = sum_{n,p,q} dy[n,k,p,q]
+//   dw[k,c,r,s] = sum_{n,p,q} dy[n,k,p,q] * x[n, c, p*sh - ph + r*dh, q*sw - pw + s*dw]
+//   dx[n,c,i,j] = sum over every (k, p, q, r, s) whose tap lands on (i, j) of dy[n,k,p,q] * w[k,c,r,s]
+//
+// Per image, with cols = im2col(x) (C*R*S, P*Q) and W the weight as a (K, C*R*S) matrix:
+//   dW (K, CRS) += dY (K, PQ) . cols^T (PQ, CRS)
+//   dcols (CRS, PQ) = W^T (CRS, K) . dY (K, PQ), then col2im scatter-adds dcols into dx.
+// Both products run on the packed sgemm (transposed operands are free strided views).
+//
+// Choice: an explicit im2col / col2im buffer per chunk of images (C*R*S x m*P*Q floats: 1.3 MB for
+// the 7x7 stem on one 96x96 image; m images per chunk so that m*P*Q >= 256, which keeps the deep
+// layers' GEMMs (P*Q = 9..36) from being all overhead), not a lazily packed operand: the backward
+// operands are transposed relative to the forward's B panels, and at the demo's scale the buffer is
+// small (at 224 with 64 channels a 3x3 layer's buffer is 37 MB per worker: bounded, but not tiled).
+// A 1x1 stride-1 unpadded conv with one image per chunk skips it (cols is the image itself). Chunks
+// run in parallel (rayon), each worker with its own buffers and dW accumulator, summed at the end.
+// Every gradient accumulates (`+=`), like llm.c.
+
+/// For one kernel column offset `off` = s*dw - pw: the output columns q whose input column
+/// q*sw + off lies inside [0, w), as a range (clipped once per row, so the copy loops are branch-free).
+fn valid_cols(off: isize, sw: usize, w: usize, ow: usize) -> (usize, usize) {
+    let swi = sw as isize;
+    let lo = if off < 0 { (-off + swi - 1) / swi } else { 0 };
+    let hi = (w as isize - off + swi - 1).div_euclid(swi);
+    let lo = lo.clamp(0, ow as isize) as usize;
+    (lo, hi.clamp(lo as isize, ow as isize) as usize)
+}
+
+/// im2col of one image x (C, H, W) into cols (C*R*S, P*Q) with leading dimension `ld` (>= P*Q):
+/// row (c, r, s), column (p, q) holds x[c, p*sh - ph + r*dh, q*sw - pw + s*dw], zero outside the
+/// image.
+#[allow(clippy::too_many_arguments)]
+pub fn im2col(
+    x: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    r: usize,
+    s: usize,
+    p: &ConvParams,
+    cols: &mut [f32],
+    ld: usize,
+) {
+    let (oh, ow) = p.out_hw(h, w, r, s).expect("conv output is empty");
+    assert_eq!(x.len(), c * h * w, "im2col input size");
+    assert!(ld >= oh * ow && cols.len() >= (c * r * s - 1) * ld + oh * ow, "im2col output size");
+    let sw = p.stride.1;
+    for row in 0..c * r * s {
+        let (ci, rr, ss) = (row / (r * s), (row / s) % r, row % s);
+        let off = (ss * p.dilation.1) as isize - p.pad.1 as isize;
+        let (lo, hi) = valid_cols(off, sw, w, ow);
+        let dst = &mut cols[row * ld..row * ld + oh * ow];
+        for py in 0..oh {
+            let d = &mut dst[py * ow..(py + 1) * ow];
+            let iy = (py * p.stride.0 + rr * p.dilation.0) as isize - p.pad.0 as isize;
+            if iy < 0 || iy >= h as isize || hi == lo {
+                d.fill(0.0);
+                continue;
+            }
+            let base = (ci * h + iy as usize) * w;
+            let start = (base as isize + off + (lo * sw) as isize) as usize;
+            d[..lo].fill(0.0);
+            if sw == 1 {
+                d[lo..hi].copy_from_slice(&x[start..start + (hi - lo)]);
+            } else {
+                // Slice once so the strided reads need no bounds checks; stride 2 as a constant.
+                let src = &x[start..start + (hi - lo - 1) * sw + 1];
+                if sw == 2 {
+                    for (t, v) in d[lo..hi].iter_mut().enumerate() {
+                        *v = src[2 * t];
+                    }
+                } else {
+                    for (t, v) in d[lo..hi].iter_mut().enumerate() {
+                        *v = src[t * sw];
+                    }
+                }
+            }
+            d[hi..].fill(0.0);
+        }
+    }
+}
+
+/// The adjoint of `im2col`: dx (C, H, W) += scatter of cols (C*R*S, P*Q), leading dimension `ld`.
+#[allow(clippy::too_many_arguments)]
+pub fn col2im_add(
+    cols: &[f32],
+    ld: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    r: usize,
+    s: usize,
+    p: &ConvParams,
+    dx: &mut [f32],
+) {
+    let (oh, ow) = p.out_hw(h, w, r, s).expect("conv output is empty");
+    assert_eq!(dx.len(), c * h * w, "col2im output size");
+    assert!(ld >= oh * ow && cols.len() >= (c * r * s - 1) * ld + oh * ow, "col2im input size");
+    let sw = p.stride.1;
+    for row in 0..c * r * s {
+        let (ci, rr, ss) = (row / (r * s), (row / s) % r, row % s);
+        let off = (ss * p.dilation.1) as isize - p.pad.1 as isize;
+        let (lo, hi) = valid_cols(off, sw, w, ow);
+        if hi == lo {
+            continue;
+        }
+        let src = &cols[row * ld..row * ld + oh * ow];
+        for py in 0..oh {
+            let iy = (py * p.stride.0 + rr * p.dilation.0) as isize - p.pad.0 as isize;
+            if iy < 0 || iy >= h as isize {
+                continue;
+            }
+            let base = (ci * h + iy as usize) * w;
+            let start = (base as isize + off + (lo * sw) as isize) as usize;
+            let sv = &src[py * ow + lo..py * ow + hi];
+            if sw == 1 {
+                dx[start..start + (hi - lo)].iter_mut().zip(sv).for_each(|(o, &v)| *o += v);
+            } else {
+                for (t, &v) in sv.iter().enumerate() {
+                    dx[start + t * sw] += v;
+                }
+            }
+        }
+    }
+}
+
+/// Shapes of a conv for the backward: input (N, C, H, W), weight dims (K, C, R, S).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub r: usize,
+    pub s: usize,
+}
+
+impl ConvShape {
+    /// Output (P, Q) under `p`; panics if empty (a caller bug: layers check shapes up front).
+    pub fn out_hw(&self, p: &ConvParams) -> (usize, usize) {
+        p.out_hw(self.h, self.w, self.r, self.s).expect("conv output is empty")
+    }
+}
+
+/// Slow direct definition of the backward (the formulas above as loops), for tests.
+/// Accumulates into dx (N, C, H, W), dw (K, C, R, S) and db (K).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_backward_reference(
+    x: &[f32],
+    wt: &[f32],
+    g: &ConvShape,
+    p: &ConvParams,
+    dy: &[f32],
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    let (oh, ow) = g.out_hw(p);
+    let (c, h, w, k) = (g.c, g.h, g.w, g.k);
+    for b in 0..g.n {
+        for ko in 0..k {
+            for py in 0..oh {
+                for px in 0..ow {
+                    let d = dy[((b * k + ko) * oh + py) * ow + px];
+                    db[ko] += d;
+                    for ci in 0..c {
+                        for r in 0..g.r {
+                            let iy = (py * p.stride.0 + r * p.dilation.0) as isize - p.pad.0 as isize;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
+                            }
+                            for s in 0..g.s {
+                                let ix = (px * p.stride.1 + s * p.dilation.1) as isize - p.pad.1 as isize;
+                                if ix < 0 || ix >= w as isize {
+                                    continue;
+                                }
+                                let wi = ((ko * c + ci) * g.r + r) * g.s + s;
+                                let xi = ((b * c + ci) * h + iy as usize) * w + ix as usize;
+                                dw[wi] += d * x[xi];
+                                dx[xi] += d * wt[wi];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Conv backward on the sgemm. x (N, C, H, W), wt (K, C, R, S), dy (N, K, P, Q). Accumulates
+/// dx (N, C, H, W) if given (None: the input needs no gradient, e.g. the image), dw (K, C, R, S), and
+/// db (K) if given.
+///
+/// Images are processed in chunks of m so that each GEMM's P*Q side is at least ~256 columns (deep
+/// layers have P*Q = 9..36, where one image per GEMM would be all overhead): the chunk's dy is
+/// gathered into (K, m*PQ) and its im2col into (CRS, m*PQ), image j in columns j*PQ... Chunks run in
+/// parallel, each worker with its own buffers and dW accumulator.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_backward(
+    x: &[f32],
+    wt: &[f32],
+    g: &ConvShape,
+    p: &ConvParams,
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+) {
+    use rayon::prelude::*;
+    let (oh, ow) = g.out_hw(p);
+    let (chw, pq, crs, k, n) = (g.c * g.h * g.w, oh * ow, g.c * g.r * g.s, g.k, g.n);
+    assert_eq!(x.len(), n * chw, "conv backward input size");
+    assert_eq!(wt.len(), k * crs, "conv backward weight size");
+    assert_eq!(dy.len(), n * k * pq, "conv backward dy size");
+    assert_eq!(dw.len(), k * crs, "conv backward dw size");
+    let direct = g.r == 1 && g.s == 1 && p.stride == (1, 1) && p.pad == (0, 0);
+    let acc = Epilogue { beta: 1.0, ..Default::default() };
+    // Images per chunk.
+    let m = 256usize.div_ceil(pq).clamp(1, n.max(1));
+    let nchunks = n.div_ceil(m);
+
+    if let Some(db) = db {
+        assert_eq!(db.len(), k, "conv backward db size");
+        // db[k] += sum over n, p, q of dy: f64 sums per channel (PQ can be thousands of terms).
+        for (kk, d) in db.iter_mut().enumerate() {
+            let mut sum = 0.0f64;
+            for b in 0..n {
+                let row = &dy[(b * k + kk) * pq..(b * k + kk + 1) * pq];
+                sum += row.iter().map(|&v| v as f64).sum::<f64>();
+            }
+            *d += sum as f32;
+        }
+    }
+
+    // dy of images b0..b0+mc as (K, mc*PQ): a view of dy itself when mc == 1, else gathered.
+    let gather_dy = |b0: usize, mc: usize, buf: &mut Vec<f32>| {
+        buf.resize(k * mc * pq, 0.0);
+        for j in 0..mc {
+            for kk in 0..k {
+                let src = &dy[((b0 + j) * k + kk) * pq..((b0 + j) * k + kk + 1) * pq];
+                buf[kk * mc * pq + j * pq..kk * mc * pq + (j + 1) * pq].copy_from_slice(src);
+            }
+        }
+    };
+
+    // dW (K, CRS) += dY_chunk (K, m*PQ) . cols_chunk^T (m*PQ, CRS), per worker, summed at the end.
+    let partial = (0..nchunks)
+        .into_par_iter()
+        .fold(
+            || (vec![0.0f32; k * crs], Vec::new(), Vec::new()),
+            |(mut acc_w, mut cols, mut dyb), ci| {
+                let (b0, mc) = (ci * m, m.min(n - ci * m));
+                let ld = mc * pq;
+                let cols_ref: &[f32] = if direct && mc == 1 {
+                    &x[b0 * chw..(b0 + 1) * chw]
+                } else {
+                    cols.resize(crs * ld, 0.0);
+                    for j in 0..mc {
+                        let xi = &x[(b0 + j) * chw..(b0 + j + 1) * chw];
+                        im2col(xi, g.c, g.h, g.w, g.r, g.s, p, &mut cols[j * pq..], ld);
+                    }
+                    &cols
+                };
+                let dy_ref: &[f32] = if mc == 1 {
+                    &dy[b0 * k * pq..(b0 + 1) * k * pq]
+                } else {
+                    gather_dy(b0, mc, &mut dyb);
+                    &dyb
+                };
+                let a = MatRef::row_major(dy_ref, k, ld);
+                sgemm(a, MatRef::row_major(cols_ref, crs, ld).t(), &mut acc_w, crs, &acc);
+                (acc_w, cols, dyb)
+            },
+        )
+        .map(|(a, _, _)| a)
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(u, v)| *u += v);
+            a
+        });
+    if let Some(pw) = partial {
+        dw.iter_mut().zip(&pw).for_each(|(u, v)| *u += v);
+    }
+
+    if let Some(dx) = dx {
+        assert_eq!(dx.len(), n * chw, "conv backward dx size");
+        let wt_t = MatRef::row_major(wt, k, crs).t(); // (CRS, K)
+        dx.par_chunks_mut(m * chw).enumerate().for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(cols, dyb), (ci, dxc)| {
+                let (b0, mc) = (ci * m, m.min(n - ci * m));
+                let ld = mc * pq;
+                let dy_ref: &[f32] = if mc == 1 {
+                    &dy[b0 * k * pq..(b0 + 1) * k * pq]
+                } else {
+                    gather_dy(b0, mc, dyb);
+                    dyb
+                };
+                let dyc = MatRef::row_major(dy_ref, k, ld);
+                if direct && mc == 1 {
+                    // (C, HW) += (C, K) . (K, HW)
+                    sgemm(wt_t, dyc, dxc, pq, &acc);
+                    return;
+                }
+                // dcols (CRS, m*PQ) = (CRS, K) . (K, m*PQ), then scatter-add per image.
+                cols.resize(crs * ld, 0.0);
+                sgemm(wt_t, dyc, cols, ld, &Epilogue::default());
+                for j in 0..mc {
+                    col2im_add(
+                        &cols[j * pq..],
+                        ld,
+                        g.c,
+                        g.h,
+                        g.w,
+                        g.r,
+                        g.s,
+                        p,
+                        &mut dxc[j * chw..(j + 1) * chw],
+                    );
+                }
+            },
+        );
     }
 }
 

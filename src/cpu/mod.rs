@@ -7,6 +7,7 @@
 pub mod activation;
 pub mod adam;
 pub mod attention;
+pub mod batchnorm;
 pub mod conv;
 pub mod dropout;
 pub mod embedding;

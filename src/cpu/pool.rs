@@ -108,6 +108,115 @@ pub fn adaptive_avg_pool2d(
     });
 }
 
+/// Max-pool that also records, for each output, the flat index (within its H*W plane) of the input
+/// that won: the first maximum in window order (row by row), as PyTorch does for ties; NaN wins.
+/// argmax is (N, C, P, Q) like y.
+#[allow(clippy::too_many_arguments)]
+pub fn max_pool2d_with_argmax(
+    x: &[f32],
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    p: &PoolParams,
+    y: &mut [f32],
+    argmax: &mut [u32],
+) {
+    let (oh, ow) = p.out_hw(h, w).expect("max_pool2d: empty output");
+    assert_eq!(x.len(), n * c * h * w, "max_pool2d input size");
+    assert_eq!(y.len(), n * c * oh * ow, "max_pool2d output size");
+    assert_eq!(argmax.len(), y.len(), "max_pool2d argmax size");
+    assert!(h * w <= u32::MAX as usize, "max_pool2d plane too large for u32 indices");
+    y.par_chunks_mut(oh * ow).zip(argmax.par_chunks_mut(oh * ow)).zip(x.par_chunks(h * w)).for_each(
+        |((yp, ap), xp)| {
+            for py in 0..oh {
+                let y0 = (py * p.stride.0) as isize - p.pad.0 as isize;
+                let (r0, r1) =
+                    (y0.max(0) as usize, ((y0 + p.kernel.0 as isize).min(h as isize)).max(0) as usize);
+                for px in 0..ow {
+                    let x0 = (px * p.stride.1) as isize - p.pad.1 as isize;
+                    let (s0, s1) =
+                        (x0.max(0) as usize, ((x0 + p.kernel.1 as isize).min(w as isize)).max(0) as usize);
+                    let (mut m, mut at) = (f32::NEG_INFINITY, r0 * w + s0);
+                    'win: for r in r0..r1 {
+                        for (i, &v) in xp.iter().enumerate().take(r * w + s1).skip(r * w + s0) {
+                            if v.is_nan() {
+                                (m, at) = (v, i);
+                                break 'win;
+                            }
+                            if v > m {
+                                (m, at) = (v, i);
+                            }
+                        }
+                    }
+                    yp[py * ow + px] = m;
+                    ap[py * ow + px] = at as u32;
+                }
+            }
+        },
+    );
+}
+
+/// Max-pool backward: each output's gradient goes to the input its window picked.
+/// dy, argmax (N, C, P, Q); accumulates dx (N, C, H, W).
+pub fn max_pool2d_backward(
+    dy: &[f32],
+    argmax: &[u32],
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    dx: &mut [f32],
+) {
+    assert_eq!(dy.len(), argmax.len(), "max_pool2d backward sizes");
+    assert_eq!(dx.len(), n * c * h * w, "max_pool2d backward dx size");
+    let opl = dy.len() / (n * c).max(1);
+    dx.par_chunks_mut(h * w).zip(dy.par_chunks(opl).zip(argmax.par_chunks(opl))).for_each(
+        |(dxp, (dyp, ap))| {
+            for (&d, &i) in dyp.iter().zip(ap) {
+                dxp[i as usize] += d;
+            }
+        },
+    );
+}
+
+/// Global average pool backward: dx[n,c,h,w] += dy[n,c] / (H*W). dy (N, C), dx (N, C, H, W).
+pub fn global_avg_pool_backward(dy: &[f32], n: usize, c: usize, h: usize, w: usize, dx: &mut [f32]) {
+    assert_eq!(dy.len(), n * c, "global_avg_pool backward dy size");
+    assert_eq!(dx.len(), n * c * h * w, "global_avg_pool backward dx size");
+    let inv = 1.0 / (h * w) as f32;
+    dx.par_chunks_mut(h * w).zip(dy.par_iter()).for_each(|(p, &d)| p.iter_mut().for_each(|v| *v += d * inv));
+}
+
+/// Adaptive average pool backward: each output bin spreads its gradient evenly over its bin.
+/// dy (N, C, OH, OW); accumulates dx (N, C, H, W).
+#[allow(clippy::too_many_arguments)]
+pub fn adaptive_avg_pool2d_backward(
+    dy: &[f32],
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    dx: &mut [f32],
+) {
+    assert_eq!(dy.len(), n * c * oh * ow, "adaptive_avg_pool2d backward dy size");
+    assert_eq!(dx.len(), n * c * h * w, "adaptive_avg_pool2d backward dx size");
+    dx.par_chunks_mut(h * w).zip(dy.par_chunks(oh * ow)).for_each(|(dxp, dyp)| {
+        for i in 0..oh {
+            let (h0, h1) = (i * h / oh, ((i + 1) * h).div_ceil(oh));
+            for j in 0..ow {
+                let (w0, w1) = (j * w / ow, ((j + 1) * w).div_ceil(ow));
+                let g = dyp[i * ow + j] / ((h1 - h0) * (w1 - w0)) as f32;
+                for r in h0..h1 {
+                    dxp[r * w + w0..r * w + w1].iter_mut().for_each(|v| *v += g);
+                }
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

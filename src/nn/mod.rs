@@ -6,5 +6,6 @@ pub mod conv;
 pub mod encoder;
 pub mod linear;
 pub mod resnet;
+pub mod train_resnet;
 pub mod vgg;
 pub use encoder::{load_encoder, Encoder, EncoderKind, FeatureLayer};
