@@ -1,6 +1,11 @@
 //! The `capgen` command line (contract: DESIGN.md section 4). Each subcommand lives in its own file;
 //! errors come back as `crate::Error` and are printed as one line on stderr with a non-zero exit.
 
+pub mod bench;
+pub mod classify;
+pub mod extract;
+pub mod progress;
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -201,13 +206,13 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo(_) => not_yet("demo", 4),
         Command::Synth(_) => not_yet("synth", 4),
-        Command::Extract(_) => not_yet("extract", 2),
-        Command::Classify(_) => not_yet("classify", 2),
+        Command::Extract(a) => extract::run(&a),
+        Command::Classify(a) => classify::run(&a),
         Command::Train(_) => not_yet("train", 3),
         Command::Evaluate(_) => not_yet("evaluate", 3),
         Command::Caption(_) => not_yet("caption", 3),
         Command::Score(_) => not_yet("score", 3),
-        Command::Bench(_) => not_yet("bench", 2),
+        Command::Bench(a) => bench::run(&a),
     }
 }
 

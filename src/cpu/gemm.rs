@@ -102,6 +102,12 @@ fn check_dims(a: &MatRef, b: &MatRef, c: &[f32], ldc: usize, epi: &Epilogue) {
     if let Some(s) = epi.col_bias {
         assert!(s.len() >= n);
     }
+    if let Some((r, ldr)) = epi.residual {
+        assert!(ldr >= n, "sgemm: residual ld {ldr} < n {n}");
+        if m > 0 && n > 0 {
+            assert!(r.len() >= (m - 1) * ldr + n, "sgemm: residual too small");
+        }
+    }
 }
 
 /// The defining triple loop (f64 accumulation is *not* used: this is the f32 reference).
@@ -119,8 +125,712 @@ pub fn sgemm_reference(a: MatRef, b: MatRef, c: &mut [f32], ldc: usize, epi: &Ep
     }
 }
 
-/// C = epilogue(A * B). Multithreaded with rayon (runs on the current rayon pool).
+// ---------------------------------------------------------------------------------------------
+// The packed GEMM (BLIS / GotoBLAS loop nest). See docs/KERNELS.md for the full story.
+//
+//   for j0 in 0..n step NC                      B block columns
+//     for k0 in 0..k step KC                    depth block
+//       pack B[k0.., j0..] into NR-column panels (kc, NR)     shared by all threads
+//       parallel over tasks = (row chunk of whole MR panels) x (range of NR panels)
+//         pack A[rows, k0..] into MR-row panels (kc, MR)      per task (skipped if pre-packed)
+//         for each NR panel:  for each MR panel:  micro-kernel (MR x NR tile, kc deep)
+//
+// Partial sums across depth blocks live in C itself: the first block writes
+// row_scale * acc + beta * C_old, later blocks add row_scale * acc, and the last block also adds
+// the biases and the residual and applies ReLU, on the registers, right before the store.
+// ---------------------------------------------------------------------------------------------
+
+#[path = "gemm_kernels.rs"]
+mod kernels;
+pub use kernels::madd;
+
+use rayon::prelude::*;
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+/// The micro-kernel families, chosen at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2Fma,
+    Portable,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2Fma => "avx2+fma",
+            Isa::Portable => "portable",
+        }
+    }
+    /// Whether this CPU can run the path.
+    pub fn supported(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => {
+                std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+            }
+            Isa::Portable => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+}
+
+/// Every path this CPU can run, widest first (tests run all of them).
+pub fn available_isas() -> Vec<Isa> {
+    [Isa::Avx512, Isa::Avx2Fma, Isa::Portable].into_iter().filter(|i| i.supported()).collect()
+}
+
+/// The widest supported ISA, detected once. The environment variable `CAPGEN_ISA` (`avx512`,
+/// `avx2`, `portable`) may force a narrower one, e.g. to measure the AVX2 path on an AVX-512 machine;
+/// an unsupported or unknown value is ignored.
+pub fn detect_isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let best = available_isas()[0];
+        let forced = match std::env::var("CAPGEN_ISA").ok().as_deref() {
+            Some("avx512") => Some(Isa::Avx512),
+            Some("avx2") | Some("avx2+fma") => Some(Isa::Avx2Fma),
+            Some("portable") => Some(Isa::Portable),
+            _ => None,
+        };
+        forced.filter(|i| i.supported()).unwrap_or(best)
+    })
+}
+
+/// A micro-kernel and the blocking that suits it.
+struct Kernel {
+    mr: usize,
+    nr: usize,
+    /// Depth block: the (KC, NR) B micro-panel stays in L1 across the MR panels of a row chunk.
+    kc: usize,
+    /// Rows per A block (multiple of MR): the (MC, KC) A block stays in L2.
+    mc: usize,
+    /// Columns per B block (multiple of NR).
+    nc: usize,
+    f: kernels::KernelFn,
+}
+
+fn kernel_for(isa: Isa) -> Kernel {
+    assert!(isa.supported(), "sgemm: ISA {} not supported on this CPU", isa.name());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // B micro-panel 256 x 32 x 4 B = 32 KiB in a 48 KiB L1d; A block 280 x 256 x 4 B = 280 KiB.
+        Isa::Avx512 => Kernel {
+            mr: kernels::x86::AVX512_MR,
+            nr: kernels::x86::AVX512_NR,
+            kc: 256,
+            mc: 14 * 20,
+            nc: 32 * 64,
+            f: kernels::x86::kernel_avx512,
+        },
+        #[cfg(target_arch = "x86_64")]
+        // B micro-panel 256 x 16 x 4 B = 16 KiB (fits a 32 KiB L1d); A block 288 x 256 x 4 B.
+        Isa::Avx2Fma => Kernel {
+            mr: kernels::x86::AVX2_MR,
+            nr: kernels::x86::AVX2_NR,
+            kc: 256,
+            mc: 6 * 48,
+            nc: 16 * 128,
+            f: kernels::x86::kernel_avx2,
+        },
+        _ => Kernel {
+            mr: kernels::PORTABLE_MR,
+            nr: kernels::PORTABLE_NR,
+            kc: 256,
+            mc: 6 * 48,
+            nc: 8 * 256,
+            f: kernels::kernel_portable,
+        },
+    }
+}
+
+/// Depth block size: split k into ceil(k / KC) nearly equal blocks (k = 300 gives 150 + 150, not
+/// 256 + 44, so no block is too thin to amortise its C load/store).
+fn depth_block(k: usize, kc_max: usize) -> usize {
+    let nb = k.div_ceil(kc_max).max(1);
+    k.div_ceil(nb).max(1)
+}
+
+/// The per-tile epilogue the micro-kernels apply on their registers (see `kernels::apply_scalar`
+/// for the exact formula). Pointers are already offset to the tile's first row / column; null means
+/// "absent". Biases, residual and ReLU are only set on the last depth block.
+#[derive(Clone, Copy)]
+pub(crate) struct TileEpi {
+    /// First depth block: add `beta * C_old` (if beta != 0); otherwise add C (the partial sum).
+    pub first: bool,
+    pub beta: f32,
+    pub scale: *const f32,
+    pub row_bias: *const f32,
+    pub col_bias: *const f32,
+    pub res: *const f32,
+    pub ldr: usize,
+    pub relu: bool,
+}
+
+impl TileEpi {
+    /// Store the raw accumulators (used for edge tiles, which go through a scratch tile).
+    const PLAIN: TileEpi = TileEpi {
+        first: true,
+        beta: 0.0,
+        scale: std::ptr::null(),
+        row_bias: std::ptr::null(),
+        col_bias: std::ptr::null(),
+        res: std::ptr::null(),
+        ldr: 0,
+        relu: false,
+    };
+}
+
+/// A source of the B operand that can pack itself into NR-column panels. `MatRef` packs a strided
+/// matrix; the convolution packs image patches ("lazy im2col").
+pub(crate) trait PackB: Sync {
+    /// Packs rows `k0..k0+kc` and columns `j0..j0+nc` into `ceil(nc/nr)` panels, panel t holding
+    /// columns `j0 + t*nr ..` laid out (kc, nr) row-major in `out[t*kc*nr ..]`; columns past `nc`
+    /// are zero.
+    fn pack(&self, k0: usize, kc: usize, j0: usize, nc: usize, nr: usize, out: &mut [f32]);
+}
+
+impl PackB for MatRef<'_> {
+    fn pack(&self, k0: usize, kc: usize, j0: usize, nc: usize, nr: usize, out: &mut [f32]) {
+        for (t, panel) in out.chunks_mut(kc * nr).take(nc.div_ceil(nr)).enumerate() {
+            let jb = j0 + t * nr;
+            let nv = nr.min(j0 + nc - jb);
+            for p in 0..kc {
+                let dst = &mut panel[p * nr..(p + 1) * nr];
+                let row = (k0 + p) * self.rs;
+                if self.cs == 1 {
+                    dst[..nv].copy_from_slice(&self.data[row + jb..row + jb + nv]);
+                } else {
+                    for (j, d) in dst[..nv].iter_mut().enumerate() {
+                        *d = self.data[row + (jb + j) * self.cs];
+                    }
+                }
+                dst[nv..].fill(0.0);
+            }
+        }
+    }
+}
+
+/// Packs rows `i0..` (whole MR panels, `np` of them; rows >= a.rows read as zero) and depth
+/// `k0..k0+kc` of A into `out`: panel t laid out (kc, mr) at `out[t*kc*mr ..]`.
+#[allow(clippy::too_many_arguments)]
+fn pack_a_panels(a: &MatRef, i0: usize, np: usize, k0: usize, kc: usize, mr: usize, out: &mut [f32]) {
+    for (t, panel) in out.chunks_mut(kc * mr).take(np).enumerate() {
+        let ib = i0 + t * mr;
+        let mv = mr.min(a.rows.saturating_sub(ib));
+        if a.cs == 1 {
+            // Row-major A: read each row contiguously, scatter with stride MR.
+            for i in 0..mv {
+                let row = &a.data[(ib + i) * a.rs + k0..(ib + i) * a.rs + k0 + kc];
+                for (p, &v) in row.iter().enumerate() {
+                    panel[p * mr + i] = v;
+                }
+            }
+        } else {
+            for p in 0..kc {
+                for i in 0..mv {
+                    panel[p * mr + i] = a.data[(ib + i) * a.rs + (k0 + p) * a.cs];
+                }
+            }
+        }
+        if mv < mr {
+            for p in 0..kc {
+                panel[p * mr + mv..(p + 1) * mr].fill(0.0);
+            }
+        }
+    }
+}
+
+/// A matrix packed once into the micro-kernel's A layout (e.g. a layer's weights, which never
+/// change): for each depth block, all MR-row panels. Tied to the ISA it was packed for.
+#[derive(Clone, Debug)]
+pub struct PackedA {
+    isa: Isa,
+    m: usize,
+    k: usize,
+    kc: usize,
+    mr: usize,
+    buf: AlignedBuf,
+}
+
+impl PackedA {
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+    /// Start of MR panel `ip` of the depth block starting at `k0` (of depth `kcur`).
+    fn panel_ptr(&self, k0: usize, kcur: usize, ip: usize) -> *const f32 {
+        let mpad = self.m.div_ceil(self.mr) * self.mr;
+        self.buf.as_slice()[k0 * mpad + ip * self.mr * kcur..].as_ptr()
+    }
+}
+
+/// Packs A for the detected ISA (see `sgemm_packed_a`).
+pub fn pack_a(a: MatRef) -> PackedA {
+    pack_a_with_isa(detect_isa(), a)
+}
+
+/// Packs A for a given (supported) ISA's kernel.
+pub fn pack_a_with_isa(isa: Isa, a: MatRef) -> PackedA {
+    let kern = kernel_for(isa);
+    let (m, k) = (a.rows, a.cols);
+    let kc = depth_block(k, kern.kc);
+    let np = m.div_ceil(kern.mr);
+    let mpad = np * kern.mr;
+    let mut buf = AlignedBuf::new(mpad * k);
+    let data = buf.as_mut_slice();
+    let mut k0 = 0;
+    while k0 < k {
+        let kcur = kc.min(k - k0);
+        pack_a_panels(&a, 0, np, k0, kcur, kern.mr, &mut data[k0 * mpad..(k0 + kcur) * mpad]);
+        k0 += kcur;
+    }
+    PackedA { isa, m, k, kc, mr: kern.mr, buf }
+}
+
+/// A Vec<f32> whose usable part starts on a 64-byte boundary (a cache line; one zmm load).
+#[derive(Clone, Debug, Default)]
+struct AlignedBuf {
+    v: Vec<f32>,
+    off: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let mut b = AlignedBuf::default();
+        b.resize(len);
+        b
+    }
+    fn resize(&mut self, len: usize) {
+        if self.v.len() < len + 16 {
+            self.v = vec![0.0; len + 16];
+        }
+        let addr = self.v.as_ptr() as usize;
+        self.off = (64 - addr % 64) % 64 / 4;
+        self.len = len;
+    }
+    fn as_slice(&self) -> &[f32] {
+        &self.v[self.off..self.off + self.len]
+    }
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        &mut self.v[self.off..self.off + self.len]
+    }
+}
+
+thread_local! {
+    // Packing buffers, reused across calls. Taken out of the cell while in use (never borrowed), so
+    // a nested GEMM run by rayon work-stealing on the same thread simply allocates its own.
+    static A_BUF: Cell<AlignedBuf> = Cell::new(AlignedBuf::default());
+    static B_BUF: Cell<AlignedBuf> = Cell::new(AlignedBuf::default());
+}
+
+/// C's base pointer, shared by the tasks, which write disjoint tiles.
+#[derive(Clone, Copy)]
+struct CPtr(*mut f32);
+// SAFETY: tasks write disjoint (row chunk x column range) tiles of C, and the driver joins all tasks
+// before returning, so no two threads touch the same element and no access outlives the borrow.
+unsafe impl Send for CPtr {}
+// SAFETY: as above.
+unsafe impl Sync for CPtr {}
+
+impl CPtr {
+    /// (A method, so closures capture the whole Sync wrapper, not its raw-pointer field.)
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// The A operand: a strided view packed per call, or pre-packed panels.
+pub(crate) enum ASrc<'a> {
+    Mat(MatRef<'a>),
+    Packed(&'a PackedA),
+}
+
+/// Problems below this many FLOPs run on the calling thread: fork/join costs ~10-20 us, which is
+/// ~1-2 MFLOP of work at these speeds.
+const PARALLEL_MIN_FLOPS: usize = 4 << 20;
+
+/// How to split the (MR panels) x (NR panels) of one B block among threads: returns (MR panels per
+/// row chunk, NR panels per column chunk).
+fn task_grid(mp: usize, np: usize, mc_panels: usize, threads: usize) -> (usize, usize) {
+    if threads <= 1 {
+        return (mc_panels.min(mp), np);
+    }
+    if mp >= 4 * threads {
+        // Enough rows: split rows only (each task packs its own A; B panels shared), in a multiple
+        // of `threads` chunks so every thread gets the same share.
+        let mt = mp.div_ceil(mc_panels).max(threads).div_ceil(threads) * threads;
+        (mp.div_ceil(mt), np)
+    } else {
+        // Few rows (e.g. m = 64): split columns too, 2 chunks per thread for balance.
+        let mcp = mc_panels.min(mp);
+        let mt = mp.div_ceil(mcp);
+        let nt = (2 * threads).div_ceil(mt).min(np).max(1);
+        (mcp, np.div_ceil(nt))
+    }
+}
+
+/// The packed GEMM driver: C (m x n, ld `ldc`) = epilogue(A (m x k) * B (k x n)).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_driver(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &ASrc,
+    b: &dyn PackB,
+    c: &mut [f32],
+    ldc: usize,
+    epi: &Epilogue,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                c[i * ldc + j] = epi.apply(i, j, 0.0, c[i * ldc + j]);
+            }
+        }
+        return;
+    }
+    let kern = kernel_for(isa);
+    let (mr, nr) = (kern.mr, kern.nr);
+    let kc_blk = match a {
+        ASrc::Packed(p) => {
+            assert!(p.isa == isa && p.m == m && p.k == k, "sgemm: packed A does not fit");
+            p.kc
+        }
+        ASrc::Mat(_) => depth_block(k, kern.kc),
+    };
+    let threads = if 2 * m * n * k < PARALLEL_MIN_FLOPS { 1 } else { rayon::current_num_threads().max(1) };
+    let mp = m.div_ceil(mr);
+    let cptr = CPtr(c.as_mut_ptr());
+    let mut bbuf = B_BUF.with(|b| b.take());
+
+    let mut j0 = 0;
+    while j0 < n {
+        let ncur = kern.nc.min(n - j0);
+        let np = ncur.div_ceil(nr);
+        let mut k0 = 0;
+        while k0 < k {
+            let kcur = kc_blk.min(k - k0);
+            bbuf.resize(np * nr * kcur);
+            let bpan = bbuf.as_mut_slice();
+            if threads > 1 && np > 1 {
+                bpan.par_chunks_mut(kcur * nr)
+                    .enumerate()
+                    .for_each(|(t, out)| b.pack(k0, kcur, j0 + t * nr, nr.min(ncur - t * nr), nr, out));
+            } else {
+                b.pack(k0, kcur, j0, ncur, nr, bpan);
+            }
+            let bpan: &[f32] = bpan;
+            let (mcp, ncp) = task_grid(mp, np, kern.mc / mr, threads);
+            let (mt, nt) = (mp.div_ceil(mcp), np.div_ceil(ncp));
+            let first = k0 == 0;
+            let last = k0 + kcur == k;
+            let task = |t: usize| {
+                let (mi, ni) = (t / nt, t % nt);
+                let (ip0, ip1) = (mi * mcp, ((mi + 1) * mcp).min(mp));
+                let (jp0, jp1) = (ni * ncp, ((ni + 1) * ncp).min(np));
+                if ip0 >= ip1 || jp0 >= jp1 {
+                    return;
+                }
+                let mut abuf = None;
+                let apan: *const f32 = match a {
+                    ASrc::Mat(am) => {
+                        let mut buf = A_BUF.with(|b| b.take());
+                        buf.resize((ip1 - ip0) * mr * kcur);
+                        pack_a_panels(am, ip0 * mr, ip1 - ip0, k0, kcur, mr, buf.as_mut_slice());
+                        let p = buf.as_slice().as_ptr();
+                        abuf = Some(buf);
+                        p
+                    }
+                    ASrc::Packed(pa) => pa.panel_ptr(k0, kcur, ip0),
+                };
+                for jp in jp0..jp1 {
+                    let j = j0 + jp * nr;
+                    let nv = nr.min(n - j);
+                    let bp = bpan[jp * kcur * nr..].as_ptr();
+                    for ip in ip0..ip1 {
+                        let i = ip * mr;
+                        let mv = mr.min(m - i);
+                        // SAFETY: check_dims (run by every public entry) verified that C holds
+                        // (m-1)*ldc + n elements and that row_scale/row_bias (m), col_bias (n) and
+                        // the residual ((m-1)*ldr + n) are long enough, so every offset below stays in
+                        // bounds for this tile's (mv x nv) elements; A and B panels hold kcur*MR and
+                        // kcur*NR floats (packed above, zero-padded); the ISA was checked supported
+                        // in kernel_for; tiles of different tasks are disjoint (see CPtr).
+                        unsafe {
+                            let te = TileEpi {
+                                first,
+                                beta: epi.beta,
+                                scale: epi.row_scale.map_or(std::ptr::null(), |s| s.as_ptr().add(i)),
+                                row_bias: match epi.row_bias {
+                                    Some(s) if last => s.as_ptr().add(i),
+                                    _ => std::ptr::null(),
+                                },
+                                col_bias: match epi.col_bias {
+                                    Some(s) if last => s.as_ptr().add(j),
+                                    _ => std::ptr::null(),
+                                },
+                                res: match epi.residual {
+                                    Some((r, ldr)) if last => r.as_ptr().add(i * ldr + j),
+                                    _ => std::ptr::null(),
+                                },
+                                ldr: epi.residual.map_or(0, |r| r.1),
+                                relu: epi.relu && last,
+                            };
+                            let ap = apan.add((ip - ip0) * mr * kcur);
+                            let cp = cptr.get().add(i * ldc + j);
+                            if mv == mr && nv == nr {
+                                (kern.f)(kcur, ap, bp, cp, ldc, &te);
+                            } else {
+                                let mut tmp = [0.0f32; 512];
+                                (kern.f)(kcur, ap, bp, tmp.as_mut_ptr(), nr, &TileEpi::PLAIN);
+                                kernels::apply_scalar(tmp.as_ptr(), nr, mv, nv, cp, ldc, &te);
+                            }
+                        }
+                    }
+                }
+                if let Some(buf) = abuf {
+                    A_BUF.with(|b| b.set(buf));
+                }
+            };
+            if threads > 1 && mt * nt > 1 {
+                (0..mt * nt).into_par_iter().for_each(task);
+            } else {
+                (0..mt * nt).for_each(task);
+            }
+            k0 += kcur;
+        }
+        j0 += ncur;
+    }
+    B_BUF.with(|b| b.set(bbuf));
+}
+
+/// C = epilogue(A * B). Multithreaded with rayon (runs on the current rayon pool); uses the widest
+/// micro-kernel this CPU supports.
 pub fn sgemm(a: MatRef, b: MatRef, c: &mut [f32], ldc: usize, epi: &Epilogue) {
-    // Placeholder until the packed, register-blocked kernel lands: the reference loop.
-    sgemm_reference(a, b, c, ldc, epi);
+    sgemm_with_isa(detect_isa(), a, b, c, ldc, epi);
+}
+
+/// `sgemm` on a chosen ISA path (tests and benches use it to exercise every path). Panics if the
+/// CPU does not support `isa`.
+pub fn sgemm_with_isa(isa: Isa, a: MatRef, b: MatRef, c: &mut [f32], ldc: usize, epi: &Epilogue) {
+    check_dims(&a, &b, c, ldc, epi);
+    gemm_driver(isa, a.rows, b.cols, a.cols, &ASrc::Mat(a), &b, c, ldc, epi);
+}
+
+/// `sgemm` with a pre-packed A (see `pack_a`); runs on the ISA A was packed for.
+pub fn sgemm_packed_a(a: &PackedA, b: MatRef, c: &mut [f32], ldc: usize, epi: &Epilogue) {
+    assert_eq!(a.k, b.rows, "sgemm: A is {}x{}, B is {}x{}", a.m, a.k, b.rows, b.cols);
+    // check_dims needs a MatRef for A only for its shape.
+    let shape = MatRef { data: &[], rows: a.m, cols: a.k, rs: 0, cs: 0 };
+    check_dims(&shape, &b, c, ldc, epi);
+    gemm_driver(a.isa, a.m, b.cols, a.k, &ASrc::Packed(a), &b, c, ldc, epi);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn rand_vec(rng: &mut Rng, len: usize) -> Vec<f32> {
+        (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect()
+    }
+
+    fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+        let (mut d, mut w) = (0.0f64, 0.0f64);
+        for (&g, &e) in got.iter().zip(want) {
+            d += (g as f64 - e as f64).powi(2);
+            w += (e as f64).powi(2);
+        }
+        (d / w.max(1e-300)).sqrt()
+    }
+
+    /// Tolerance: both sides accumulate k f32 products, in different orders (blocked, FMA vs
+    /// mul+add). Each rounding is <= 2^-24 relative, and for random-sign terms the errors add like a
+    /// random walk, so the relative error of a dot product grows ~ 2^-24 * sqrt(k) ~ 6e-8 sqrt(k);
+    /// 1e-6 * sqrt(k) leaves ~16x headroom for the epilogue's extra roundings while still catching
+    /// any indexing bug (which gives errors of order 1).
+    fn tol(k: usize) -> f64 {
+        1e-6 * (k.max(1) as f64).sqrt()
+    }
+
+    #[derive(Clone, Copy)]
+    struct Case {
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+        /// Extra leading-dimension padding for A, B, C and the residual.
+        pad: usize,
+    }
+
+    /// Runs one case on `isa` with epilogue options `opts` (bitmask: 1 row_scale, 2 row_bias,
+    /// 4 col_bias, 8 residual, 16 beta=1, 32 relu, 64 beta=0.5), returns the relative L2 error.
+    fn run_case(isa: Isa, cs: Case, opts: u32, seed: u64) -> f64 {
+        let Case { m, n, k, ta, tb, pad } = cs;
+        let mut rng = Rng::new(seed);
+        // A stored as (m, k) or as (k, m) and viewed transposed; likewise B.
+        let (ar, ac) = if ta { (k, m) } else { (m, k) };
+        let lda = ac + pad;
+        let adata = rand_vec(&mut rng, ar * lda);
+        let mut av = MatRef::row_major_ld(&adata, ar, ac, lda);
+        if ta {
+            av = av.t();
+        }
+        let (br, bc) = if tb { (n, k) } else { (k, n) };
+        let ldb = bc + pad;
+        let bdata = rand_vec(&mut rng, br * ldb);
+        let mut bv = MatRef::row_major_ld(&bdata, br, bc, ldb);
+        if tb {
+            bv = bv.t();
+        }
+        let ldc = n + pad;
+        let c0 = rand_vec(&mut rng, m * ldc);
+        let scale = rand_vec(&mut rng, m);
+        let rb = rand_vec(&mut rng, m);
+        let cb = rand_vec(&mut rng, n);
+        let res = rand_vec(&mut rng, m * ldc);
+        let epi = Epilogue {
+            beta: if opts & 16 != 0 {
+                1.0
+            } else if opts & 64 != 0 {
+                0.5
+            } else {
+                0.0
+            },
+            row_scale: (opts & 1 != 0).then_some(&scale[..]),
+            row_bias: (opts & 2 != 0).then_some(&rb[..]),
+            col_bias: (opts & 4 != 0).then_some(&cb[..]),
+            residual: (opts & 8 != 0).then_some((&res[..], ldc)),
+            relu: opts & 32 != 0,
+        };
+        let mut want = c0.clone();
+        sgemm_reference(av, bv, &mut want, ldc, &epi);
+        let mut got = c0.clone();
+        sgemm_with_isa(isa, av, bv, &mut got, ldc, &epi);
+        // The padding columns of C must be untouched.
+        for i in 0..m {
+            for j in n..ldc {
+                assert_eq!(got[i * ldc + j], c0[i * ldc + j], "padding of C written at ({i},{j})");
+            }
+        }
+        rel_l2(&got, &want)
+    }
+
+    fn check(isa: Isa, cs: Case, opts: u32, seed: u64) {
+        let e = run_case(isa, cs, opts, seed);
+        assert!(
+            e <= tol(cs.k),
+            "{} m={} n={} k={} ta={} tb={} pad={} opts={opts:#b}: rel L2 {e:.3e} > {:.3e}",
+            isa.name(),
+            cs.m,
+            cs.n,
+            cs.k,
+            cs.ta,
+            cs.tb,
+            cs.pad,
+            tol(cs.k)
+        );
+    }
+
+    const SHAPES: &[(usize, usize, usize)] = &[
+        (1, 1, 1),
+        (1, 7, 3),
+        (5, 1, 9),
+        (37, 53, 71),
+        (14, 32, 16),   // exactly one AVX-512 tile
+        (6, 16, 16),    // exactly one AVX2 tile
+        (29, 65, 300),  // k > KC, split in two depth blocks
+        (13, 40, 700),  // three depth blocks
+        (300, 45, 33),  // m > MC
+        (20, 2100, 40), // n > NC; few rows, so threads split columns
+        (131, 257, 129),
+    ];
+
+    #[test]
+    fn sgemm_matches_reference_all_shapes_all_isas() {
+        let mut seed = 1;
+        for isa in available_isas() {
+            for &(m, n, k) in SHAPES {
+                for (ta, tb, pad) in [(false, false, 0), (true, false, 3), (false, true, 1), (true, true, 0)]
+                {
+                    seed += 1;
+                    check(isa, Case { m, n, k, ta, tb, pad }, 0, seed);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sgemm_epilogue_options_all_isas() {
+        let mut seed = 1000;
+        let opts_list = [1, 2, 4, 8, 16, 32, 64, 2 | 8 | 32, 1 | 2 | 4 | 8 | 16 | 32, 64 | 1 | 32];
+        for isa in available_isas() {
+            // Single depth block, and several (partial sums through C with beta and scale).
+            for &(m, n, k) in &[(37, 53, 71), (29, 65, 300), (45, 70, 600)] {
+                for &opts in &opts_list {
+                    seed += 1;
+                    check(isa, Case { m, n, k, ta: false, tb: false, pad: 2 }, opts, seed);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sgemm_zero_depth_applies_epilogue() {
+        // k = 0: C = epilogue(0), e.g. bias only. Compared with the reference.
+        for isa in available_isas() {
+            check(isa, Case { m: 5, n: 7, k: 0, ta: false, tb: false, pad: 0 }, 2 | 4 | 16, 7);
+        }
+    }
+
+    #[test]
+    fn sgemm_parallel_splits_on_odd_thread_counts() {
+        // Big enough to go parallel; a 3-thread pool exercises uneven task grids.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        pool.install(|| {
+            for isa in available_isas() {
+                for &(m, n, k) in &[(200, 150, 140), (10, 900, 300), (64, 700, 200)] {
+                    check(isa, Case { m, n, k, ta: false, tb: false, pad: 1 }, 2 | 8 | 32, 99);
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn sgemm_packed_a_matches_reference() {
+        let mut rng = Rng::new(42);
+        for isa in available_isas() {
+            for &(m, n, k) in &[(37, 53, 71), (70, 100, 600), (1, 5, 1)] {
+                let a = rand_vec(&mut rng, m * k);
+                let b = rand_vec(&mut rng, k * n);
+                let rb = rand_vec(&mut rng, m);
+                let epi = Epilogue { row_bias: Some(&rb), relu: true, ..Default::default() };
+                let (av, bv) = (MatRef::row_major(&a, m, k), MatRef::row_major(&b, k, n));
+                let mut want = vec![0.0; m * n];
+                sgemm_reference(av, bv, &mut want, n, &epi);
+                let pa = pack_a_with_isa(isa, av);
+                let mut got = vec![0.0; m * n];
+                sgemm_packed_a(&pa, bv, &mut got, n, &epi);
+                let e = rel_l2(&got, &want);
+                assert!(e <= tol(k), "{} packed {m}x{n}x{k}: {e:.3e}", isa.name());
+            }
+        }
+    }
 }

@@ -569,6 +569,20 @@ mod tests {
     }
 
     #[test]
+    fn real_resnet50_wiring_at_32x32() {
+        // The full ResNet-50 state dict and block structure on a tiny image (0.08 GMAC), against
+        // the unfused reference; tolerance as above.
+        let cfg = ResNetConfig::resnet50();
+        let net = ResNet::random(&cfg, 9);
+        let x = image(1, 32, 32);
+        let got = net.features(&x, FeatureLayer::Pooled).unwrap();
+        assert_eq!(got.dims(), &[1, 2048]);
+        let e = rel_l2(&got.to_f32_vec(), &reference_forward(&cfg, 9, &x));
+        assert!(e < 1e-5, "rel L2 {e}");
+        assert_eq!(net.features(&x, FeatureLayer::Grid).unwrap().dims(), &[1, 1, 2048]);
+    }
+
+    #[test]
     fn trace_shapes_grid_and_buffer_reuse() {
         let cfg = narrow(BlockKind::Bottleneck);
         let net = ResNet::random(&cfg, 1);

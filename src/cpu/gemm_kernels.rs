@@ -1,0 +1,235 @@
+//! Register-blocked SGEMM micro-kernels, one per ISA, all with the same contract:
+//!
+//! `kernel(kc, a, b, c, ldc, te)`: `a` is an MR-row panel packed (kc, MR) (column p of the A block is
+//! MR consecutive floats), `b` an NR-column panel packed (kc, NR). The kernel accumulates the
+//! (MR, NR) product over `kc` in registers, then applies the tile epilogue `te` on the registers and
+//! stores the full (MR, NR) tile to `c` (row-major, leading dimension `ldc`). Edge tiles are the
+//! driver's business: it passes a scratch tile with `TileEpi::PLAIN` and finishes with
+//! `apply_scalar`.
+
+use super::TileEpi;
+
+/// The signature every micro-kernel has (see the module comment).
+pub(super) type KernelFn = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, &TileEpi);
+
+/// a * b + c, fused where the target has hardware FMA (the portable paths' building block).
+#[inline(always)]
+pub fn madd(a: f32, b: f32, c: f32) -> f32 {
+    if cfg!(any(target_arch = "aarch64", target_feature = "fma")) {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// Applies the tile epilogue `te` to an (mv, nv) block of accumulators (row stride `acs`) and stores
+/// it into `c`. The scalar twin of the in-register epilogues below; same order of operations.
+///
+/// # Safety
+/// `acc` must hold mv rows of stride `acs`; `c` and every non-null pointer in `te` must be valid for
+/// an (mv, nv) tile with their strides.
+pub(super) unsafe fn apply_scalar(
+    acc: *const f32,
+    acs: usize,
+    mv: usize,
+    nv: usize,
+    c: *mut f32,
+    ldc: usize,
+    te: &TileEpi,
+) {
+    for i in 0..mv {
+        for j in 0..nv {
+            let mut v = *acc.add(i * acs + j);
+            if !te.scale.is_null() {
+                v *= *te.scale.add(i);
+            }
+            let cp = c.add(i * ldc + j);
+            if te.first {
+                if te.beta != 0.0 {
+                    v = madd(te.beta, *cp, v);
+                }
+            } else {
+                v += *cp;
+            }
+            if !te.row_bias.is_null() {
+                v += *te.row_bias.add(i);
+            }
+            if !te.col_bias.is_null() {
+                v += *te.col_bias.add(j);
+            }
+            if !te.res.is_null() {
+                v += *te.res.add(i * te.ldr + j);
+            }
+            if te.relu {
+                v = v.max(0.0);
+            }
+            *cp = v;
+        }
+    }
+}
+
+/// Portable 6x8 kernel: plain arrays that LLVM keeps in 12 SSE / NEON registers and vectorises.
+pub(super) const PORTABLE_MR: usize = 6;
+pub(super) const PORTABLE_NR: usize = 8;
+
+/// # Safety
+/// See the module comment: `a`, `b` hold kc packed columns/rows, `c` an (MR, NR) tile.
+pub(super) unsafe fn kernel_portable(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    te: &TileEpi,
+) {
+    const MR: usize = PORTABLE_MR;
+    const NR: usize = PORTABLE_NR;
+    let mut acc = [[0.0f32; NR]; MR];
+    for p in 0..kc {
+        let av: [f32; MR] = *(a.add(p * MR) as *const [f32; MR]);
+        let bv: [f32; NR] = *(b.add(p * NR) as *const [f32; NR]);
+        for i in 0..MR {
+            for j in 0..NR {
+                acc[i][j] = madd(av[i], bv[j], acc[i][j]);
+            }
+        }
+    }
+    apply_scalar(acc.as_ptr() as *const f32, NR, MR, NR, c, ldc, te);
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod x86 {
+    use super::TileEpi;
+    use std::arch::x86_64::*;
+
+    /// AVX-512 14x32: 28 zmm accumulators + 2 for the B row + 1 broadcast = 31 of 32 registers.
+    /// Per k step: 2 vector loads of B, 14 broadcasts of A (load-port uops), 28 FMAs, i.e. 14 cycles
+    /// on two FMA ports with the load ports under-used; the largest MR*NR that fits the register
+    /// file, which maximises FMAs per byte loaded. NR = 32 (two vectors along C's contiguous rows)
+    /// lets the epilogue add column biases and residual rows with plain vector loads.
+    pub(in super::super) const AVX512_MR: usize = 14;
+    pub(in super::super) const AVX512_NR: usize = 32;
+
+    /// # Safety
+    /// CPU supports avx512f; pointers as in the module comment.
+    #[target_feature(enable = "avx512f")]
+    pub(in super::super) unsafe fn kernel_avx512(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        te: &TileEpi,
+    ) {
+        const MR: usize = AVX512_MR;
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let (mut ap, mut bp) = (a, b);
+        for _ in 0..kc {
+            let b0 = _mm512_loadu_ps(bp);
+            let b1 = _mm512_loadu_ps(bp.add(16));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let ai = _mm512_set1_ps(*ap.add(i));
+                row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
+                row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+            }
+            ap = ap.add(MR);
+            bp = bp.add(32);
+        }
+        let beta = _mm512_set1_ps(te.beta);
+        let zero = _mm512_setzero_ps();
+        for (i, row) in acc.iter().enumerate() {
+            let cp = c.add(i * ldc);
+            for (h, &r) in row.iter().enumerate() {
+                let mut v = r;
+                if !te.scale.is_null() {
+                    v = _mm512_mul_ps(v, _mm512_set1_ps(*te.scale.add(i)));
+                }
+                let cph = cp.add(16 * h);
+                if te.first {
+                    if te.beta != 0.0 {
+                        v = _mm512_fmadd_ps(beta, _mm512_loadu_ps(cph), v);
+                    }
+                } else {
+                    v = _mm512_add_ps(v, _mm512_loadu_ps(cph));
+                }
+                if !te.row_bias.is_null() {
+                    v = _mm512_add_ps(v, _mm512_set1_ps(*te.row_bias.add(i)));
+                }
+                if !te.col_bias.is_null() {
+                    v = _mm512_add_ps(v, _mm512_loadu_ps(te.col_bias.add(16 * h)));
+                }
+                if !te.res.is_null() {
+                    v = _mm512_add_ps(v, _mm512_loadu_ps(te.res.add(i * te.ldr + 16 * h)));
+                }
+                if te.relu {
+                    v = _mm512_max_ps(v, zero);
+                }
+                _mm512_storeu_ps(cph, v);
+            }
+        }
+    }
+
+    /// AVX2+FMA 6x16 (the BLIS Haswell/Zen shape): 12 ymm accumulators + 2 for B + 1 broadcast = 15
+    /// of 16 registers; 12 FMAs per 2 loads + 6 broadcasts per k step.
+    pub(in super::super) const AVX2_MR: usize = 6;
+    pub(in super::super) const AVX2_NR: usize = 16;
+
+    /// # Safety
+    /// CPU supports avx2 and fma; pointers as in the module comment.
+    #[target_feature(enable = "avx2,fma")]
+    pub(in super::super) unsafe fn kernel_avx2(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        te: &TileEpi,
+    ) {
+        const MR: usize = AVX2_MR;
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        let (mut ap, mut bp) = (a, b);
+        for _ in 0..kc {
+            let b0 = _mm256_loadu_ps(bp);
+            let b1 = _mm256_loadu_ps(bp.add(8));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let ai = _mm256_broadcast_ss(&*ap.add(i));
+                row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+                row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+            }
+            ap = ap.add(MR);
+            bp = bp.add(16);
+        }
+        let beta = _mm256_set1_ps(te.beta);
+        let zero = _mm256_setzero_ps();
+        for (i, row) in acc.iter().enumerate() {
+            let cp = c.add(i * ldc);
+            for (h, &r) in row.iter().enumerate() {
+                let mut v = r;
+                if !te.scale.is_null() {
+                    v = _mm256_mul_ps(v, _mm256_set1_ps(*te.scale.add(i)));
+                }
+                let cph = cp.add(8 * h);
+                if te.first {
+                    if te.beta != 0.0 {
+                        v = _mm256_fmadd_ps(beta, _mm256_loadu_ps(cph), v);
+                    }
+                } else {
+                    v = _mm256_add_ps(v, _mm256_loadu_ps(cph));
+                }
+                if !te.row_bias.is_null() {
+                    v = _mm256_add_ps(v, _mm256_set1_ps(*te.row_bias.add(i)));
+                }
+                if !te.col_bias.is_null() {
+                    v = _mm256_add_ps(v, _mm256_loadu_ps(te.col_bias.add(8 * h)));
+                }
+                if !te.res.is_null() {
+                    v = _mm256_add_ps(v, _mm256_loadu_ps(te.res.add(i * te.ldr + 8 * h)));
+                }
+                if te.relu {
+                    v = _mm256_max_ps(v, zero);
+                }
+                _mm256_storeu_ps(cph, v);
+            }
+        }
+    }
+}
