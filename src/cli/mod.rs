@@ -5,6 +5,7 @@ pub mod bench;
 pub mod classify;
 pub mod extract;
 pub mod progress;
+pub mod score;
 
 use std::path::PathBuf;
 
@@ -211,7 +212,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(_) => not_yet("train", 3),
         Command::Evaluate(_) => not_yet("evaluate", 3),
         Command::Caption(_) => not_yet("caption", 3),
-        Command::Score(_) => not_yet("score", 3),
+        Command::Score(a) => score::run(&a),
         Command::Bench(a) => bench::run(&a),
     }
 }
