@@ -25,7 +25,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::cpu::adam::{clip_grad_norm, Adam, AdamConfig};
-use crate::cpu::loss::{attention_reg, cross_entropy_forward};
+use crate::cpu::loss::cross_entropy_forward;
 use crate::data::captions::{read_captions, CaptionFormat, CaptionMap};
 use crate::data::loader::{BatchLoader, LoaderConfig};
 use crate::data::split::resolve_split;
@@ -128,8 +128,12 @@ fn sibling(out: &Path, suffix: &str) -> PathBuf {
 pub struct EpochRecord {
     /// 1-based.
     pub epoch: usize,
+    /// Mean cross-entropy per target token over the epoch's batches (nats; the attention
+    /// regulariser is trained on but not included).
     pub train_loss: f64,
+    /// Mean teacher-forced cross-entropy per target token on the validation captions.
     pub val_loss: f64,
+    /// Validation BLEU-4 (COCO definition) of greedy captions, a fraction in [0, 1].
     pub bleu4: f64,
     pub seconds: f64,
 }
@@ -275,13 +279,13 @@ impl StepBatch {
 }
 
 /// One teacher-forced forward + backward; gradients accumulate into `grads` (zeroed by the caller).
-/// Returns the loss (cross-entropy + attention regulariser) and the number of target tokens.
+/// Returns the cross-entropy, the attention regulariser and the number of target tokens.
 fn train_step(
     model: &Captioner,
     grads: &mut DecoderParams,
     batch: &Batch,
     alpha_c: f32,
-) -> Result<(f32, usize)> {
+) -> Result<(f32, f32, usize)> {
     let d = &model.dims;
     let loss = match (&model.params, grads) {
         (DecoderParams::ShowTell(p), DecoderParams::ShowTell(g)) => {
@@ -294,11 +298,12 @@ fn train_step(
         }
         _ => unreachable!("gradients are built with zeros_like of the parameters"),
     };
-    Ok((loss.ce + loss.reg, loss.tokens))
+    Ok((loss.ce, loss.reg, loss.tokens))
 }
 
-/// Teacher-forced loss without backward (validation): (cross-entropy + regulariser, tokens).
-fn eval_loss(model: &Captioner, batch: &Batch, alpha_c: f32) -> Result<(f32, usize)> {
+/// Teacher-forced cross-entropy without backward (validation): (loss, tokens). The attention
+/// regulariser is left out so the number compares across decoders and alpha_c.
+fn eval_loss(model: &Captioner, batch: &Batch) -> Result<(f32, usize)> {
     let d = &model.dims;
     let (b, t, v) = (batch.lengths.len(), batch.steps, d.vocab);
     match &model.params {
@@ -311,8 +316,7 @@ fn eval_loss(model: &Captioner, batch: &Batch, alpha_c: f32) -> Result<(f32, usi
             let fw = attention_forward(p, d, batch)?;
             let logits = fw.logits_padded(b, t, v);
             let ce = cross_entropy_forward(&logits, batch.targets, v, 0.0, Some(PAD));
-            let reg = attention_reg(None, &fw.alphas, batch.lengths, alpha_c, t, d.regions);
-            Ok((ce.loss + reg, ce.count))
+            Ok((ce.loss, ce.count))
         }
     }
 }
@@ -367,12 +371,11 @@ fn validate(
     loader: &BatchLoader,
     captions: &CaptionMap,
     features: &Features,
-    alpha_c: f32,
 ) -> Result<(f64, f64)> {
     let (mut total, mut count) = (0.0f64, 0usize);
     for b in loader.batches_from(0, 0) {
         let sb = StepBatch::new(&b, features);
-        let (l, n) = eval_loss(model, &sb.view(), alpha_c)?;
+        let (l, n) = eval_loss(model, &sb.view())?;
         total += l as f64 * n as f64;
         count += n;
     }
@@ -660,7 +663,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             }
             let sb = StepBatch::new(&b, &features);
             grads.zero();
-            let (loss, ntok) = train_step(&model, &mut grads, &sb.view(), cfg.alpha_c)?;
+            let (ce, reg, ntok) = train_step(&model, &mut grads, &sb.view(), cfg.alpha_c)?;
+            let loss = ce + reg;
             let mut gviews: Vec<&mut [f32]> = grads.named_mut().into_iter().map(|(_, g)| g).collect();
             let norm = if cfg.clip > 0.0 {
                 clip_grad_norm(&mut gviews, cfg.clip)
@@ -690,7 +694,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             let mut pviews: Vec<&mut [f32]> = model.params.named_mut().into_iter().map(|(_, p)| p).collect();
             st.adam.step(&mut pviews, &gref);
             steps_this_run += 1;
-            loss_sum += loss as f64 * ntok as f64;
+            loss_sum += ce as f64 * ntok as f64;
             tok_sum += ntok;
             let secs = t0.elapsed().as_secs_f64().max(1e-9);
             pb.set_message(format!(
@@ -702,7 +706,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         }
         pb.finish_and_clear();
         let train_loss = loss_sum / tok_sum.max(1) as f64;
-        let (val_loss, bleu4) = validate(&model, &val_loader, &captions, &features, cfg.alpha_c)?;
+        let (val_loss, bleu4) = validate(&model, &val_loader, &captions, &features)?;
         if !val_loss.is_finite() {
             return Err(Error::msg(format!(
                 "non-finite validation loss after epoch {epoch} (step {}): stopping; {}",
