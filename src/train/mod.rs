@@ -541,7 +541,8 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     if cfg.batch == 0 || cfg.epochs == 0 || cfg.max_len == 0 {
         return Err(Error::msg("--batch, --epochs and --max-len must be at least 1"));
     }
-    if !(cfg.lr.is_finite() && cfg.lr > 0.0) || !cfg.clip.is_finite() || cfg.clip < 0.0 || cfg.alpha_c < 0.0 {
+    let finite_nonneg = |x: f32| x.is_finite() && x >= 0.0;
+    if !(finite_nonneg(cfg.lr) && cfg.lr > 0.0 && finite_nonneg(cfg.clip) && finite_nonneg(cfg.alpha_c)) {
         return Err(Error::msg("--lr must be positive, --clip and --alpha-c non-negative"));
     }
     if cfg.embed == 0 || cfg.hidden == 0 || cfg.att == 0 {

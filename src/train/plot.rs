@@ -96,7 +96,8 @@ pub fn render(history: &[EpochRecord]) -> RgbImage {
         let v = if v.is_finite() { v.clamp(0.0, max) } else { 0.0 };
         BOTTOM - ((BOTTOM - TOP) as f64 * v / max).round() as i64
     };
-    let series: [(&dyn Fn(&EpochRecord) -> f64, f64, Rgb<u8>); 3] = [
+    type Series<'a> = (&'a dyn Fn(&EpochRecord) -> f64, f64, Rgb<u8>);
+    let series: [Series; 3] = [
         (&|r| r.train_loss, loss_max, TRAIN_COLOUR),
         (&|r| r.val_loss, loss_max, VAL_COLOUR),
         (&|r| r.bleu4, bleu_max, BLEU_COLOUR),
