@@ -309,3 +309,38 @@ fn bad_inputs_give_clear_errors() {
     let e = train(&cfg).unwrap_err().to_string();
     assert!(e.contains("cannot resume") && e.contains("dims"), "{e}");
 }
+
+/// The binary: a successful tiny run prints the best score; the wrong feature kind is one line on
+/// stderr and a non-zero exit.
+#[test]
+fn cli_train_runs_and_fails_cleanly() {
+    let dir = tmpdir("cli");
+    let cfg = config(&dir, false);
+    let run = |extra: &[&str]| {
+        let mut args: Vec<String> = vec![
+            "train".into(),
+            "--captions".into(),
+            cfg.captions.display().to_string(),
+            "--features".into(),
+            cfg.features.display().to_string(),
+            "--out".into(),
+            cfg.out.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        std::process::Command::new(env!("CARGO_BIN_EXE_capgen")).args(&args).output().unwrap()
+    };
+    let small = ["--epochs", "2", "--batch", "16", "--min-count", "1", "--embed", "8", "--hidden", "8"];
+    let mut ok_args = small.to_vec();
+    ok_args.extend(["--decoder", "show-tell", "--lr", "0.01"]);
+    let out = run(&ok_args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("best val BLEU-4"));
+    assert!(Captioner::load(&cfg.out).is_ok());
+    let mut bad_args = small.to_vec();
+    bad_args.extend(["--decoder", "attention"]);
+    let out = run(&bad_args);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or("");
+    assert!(last.starts_with("error:") && last.contains("pooled features"), "{err}");
+}

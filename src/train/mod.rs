@@ -225,19 +225,21 @@ fn load_features(path: &Path, kind: DecoderKind) -> Result<Features> {
         return Err(Error::format(path, format!("feature tensor `{first_name}` is empty {dims:?}")));
     }
     let per_image = regions * feat;
+    let first_name = first_name.clone();
+    let encoder = file.metadata.get("encoder").cloned().unwrap_or_default();
     let mut index = BTreeMap::new();
     let mut data = Vec::with_capacity(file.tensors.len() * per_image);
-    for (name, t) in &file.tensors {
+    // Consumed tensor by tensor, so the file's copy is freed as the f32 copy grows.
+    for (name, t) in file.tensors {
         if t.dims() != dims.as_slice() {
             return Err(Error::format(
                 path,
                 format!("feature `{name}` has shape {:?} but `{first_name}` has {dims:?}", t.dims()),
             ));
         }
-        index.insert(name.clone(), index.len());
         data.extend(t.to_f32_vec());
+        index.insert(name, index.len());
     }
-    let encoder = file.metadata.get("encoder").cloned().unwrap_or_default();
     Ok(Features { index, data, per_image, regions, feat, encoder })
 }
 
