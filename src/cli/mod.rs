@@ -6,14 +6,14 @@ pub mod classify;
 pub mod extract;
 pub mod progress;
 pub mod score;
+pub mod synth;
+pub mod train;
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
 use crate::error::{Error, Result};
-
-pub mod synth;
 
 #[derive(Parser, Debug)]
 #[command(name = "capgen", version, about = "A from-scratch tensor engine and CNN-LSTM image captioner")]
@@ -127,6 +127,34 @@ pub struct TrainArgs {
     pub seed: u64,
     #[arg(long)]
     pub resume: bool,
+    /// longest caption in words (training truncates, validation generation stops there)
+    #[arg(long, default_value_t = 30)]
+    pub max_len: usize,
+    /// words seen fewer times in the training captions become <unk>
+    #[arg(long, default_value_t = 5)]
+    pub min_count: usize,
+    /// stop after this many epochs without a better validation BLEU-4 (0: never)
+    #[arg(long, default_value_t = 5)]
+    pub patience: usize,
+    /// clip gradients to this global L2 norm (0: off)
+    #[arg(long, default_value_t = 5.0)]
+    pub clip: f32,
+    /// weight of the doubly stochastic attention regulariser (attention decoder)
+    #[arg(long, default_value_t = 1.0)]
+    pub alpha_c: f32,
+    #[arg(long, default_value_t = 512)]
+    pub embed: usize,
+    #[arg(long, default_value_t = 512)]
+    pub hidden: usize,
+    /// attention layer width (attention decoder)
+    #[arg(long, default_value_t = 512)]
+    pub att_dim: usize,
+    /// caption file format (default: detected): kaggle, token, flickr30k, karpathy
+    #[arg(long)]
+    pub caption_format: Option<String>,
+    /// testing aid: abort without writing anything after N optimiser steps (as if killed)
+    #[arg(long, hide = true)]
+    pub abort_after_steps: Option<u64>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -211,7 +239,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Synth(a) => synth::run(a),
         Command::Extract(a) => extract::run(&a),
         Command::Classify(a) => classify::run(&a),
-        Command::Train(_) => not_yet("train", 3),
+        Command::Train(a) => train::run(&a),
         Command::Evaluate(_) => not_yet("evaluate", 3),
         Command::Caption(_) => not_yet("caption", 3),
         Command::Score(a) => score::run(&a),

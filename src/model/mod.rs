@@ -1,2 +1,3 @@
 //! Encoder + decoder = captioner; greedy and beam search.
+pub mod checkpoint;
 pub mod decoder;
