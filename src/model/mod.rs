@@ -1,2 +1,3 @@
 //! Encoder + decoder = captioner; greedy and beam search.
 pub mod decoder;
+pub mod search;
