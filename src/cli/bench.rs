@@ -1,20 +1,33 @@
-//! `capgen bench gemm|conv|resnet50`: time kernels and the full network inside a rayon pool of
+//! `capgen bench gemm|conv|resnet50|lstm|train-step`: time kernels and the full network inside a rayon pool of
 //! `--threads` workers, and report each case as ms (median of `--reps` after a warm-up), GFLOP/s and
 //! percent of the FMA peak measured in the same run (so the ratio holds on any machine).
 //!
 //! With `--json`, one JSON object per case per stdout line (DESIGN.md section 4 contract): `bench`,
 //! `case`, `device`, `threads`, `batch`, `ms_median`, `gflops`, `peak_gflops` (null when unknown or on
 //! GPUs), plus `pct_peak`, `reps`, `ms_min` and, for resnet50, `peak_rss_mb`.
+//!
+//! `lstm` and `train-step` (issue 3, Performance) time whole training steps at the issue's sizes
+//! (`DECODER_BENCH`: embedding, hidden and attention 512, vocabulary 8000, 20 steps, 49x2048 grid or
+//! 2048 pooled features; batch 64 unless `--batch` is given): forward, loss, backward and Adam.
+//! `lstm`: the LSTM layer alone (forward + backward) and the show-tell step; `train-step`: the
+//! attention and show-tell steps. tools/bench_decoder_torch.py times the same steps in PyTorch.
 
 use std::time::Instant;
 
 use serde_json::json;
 
 use crate::cli::BenchArgs;
+use crate::cpu::adam::{Adam, AdamConfig};
 use crate::cpu::conv::{conv2d_forward, resnet50_conv_cases, ConvParams, ConvWeights};
 use crate::cpu::gemm::{sgemm, Epilogue, MatRef};
+use crate::cpu::lstm::{lstm_backward, lstm_forward, LstmCache, LstmGrads, LstmParams, LstmSize};
 use crate::cpu::peak::fma_peak_gflops;
 use crate::error::{Error, Result};
+use crate::model::checkpoint::{DecoderKind, DecoderParams};
+use crate::model::decoder::{
+    attention_backward, attention_forward, show_tell_backward, show_tell_forward, Batch as DecBatch,
+    DecoderDims,
+};
 use crate::nn::{load_encoder, EncoderKind};
 use crate::rng::Rng;
 use crate::tensor::{Device, Tensor};
@@ -70,6 +83,8 @@ struct Row {
 
 struct Reporter<'a> {
     args: &'a BenchArgs,
+    /// The batch reported (the decoder benches default to 64).
+    batch: usize,
     threads: usize,
     device: Device,
     peak: Option<f64>,
@@ -81,7 +96,7 @@ impl Reporter<'_> {
             let peak = self.peak.map_or("unknown".to_string(), |p| format!("{p:.1} GFLOP/s"));
             println!(
                 "bench {}  device {}  threads {}  batch {}  reps {}  FMA peak {}",
-                self.args.what, self.device, self.threads, self.args.batch, self.args.reps, peak
+                self.args.what, self.device, self.threads, self.batch, self.args.reps, peak
             );
             println!("{:<32} {:>10} {:>10} {:>9} {:>8}", "case", "ms", "GFLOP/s", "% peak", "RSS MiB");
         }
@@ -96,7 +111,7 @@ impl Reporter<'_> {
                 "case": r.case,
                 "device": self.device.to_string(),
                 "threads": self.threads,
-                "batch": self.args.batch,
+                "batch": self.batch,
                 "reps": self.args.reps,
                 "ms_median": r.ms_median,
                 "ms_min": r.ms_min,
@@ -117,10 +132,7 @@ impl Reporter<'_> {
 pub fn run(args: &BenchArgs) -> Result<()> {
     let device = Device::parse(&args.device)?;
     match args.what.as_str() {
-        "gemm" | "conv" | "resnet50" => {}
-        "lstm" | "train-step" => {
-            return Err(Error::msg(format!("`capgen bench {}` is not implemented yet (issue 3)", args.what)))
-        }
+        "gemm" | "conv" | "resnet50" | "lstm" | "train-step" => {}
         other => {
             return Err(Error::msg(format!(
                 "bench {other}: expected gemm, conv, resnet50, lstm or train-step"
@@ -141,11 +153,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .map_err(|e| Error::msg(format!("cannot start {threads} worker threads ({e})")))?;
     pool.install(|| {
         let peak = fma_peak_gflops(threads);
-        let rep = Reporter { args, threads, device, peak: (peak.is_finite() && peak > 0.0).then_some(peak) };
+        // The decoder benches measure the issue's batch 64 unless --batch says otherwise.
+        let decoder = matches!(args.what.as_str(), "lstm" | "train-step");
+        let batch = if decoder && args.batch == 1 { DECODER_BENCH.0 } else { args.batch };
+        let peak = (peak.is_finite() && peak > 0.0).then_some(peak);
+        let rep = Reporter { args, batch, threads, device, peak };
         rep.header();
         match args.what.as_str() {
             "gemm" => bench_gemm(&rep),
             "conv" => bench_conv(&rep),
+            "lstm" => bench_lstm(&rep),
+            "train-step" => bench_train_step(&rep),
             _ => bench_resnet50(&rep),
         }
     })
@@ -219,6 +237,157 @@ fn bench_resnet50(rep: &Reporter) -> Result<()> {
     Ok(())
 }
 
+/// (batch, steps) of the decoder benches and their dims (issue 3, Performance).
+pub const DECODER_BENCH: (usize, usize) = (64, 20);
+pub const DECODER_BENCH_DIMS: DecoderDims =
+    DecoderDims { vocab: 8000, embed: 512, feat: 2048, regions: 49, hidden: 512, att: 512 };
+
+/// FLOPs of an LSTM over (B,T) with input I and hidden H, forward + backward: the forward's
+/// multiply-adds are the gate GEMMs B*T*4H*(I+H); the backward costs two such GEMMs (input and weight
+/// gradients), so 3x the forward, x2 FLOPs per multiply-add. Element-wise gate math is not counted.
+pub fn lstm_train_flops(b: usize, t: usize, i: usize, h: usize) -> f64 {
+    3.0 * 2.0 * (b * t * 4 * h * (i + h)) as f64
+}
+
+/// FLOPs of one show-tell training step (every row live for all T steps): init linears 2 x (B,D)x(D,H),
+/// the LSTM (I = E), the output layer (B*T,H)x(H,V); forward + backward = 3x forward, x2 per MAC.
+pub fn show_tell_train_flops(d: &DecoderDims, b: usize, t: usize) -> f64 {
+    let fwd_mac = 2 * b * d.feat * d.hidden + b * t * d.hidden * d.vocab;
+    3.0 * 2.0 * fwd_mac as f64 + lstm_train_flops(b, t, d.embed, d.hidden)
+}
+
+/// FLOPs of one attention-decoder training step (every row live): the encoder projection
+/// (B,L,D)x(D,A) once and the init linears; per step and row the decoder projection H*A, the scores
+/// L*A, the context L*D, the gate H*D, the LSTM cell 4H*(E+D+H) and the output H*V multiply-adds.
+/// Forward + backward = 3x forward, x2 per MAC; element-wise math (tanh, softmax) is not counted.
+pub fn attention_train_flops(d: &DecoderDims, b: usize, t: usize) -> f64 {
+    let (l, f, h, a, e, v) = (d.regions, d.feat, d.hidden, d.att, d.embed, d.vocab);
+    let once = b * l * f * a + 2 * b * f * h;
+    let per = h * a + l * a + l * f + h * f + 4 * h * (e + f + h) + h * v;
+    3.0 * 2.0 * (once + b * t * per) as f64
+}
+
+/// A decoder training-step fixture: parameters (uniform +-0.05), gradients, Adam state, a batch of
+/// random tokens, every caption T long.
+struct StepFixture {
+    params: DecoderParams,
+    grads: DecoderParams,
+    adam: Adam,
+    feats: Vec<f32>,
+    tokens: Vec<u32>,
+    targets: Vec<u32>,
+    lengths: Vec<usize>,
+    steps: usize,
+}
+
+impl StepFixture {
+    fn new(kind: DecoderKind, d: &DecoderDims, b: usize, t: usize, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let mut params = DecoderParams::zeros(kind, d);
+        params.named_mut().into_iter().for_each(|(_, p)| rng.fill_uniform(p, -0.05, 0.05));
+        let grads = params.zeros_like();
+        let sizes: Vec<usize> = params.named().iter().map(|(_, p)| p.len()).collect();
+        let adam = Adam::new(AdamConfig { lr: 4e-4, ..AdamConfig::default() }, &sizes);
+        let feat_len = match kind {
+            DecoderKind::ShowTell => d.feat,
+            DecoderKind::Attention => d.regions * d.feat,
+        };
+        let mut feats = vec![0.0; b * feat_len];
+        rng.fill_uniform(&mut feats, 0.0, 1.0);
+        let mut word = || 4 + rng.below(d.vocab - 4) as u32;
+        let tokens: Vec<u32> = (0..b * t).map(|_| word()).collect();
+        let targets: Vec<u32> = (0..b * t).map(|_| word()).collect();
+        StepFixture { params, grads, adam, feats, tokens, targets, lengths: vec![t; b], steps: t }
+    }
+
+    /// Zero gradients, forward, loss + backward, Adam.
+    fn step(&mut self, d: &DecoderDims) -> Result<()> {
+        self.grads.zero();
+        let batch = DecBatch {
+            feats: &self.feats,
+            tokens: &self.tokens,
+            targets: &self.targets,
+            lengths: &self.lengths,
+            steps: self.steps,
+        };
+        let loss = match (&self.params, &mut self.grads) {
+            (DecoderParams::ShowTell(p), DecoderParams::ShowTell(g)) => {
+                let mut fw = show_tell_forward(p, d, &batch, None)?;
+                show_tell_backward(p, g, d, &batch, &mut fw, 0.0)?
+            }
+            (DecoderParams::Attention(p), DecoderParams::Attention(g)) => {
+                let mut fw = attention_forward(p, d, &batch, None)?;
+                attention_backward(p, g, d, &batch, &mut fw, 1.0, 0.0, false)?
+            }
+            _ => unreachable!("fixture parameters and gradients are the same kind"),
+        };
+        if !loss.ce.is_finite() {
+            return Err(Error::msg("bench: the loss is not finite"));
+        }
+        let grads: Vec<&[f32]> = self.grads.named().into_iter().map(|(_, g)| g).collect();
+        let mut params: Vec<&mut [f32]> = self.params.named_mut().into_iter().map(|(_, p)| p).collect();
+        self.adam.step(&mut params, &grads);
+        Ok(())
+    }
+}
+
+fn bench_decoder_step(rep: &Reporter, kind: DecoderKind) -> Result<()> {
+    let (b, t) = (rep.batch, DECODER_BENCH.1);
+    let d = DECODER_BENCH_DIMS;
+    let mut fx = StepFixture::new(kind, &d, b, t, 4);
+    let (ms_median, ms_min) = time_ms(rep.args.reps, || fx.step(&d))?;
+    let flops = match kind {
+        DecoderKind::ShowTell => show_tell_train_flops(&d, b, t),
+        DecoderKind::Attention => attention_train_flops(&d, b, t),
+    };
+    rep.row(&Row {
+        case: format!("{} train step B{b} T{t}", kind.name()),
+        ms_median,
+        ms_min,
+        flops,
+        peak_rss_mb: peak_rss_mb(),
+    });
+    Ok(())
+}
+
+fn bench_lstm(rep: &Reporter) -> Result<()> {
+    let (b, t) = (rep.batch, DECODER_BENCH.1);
+    let (i, h) = (DECODER_BENCH_DIMS.embed, DECODER_BENCH_DIMS.hidden);
+    let mut rng = Rng::new(5);
+    let (w_ih, w_hh) = (random_vec(&mut rng, 4 * h * i), random_vec(&mut rng, 4 * h * h));
+    let (b_ih, b_hh) = (random_vec(&mut rng, 4 * h), random_vec(&mut rng, 4 * h));
+    let x = random_vec(&mut rng, b * t * i);
+    let (h0, c0) = (random_vec(&mut rng, b * h), random_vec(&mut rng, b * h));
+    let dhs = random_vec(&mut rng, b * t * h);
+    let p = LstmParams { w_ih: &w_ih, w_hh: &w_hh, b_ih: &b_ih, b_hh: &b_hh };
+    let (mut gw_ih, mut gw_hh) = (vec![0.0; w_ih.len()], vec![0.0; w_hh.len()]);
+    let (mut gb_ih, mut gb_hh) = (vec![0.0; 4 * h], vec![0.0; 4 * h]);
+    let active = vec![b; t];
+    let sz = LstmSize { b, t, i, h };
+    let (ms_median, ms_min) = time_ms(rep.args.reps, || {
+        let mut hs = vec![0.0; b * t * h];
+        let mut cache = LstmCache::default();
+        lstm_forward(&mut hs, &mut cache, &x, &h0, &c0, &p, &active, sz);
+        let mut dx = vec![0.0; b * t * i];
+        let mut g = LstmGrads { w_ih: &mut gw_ih, w_hh: &mut gw_hh, b_ih: &mut gb_ih, b_hh: &mut gb_hh };
+        lstm_backward(Some(&mut dx), None, None, &mut g, &dhs, &hs, &cache, &x, &h0, &c0, &p, &active, sz);
+        Ok(())
+    })?;
+    rep.row(&Row {
+        case: format!("lstm fwd+bwd B{b} T{t} I{i} H{h}"),
+        ms_median,
+        ms_min,
+        flops: lstm_train_flops(b, t, i, h),
+        peak_rss_mb: None,
+    });
+    bench_decoder_step(rep, DecoderKind::ShowTell)
+}
+
+fn bench_train_step(rep: &Reporter) -> Result<()> {
+    bench_decoder_step(rep, DecoderKind::Attention)?;
+    bench_decoder_step(rep, DecoderKind::ShowTell)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,5 +397,16 @@ mod tests {
         // torchvision documents ResNet-50 at 4.09 GMAC (8.18 GFLOP) per 224x224 image.
         let gflop = resnet50_flops_per_image() / 1e9;
         assert!((gflop - 8.18).abs() < 0.02, "{gflop}");
+    }
+
+    #[test]
+    fn decoder_flop_counts_by_hand() {
+        // LSTM: 3 * 2 * B*T*4H*(I+H) with B=1, T=1, I=1, H=1 -> 3*2*4*2 = 48.
+        assert_eq!(lstm_train_flops(1, 1, 1, 1), 48.0);
+        let d = DecoderDims { vocab: 3, embed: 1, feat: 2, regions: 1, hidden: 1, att: 1 };
+        // show-tell: 3*2*(2*1*2*1 + 1*1*1*3) + LSTM(I=1,H=1) 48 = 42 + 48.
+        assert_eq!(show_tell_train_flops(&d, 1, 1), 90.0);
+        // attention: once 1*1*2*1 + 2*1*2*1 = 6; per 1 + 1 + 2 + 2 + 4*(1+2+1) + 3 = 25; 3*2*31.
+        assert_eq!(attention_train_flops(&d, 1, 1), 186.0);
     }
 }

@@ -2,7 +2,9 @@
 //! errors come back as `crate::Error` and are printed as one line on stderr with a non-zero exit.
 
 pub mod bench;
+pub mod caption;
 pub mod classify;
+pub mod evaluate;
 pub mod extract;
 pub mod progress;
 pub mod score;
@@ -240,8 +242,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Extract(a) => extract::run(&a),
         Command::Classify(a) => classify::run(&a),
         Command::Train(a) => train::run(&a),
-        Command::Evaluate(_) => not_yet("evaluate", 3),
-        Command::Caption(_) => not_yet("caption", 3),
+        Command::Evaluate(a) => evaluate::run(&a),
+        Command::Caption(a) => caption::run(&a),
         Command::Score(a) => score::run(&a),
         Command::Bench(a) => bench::run(&a),
     }

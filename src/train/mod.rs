@@ -291,12 +291,12 @@ fn train_step(
     let d = &model.dims;
     let loss = match (&model.params, grads) {
         (DecoderParams::ShowTell(p), DecoderParams::ShowTell(g)) => {
-            let mut fw = show_tell_forward(p, d, batch)?;
+            let mut fw = show_tell_forward(p, d, batch, None)?;
             show_tell_backward(p, g, d, batch, &mut fw, 0.0)?
         }
         (DecoderParams::Attention(p), DecoderParams::Attention(g)) => {
-            let mut fw = attention_forward(p, d, batch)?;
-            attention_backward(p, g, d, batch, &mut fw, alpha_c, 0.0)?
+            let mut fw = attention_forward(p, d, batch, None)?;
+            attention_backward(p, g, d, batch, &mut fw, alpha_c, 0.0, false)?
         }
         _ => unreachable!("gradients are built with zeros_like of the parameters"),
     };
@@ -310,12 +310,12 @@ fn eval_loss(model: &Captioner, batch: &Batch) -> Result<(f32, usize)> {
     let (b, t, v) = (batch.lengths.len(), batch.steps, d.vocab);
     match &model.params {
         DecoderParams::ShowTell(p) => {
-            let fw = show_tell_forward(p, d, batch)?;
+            let fw = show_tell_forward(p, d, batch, None)?;
             let ce = cross_entropy_forward(&fw.logits, batch.targets, v, 0.0, Some(PAD));
             Ok((ce.loss, ce.count))
         }
         DecoderParams::Attention(p) => {
-            let fw = attention_forward(p, d, batch)?;
+            let fw = attention_forward(p, d, batch, None)?;
             let logits = fw.logits_padded(b, t, v);
             let ce = cross_entropy_forward(&logits, batch.targets, v, 0.0, Some(PAD));
             Ok((ce.loss, ce.count))

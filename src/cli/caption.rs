@@ -1,0 +1,100 @@
+//! `capgen caption --model M --weights W|random --image FILE... [--beam K] [--attention-map OUT.png]`:
+//! runs the encoder the checkpoint was trained with (its `encoder` metadata; ResNet-50 when empty) at
+//! the layer its decoder reads (pooled for show-tell, grid for attention), decodes, and prints
+//! `file: caption` per image.
+//!
+//! `--attention-map OUT.png` (attention decoder only) writes the panel grid of
+//! `model::attention_map` for each image: OUT.png for one image; with several, OUT-1.png, OUT-2.png, ...
+//! in the order of the images (the number before the extension).
+
+use std::path::{Path, PathBuf};
+
+use crate::cli::evaluate::{decoder_ref, feature_dims, search_config};
+use crate::cli::progress::bar;
+use crate::cli::CaptionArgs;
+use crate::data::image::{
+    collect_images, load_rgb, normalize_chw, resize_center_crop, stack, CROP, RESIZE_SHORTER,
+};
+use crate::error::{Error, Result};
+use crate::model::attention_map::{render, save_png};
+use crate::model::checkpoint::{Captioner, DecoderKind};
+use crate::model::search::generate;
+use crate::nn::{load_encoder, EncoderKind, FeatureLayer};
+
+/// Images per encoder batch.
+const BATCH: usize = 8;
+
+/// The attention-map path of image `k` (0-based) of `n`: OUT itself for one image, else OUT-<k+1>.ext.
+pub fn map_path(out: &Path, k: usize, n: usize) -> PathBuf {
+    if n == 1 {
+        return out.to_path_buf();
+    }
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = match out.extension() {
+        Some(ext) => format!("{stem}-{}.{}", k + 1, ext.to_string_lossy()),
+        None => format!("{stem}-{}", k + 1),
+    };
+    out.with_file_name(name)
+}
+
+pub fn run(args: &CaptionArgs) -> Result<()> {
+    if args.beam == 0 {
+        return Err(Error::msg("--beam 0: use a beam width of at least 1"));
+    }
+    let model = Captioner::load(&args.model)?;
+    if args.attention_map.is_some() && model.kind() != DecoderKind::Attention {
+        return Err(Error::msg(format!(
+            "--attention-map needs an attention model, but {} is a {} model",
+            args.model.display(),
+            model.kind().name()
+        )));
+    }
+    let kind =
+        if model.encoder.is_empty() { EncoderKind::ResNet50 } else { EncoderKind::parse(&model.encoder)? };
+    let layer = match model.kind() {
+        DecoderKind::ShowTell => FeatureLayer::Pooled,
+        DecoderKind::Attention => FeatureLayer::Grid,
+    };
+    let paths = collect_images(&args.image)?;
+    if paths.is_empty() {
+        return Err(Error::msg("no image given"));
+    }
+    let encoder = load_encoder(kind, &args.weights, 0)?;
+    let want = feature_dims(&model);
+    let cfg = search_config(&model, args.beam);
+    let pb = bar(paths.len(), "captioning");
+    for (c, chunk) in paths.chunks(BATCH).enumerate() {
+        let imgs = chunk.iter().map(|p| load_rgb(p)).collect::<Result<Vec<_>>>()?;
+        let crops: Vec<_> = imgs.iter().map(|i| resize_center_crop(i, RESIZE_SHORTER, CROP)).collect();
+        let x = stack(&crops.iter().map(normalize_chw).collect::<Vec<_>>())?;
+        let f = encoder.features(&x, layer)?;
+        if f.dims()[1..] != want[..] {
+            return Err(Error::format(
+                &args.model,
+                format!(
+                    "the {} model expects features {:?} but the {} encoder gives {:?}",
+                    model.kind().name(),
+                    want,
+                    model.encoder,
+                    &f.dims()[1..]
+                ),
+            ));
+        }
+        let gens = generate(decoder_ref(&model), &model.dims, &f.to_f32_vec(), &cfg)?;
+        for (i, (p, g)) in chunk.iter().zip(&gens).enumerate() {
+            pb.suspend(|| println!("{}: {}", p.display(), model.vocab.decode_string(&g.tokens)));
+            if let Some(out) = &args.attention_map {
+                let mut words: Vec<String> =
+                    g.tokens.iter().map(|&t| model.vocab.decode_string(&[t])).collect();
+                if g.finished {
+                    words.push("<end>".into());
+                }
+                let panel = render(&crops[i], &words, &g.alphas, model.dims.regions)?;
+                save_png(&panel, &map_path(out, c * BATCH + i, paths.len()))?;
+            }
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
