@@ -160,8 +160,8 @@ fn bad_arguments_and_inputs_give_one_line() {
     *to_dir.last_mut().unwrap() = s(&d).to_string();
     run(to_dir, &[s(&d), "is a directory"]);
 
-    let (code, _, err) = capgen(&["bench", "lstm"]);
-    assert!(code != 0 && err.contains("not implemented yet (issue 3)"), "{err}");
+    let (code, _, err) = capgen(&["bench", "foo"]);
+    assert!(code != 0 && err.contains("bench foo: expected gemm"), "{err}");
 }
 
 #[test]
