@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod caption;
 pub mod classify;
+pub mod demo;
 pub mod evaluate;
 pub mod extract;
 pub mod progress;
@@ -15,7 +16,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 #[derive(Parser, Debug)]
 #[command(name = "capgen", version, about = "A from-scratch tensor engine and CNN-LSTM image captioner")]
@@ -56,6 +57,8 @@ pub struct DemoArgs {
     pub json: bool,
     #[arg(long)]
     pub quick: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -231,13 +234,9 @@ pub struct BenchArgs {
     pub reps: usize,
 }
 
-fn not_yet(what: &str, issue: u32) -> Result<()> {
-    Err(Error::msg(format!("`capgen {what}` is not implemented yet (tracked in issue {issue})")))
-}
-
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Demo(_) => not_yet("demo", 4),
+        Command::Demo(a) => demo::run(&a),
         Command::Synth(a) => synth::run(a),
         Command::Extract(a) => extract::run(&a),
         Command::Classify(a) => classify::run(&a),
