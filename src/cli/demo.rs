@@ -71,9 +71,9 @@ impl Plan {
                 images: 2400,
                 image_size: 96,
                 max_objects: 2,
-                epochs: 12,
+                epochs: 18,
                 batch: 32,
-                lr: 2e-3,
+                lr: 3e-3,
                 embed: 64,
                 hidden: 128,
                 att: 64,
@@ -224,7 +224,12 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             println!("{s}");
         }
     };
-    let plan = Plan::new(a.quick);
+    let mut plan = Plan::new(a.quick);
+    plan.epochs = a.epochs.unwrap_or(plan.epochs).max(1);
+    plan.images = a.images.unwrap_or(plan.images);
+    plan.image_size = a.image_size.unwrap_or(plan.image_size);
+    let mut encoder = encoder_config();
+    encoder.width = a.width.unwrap_or(encoder.width).max(1);
     let data = out.join("data");
     ensure_data(&data, &plan, a.seed, &say)?;
 
@@ -243,7 +248,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         vocab.len()
     ));
     let cfg = E2eConfig {
-        encoder: encoder_config(),
+        encoder,
         image_size: plan.image_size as usize,
         epochs: plan.epochs,
         batch: plan.batch,
@@ -284,6 +289,9 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         refs.insert(name.clone(), kf.captions[name].clone());
     }
     let scores = score(&refs, &hyps, BleuMode::Coco)?;
+    // The test captions in the `capgen score --hyps` format, for inspection.
+    let hyp_json: Vec<Value> = hyps.iter().map(|(k, v)| json!({"image_id": k, "caption": v})).collect();
+    crate::weights::write_atomic(&out.join("test_captions.json"), Value::Array(hyp_json).to_string().as_bytes())?;
     let attr = synth::attribute_accuracy(hyps.iter().map(|(k, v)| (k.as_str(), v.as_str())), &scenes)?;
     if let (Some((_, img)), Some(g)) = (test.first(), gens.first()) {
         let mut words: Vec<String> = g.tokens.iter().map(|&t| res.model.vocab.decode_string(&[t])).collect();

@@ -59,6 +59,15 @@ pub struct DemoArgs {
     pub quick: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// tuning aids: override the plan's epochs / images / image size / encoder width
+    #[arg(long, hide = true)]
+    pub epochs: Option<usize>,
+    #[arg(long, hide = true)]
+    pub images: Option<usize>,
+    #[arg(long, hide = true)]
+    pub image_size: Option<u32>,
+    #[arg(long, hide = true)]
+    pub width: Option<usize>,
 }
 
 #[derive(clap::Args, Debug)]

@@ -36,6 +36,16 @@ use crate::train::EpochRecord;
 pub const MEAN: [f32; 3] = crate::data::image::MEAN;
 pub const STD: [f32; 3] = crate::data::image::STD;
 
+/// The learning rate at the end of the cosine schedule, as a share of the peak.
+pub const LR_FLOOR: f32 = 0.05;
+
+/// Cosine learning-rate schedule: `lr` at step 0, `lr * LR_FLOOR` at the last of `total` steps.
+pub fn cosine_lr(lr: f32, step: usize, total: usize) -> f32 {
+    let f = if total <= 1 { 0.0 } else { step as f32 / (total - 1) as f32 };
+    let c = 0.5 * (1.0 + (std::f32::consts::PI * f).cos());
+    lr * (LR_FLOOR + (1.0 - LR_FLOOR) * c)
+}
+
 /// Settings of one joint training run.
 #[derive(Clone, Debug)]
 pub struct E2eConfig {
@@ -45,6 +55,7 @@ pub struct E2eConfig {
     pub epochs: usize,
     /// Images per step (each brings all its captions).
     pub batch: usize,
+    /// Peak learning rate; it follows a cosine from `lr` down to `lr * LR_FLOOR` over the run.
     pub lr: f32,
     pub clip: f32,
     pub alpha_c: f32,
@@ -327,6 +338,7 @@ pub fn train_e2e(
                 )));
             }
             let gref: Vec<&[f32]> = gviews.iter().map(|g| &**g).collect();
+            adam.cfg.lr = cosine_lr(cfg.lr, adam.t as usize, steps_per_epoch * cfg.epochs);
             adam.step(&mut pviews, &gref);
             loss_sum += loss.ce as f64 * loss.tokens as f64;
             tok_sum += loss.tokens;
