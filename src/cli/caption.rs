@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::cli::demo::Preprocess;
 use crate::cli::evaluate::{decoder_ref, feature_dims, search_config};
 use crate::cli::progress::bar;
 use crate::cli::CaptionArgs;
@@ -20,7 +21,6 @@ use crate::error::{Error, Result};
 use crate::model::attention_map::{render, save_png};
 use crate::model::checkpoint::{Captioner, DecoderKind};
 use crate::model::search::generate;
-use crate::cli::demo::Preprocess;
 use crate::nn::resnet::ResNet;
 use crate::nn::{load_encoder, Encoder, EncoderKind, FeatureLayer};
 use crate::tensor::Tensor;
@@ -72,7 +72,9 @@ pub fn run(args: &CaptionArgs) -> Result<()> {
     }
     let encoder: Box<dyn Encoder> = match &demo {
         Some(pp) if args.weights == "random" => Box::new(ResNet::random(&pp.encoder, 0)),
-        Some(pp) => Box::new(ResNet::from_tensor_file(&pp.encoder, &TensorFile::load(Path::new(&args.weights))?)?),
+        Some(pp) => {
+            Box::new(ResNet::from_tensor_file(&pp.encoder, &TensorFile::load(Path::new(&args.weights))?)?)
+        }
         None => load_encoder(kind, &args.weights, 0)?,
     };
     let want = feature_dims(&model);
@@ -89,7 +91,8 @@ pub fn run(args: &CaptionArgs) -> Result<()> {
                 (crops, x)
             }
             None => {
-                let crops: Vec<_> = imgs.iter().map(|i| resize_center_crop(i, RESIZE_SHORTER, CROP)).collect();
+                let crops: Vec<_> =
+                    imgs.iter().map(|i| resize_center_crop(i, RESIZE_SHORTER, CROP)).collect();
                 let x = stack(&crops.iter().map(normalize_chw).collect::<Vec<_>>())?;
                 (crops, x)
             }

@@ -291,7 +291,10 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let scores = score(&refs, &hyps, BleuMode::Coco)?;
     // The test captions in the `capgen score --hyps` format, for inspection.
     let hyp_json: Vec<Value> = hyps.iter().map(|(k, v)| json!({"image_id": k, "caption": v})).collect();
-    crate::weights::write_atomic(&out.join("test_captions.json"), Value::Array(hyp_json).to_string().as_bytes())?;
+    crate::weights::write_atomic(
+        &out.join("test_captions.json"),
+        Value::Array(hyp_json).to_string().as_bytes(),
+    )?;
     let attr = synth::attribute_accuracy(hyps.iter().map(|(k, v)| (k.as_str(), v.as_str())), &scenes)?;
     if let (Some((_, img)), Some(g)) = (test.first(), gens.first()) {
         let mut words: Vec<String> = g.tokens.iter().map(|&t| res.model.vocab.decode_string(&[t])).collect();
@@ -302,10 +305,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         attention_map::save_png(&panel, &out.join("attention.png"))?;
     }
     let final_loss = res.history.last().map(|r| r.train_loss).unwrap_or(f64::NAN);
-    say(format!(
-        "final train loss {final_loss:.4} nats/token (unigram baseline {:.4})",
-        res.unigram_entropy
-    ));
+    say(format!("final train loss {final_loss:.4} nats/token (unigram baseline {:.4})", res.unigram_entropy));
     say(format!("test split, {} images, beam 3:", test.len()));
     for l in scores.lines() {
         say(format!("  {l}"));

@@ -162,10 +162,7 @@ fn gather(feats: &[f32], per: usize, image: &[usize]) -> Vec<f32> {
 
 /// Encodes every caption of `names` (`<start> words <end>`, at most `max_len` words).
 fn encode_all(captions: &CaptionMap, names: &[String], vocab: &Vocab, max_len: usize) -> Vec<Vec<Vec<u32>>> {
-    names
-        .iter()
-        .map(|n| captions[n].iter().map(|c| vocab.encode(c, max_len).0).collect())
-        .collect()
+    names.iter().map(|n| captions[n].iter().map(|c| vocab.encode(c, max_len).0).collect()).collect()
 }
 
 /// Grid features (N,L,C) of `imgs` with the encoder in eval mode, in chunks of 64.
@@ -199,12 +196,7 @@ pub fn caption_images(
 }
 
 /// Teacher-forced validation cross-entropy per token (encoder in eval mode).
-fn val_loss(
-    enc: &TrainResNet,
-    model: &Captioner,
-    imgs: &[&RgbImage],
-    caps: &[Vec<Vec<u32>>],
-) -> Result<f64> {
+fn val_loss(enc: &TrainResNet, model: &Captioner, imgs: &[&RgbImage], caps: &[Vec<Vec<u32>>]) -> Result<f64> {
     let DecoderParams::Attention(p) = &model.params else { unreachable!("attention decoder") };
     let d = &model.dims;
     let per = d.regions * d.feat;
@@ -257,14 +249,8 @@ pub fn train_e2e(
     let probe = enc.forward_eval(&stack(&[&train[0].1]), 1, s, s, FeatureLayer::Grid)?;
     let feat = cfg.encoder.feature_dim();
     let regions = probe.len() / feat;
-    let dims = DecoderDims {
-        vocab: vocab.len(),
-        embed: cfg.embed,
-        feat,
-        regions,
-        hidden: cfg.hidden,
-        att: cfg.att,
-    };
+    let dims =
+        DecoderDims { vocab: vocab.len(), embed: cfg.embed, feat, regions, hidden: cfg.hidden, att: cfg.att };
     let mut model = Captioner::init(DecoderKind::Attention, dims, vocab, cfg.max_len, cfg.seed)?;
     let train_names: Vec<String> = train.iter().map(|(n, _)| n.clone()).collect();
     let val_names: Vec<String> = val.iter().map(|(n, _)| n.clone()).collect();
@@ -342,7 +328,11 @@ pub fn train_e2e(
             adam.step(&mut pviews, &gref);
             loss_sum += loss.ce as f64 * loss.tokens as f64;
             tok_sum += loss.tokens;
-            pb.set_message(format!("epoch {epoch}/{} loss {:.3}", cfg.epochs, loss_sum / tok_sum.max(1) as f64));
+            pb.set_message(format!(
+                "epoch {epoch}/{} loss {:.3}",
+                cfg.epochs,
+                loss_sum / tok_sum.max(1) as f64
+            ));
             pb.inc(1);
         }
         let train_loss = loss_sum / tok_sum.max(1) as f64;
@@ -356,7 +346,10 @@ pub fn train_e2e(
         });
         pb.suspend(|| {
             if cfg.progress {
-                eprintln!("epoch {epoch}: train loss {train_loss:.4}, val loss {vl:.4} ({:.1}s)", t0.elapsed().as_secs_f64());
+                eprintln!(
+                    "epoch {epoch}: train loss {train_loss:.4}, val loss {vl:.4} ({:.1}s)",
+                    t0.elapsed().as_secs_f64()
+                );
             }
         });
     }
@@ -382,8 +375,8 @@ mod tests {
 
     #[test]
     fn rows_are_sorted_longest_first_and_shifted() {
-        let a = vec![vec![1, 10, 11, 2]];
-        let b = vec![vec![1, 12, 2], vec![1, 13, 14, 15, 2]];
+        let a = [vec![1, 10, 11, 2]];
+        let b = [vec![1, 12, 2], vec![1, 13, 14, 15, 2]];
         let r = make_rows(&[&a[..], &b[..]]);
         assert_eq!(r.lengths, vec![4, 3, 2]);
         assert_eq!(r.image, vec![1, 0, 1]);
