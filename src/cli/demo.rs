@@ -56,10 +56,10 @@ impl Plan {
     pub fn new(quick: bool) -> Plan {
         if quick {
             Plan {
-                images: 240,
+                images: 480,
                 image_size: 64,
                 max_objects: 2,
-                epochs: 6,
+                epochs: 12,
                 batch: 16,
                 lr: 3e-3,
                 embed: 32,
