@@ -72,7 +72,7 @@ impl Plan {
                 image_size: 96,
                 max_objects: 2,
                 epochs: 18,
-                batch: 32,
+                batch: 16,
                 lr: 3e-3,
                 embed: 64,
                 hidden: 128,
@@ -228,6 +228,8 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     plan.epochs = a.epochs.unwrap_or(plan.epochs).max(1);
     plan.images = a.images.unwrap_or(plan.images);
     plan.image_size = a.image_size.unwrap_or(plan.image_size);
+    plan.batch = a.batch.unwrap_or(plan.batch).max(1);
+    plan.lr = a.lr.unwrap_or(plan.lr);
     let mut encoder = encoder_config();
     encoder.width = a.width.unwrap_or(encoder.width).max(1);
     let data = out.join("data");

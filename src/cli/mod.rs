@@ -68,6 +68,10 @@ pub struct DemoArgs {
     pub image_size: Option<u32>,
     #[arg(long, hide = true)]
     pub width: Option<usize>,
+    #[arg(long, hide = true)]
+    pub batch: Option<usize>,
+    #[arg(long, hide = true)]
+    pub lr: Option<f32>,
 }
 
 #[derive(clap::Args, Debug)]
