@@ -72,7 +72,7 @@ impl Plan {
                 image_size: 96,
                 max_objects: 2,
                 epochs: 18,
-                batch: 16,
+                batch: 8,
                 lr: 3e-3,
                 embed: 64,
                 hidden: 128,
