@@ -23,6 +23,7 @@ use crate::data::captions::CaptionMap;
 use crate::data::image::RgbImage;
 use crate::data::vocab::{Vocab, PAD, START};
 use crate::error::{Error, Result};
+use crate::metrics::{score, BleuMode};
 use crate::model::checkpoint::{Captioner, DecoderKind, DecoderParams};
 use crate::model::decoder::{attention_backward, attention_forward, Batch, DecoderDims};
 use crate::model::search::{generate, DecoderRef, Generated, SearchConfig};
@@ -195,14 +196,28 @@ pub fn caption_images(
     Ok(out)
 }
 
-/// Teacher-forced validation cross-entropy per token (encoder in eval mode).
-fn val_loss(enc: &TrainResNet, model: &Captioner, imgs: &[&RgbImage], caps: &[Vec<Vec<u32>>]) -> Result<f64> {
+/// Validation with the encoder in eval mode: teacher-forced cross-entropy per token, and BLEU-4
+/// (COCO) of greedy captions against the raw references `refs` (in the order of `imgs`).
+fn validate(
+    enc: &TrainResNet,
+    model: &Captioner,
+    imgs: &[&RgbImage],
+    caps: &[Vec<Vec<u32>>],
+    refs: &[Vec<String>],
+) -> Result<(f64, f64)> {
     let DecoderParams::Attention(p) = &model.params else { unreachable!("attention decoder") };
     let d = &model.dims;
     let per = d.regions * d.feat;
     let (mut sum, mut count) = (0.0f64, 0usize);
+    let scfg = SearchConfig { beam: 1, max_len: model.max_len + 1, ..SearchConfig::default() };
+    let (mut hyps, mut refmap) = (BTreeMap::new(), BTreeMap::new());
     for (ci, chunk) in imgs.chunks(32).enumerate() {
         let f = encode_eval(enc, chunk)?;
+        for (k, g) in generate(DecoderRef::Attention(p), d, &f, &scfg)?.iter().enumerate() {
+            let i = ci * 32 + k;
+            hyps.insert(i.to_string(), model.vocab.decode_string(&g.tokens));
+            refmap.insert(i.to_string(), refs[i].clone());
+        }
         let cs: Vec<&[Vec<u32>]> = caps[ci * 32..ci * 32 + chunk.len()].iter().map(|c| &c[..]).collect();
         let rows = make_rows(&cs);
         let rf = gather(&f, per, &rows.image);
@@ -219,7 +234,8 @@ fn val_loss(enc: &TrainResNet, model: &Captioner, imgs: &[&RgbImage], caps: &[Ve
         sum += ce.loss as f64 * ce.count as f64;
         count += ce.count;
     }
-    Ok(sum / count.max(1) as f64)
+    let bleu4 = score(&refmap, &hyps, BleuMode::Coco)?.bleu[3];
+    Ok((sum / count.max(1) as f64, bleu4))
 }
 
 /// Trains encoder and decoder jointly on `train` (name, image) pairs, reporting validation loss per
@@ -261,6 +277,7 @@ pub fn train_e2e(
     debug_assert!(train_caps.iter().flatten().all(|c| c[0] == START));
     let unigram = unigram_entropy(&targets);
     let val_imgs: Vec<&RgbImage> = val.iter().map(|(_, im)| im).collect();
+    let val_refs: Vec<Vec<String>> = val_names.iter().map(|n| captions[n].clone()).collect();
 
     let mut sizes: Vec<usize> = model.params.named().iter().map(|(_, p)| p.len()).collect();
     sizes.extend(enc.params.iter().map(|p| p.data.len()));
@@ -336,18 +353,19 @@ pub fn train_e2e(
             pb.inc(1);
         }
         let train_loss = loss_sum / tok_sum.max(1) as f64;
-        let vl = val_loss(&enc, &model, &val_imgs, &val_caps)?;
+        let (vl, bleu4) = validate(&enc, &model, &val_imgs, &val_caps, &val_refs)?;
         history.push(EpochRecord {
             epoch,
             train_loss,
             val_loss: vl,
-            bleu4: f64::NAN,
+            bleu4,
             seconds: t0.elapsed().as_secs_f64(),
         });
         pb.suspend(|| {
             if cfg.progress {
                 eprintln!(
-                    "epoch {epoch}: train loss {train_loss:.4}, val loss {vl:.4} ({:.1}s)",
+                    "epoch {epoch}: train loss {train_loss:.4}, val loss {vl:.4}, val BLEU-4 (greedy) {:.4} ({:.1}s)",
+                    bleu4,
                     t0.elapsed().as_secs_f64()
                 );
             }
