@@ -1,5 +1,6 @@
 //! `capgen caption --model M --weights W|random --image FILE... [--beam K] [--attention-map OUT.png]`:
-//! runs the encoder the checkpoint was trained with (its `encoder` metadata; ResNet-50 when empty) at
+//! runs the encoder the checkpoint was trained with (its `encoder` metadata; ResNet-50 when empty; for
+//! a `capgen demo` model, the ResNet config and image preprocessing recorded in its `hyper`) at
 //! the layer its decoder reads (pooled for show-tell, grid for attention), decodes, and prints
 //! `file: caption` per image.
 //!
@@ -9,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::cli::demo::Preprocess;
 use crate::cli::evaluate::{decoder_ref, feature_dims, search_config};
 use crate::cli::progress::bar;
 use crate::cli::CaptionArgs;
@@ -19,7 +21,11 @@ use crate::error::{Error, Result};
 use crate::model::attention_map::{render, save_png};
 use crate::model::checkpoint::{Captioner, DecoderKind};
 use crate::model::search::generate;
-use crate::nn::{load_encoder, EncoderKind, FeatureLayer};
+use crate::nn::resnet::ResNet;
+use crate::nn::{load_encoder, Encoder, EncoderKind, FeatureLayer};
+use crate::tensor::Tensor;
+use crate::train::e2e::normalize;
+use crate::weights::TensorFile;
 
 /// Images per encoder batch.
 const BATCH: usize = 8;
@@ -49,8 +55,13 @@ pub fn run(args: &CaptionArgs) -> Result<()> {
             model.kind().name()
         )));
     }
-    let kind =
-        if model.encoder.is_empty() { EncoderKind::ResNet50 } else { EncoderKind::parse(&model.encoder)? };
+    // A model from `capgen demo` records its own encoder config and preprocessing.
+    let demo = Preprocess::from_hyper(&model.hyper, &args.model)?;
+    let kind = if model.encoder.is_empty() || demo.is_some() {
+        EncoderKind::ResNet50
+    } else {
+        EncoderKind::parse(&model.encoder)?
+    };
     let layer = match model.kind() {
         DecoderKind::ShowTell => FeatureLayer::Pooled,
         DecoderKind::Attention => FeatureLayer::Grid,
@@ -59,14 +70,33 @@ pub fn run(args: &CaptionArgs) -> Result<()> {
     if paths.is_empty() {
         return Err(Error::msg("no image given"));
     }
-    let encoder = load_encoder(kind, &args.weights, 0)?;
+    let encoder: Box<dyn Encoder> = match &demo {
+        Some(pp) if args.weights == "random" => Box::new(ResNet::random(&pp.encoder, 0)),
+        Some(pp) => {
+            Box::new(ResNet::from_tensor_file(&pp.encoder, &TensorFile::load(Path::new(&args.weights))?)?)
+        }
+        None => load_encoder(kind, &args.weights, 0)?,
+    };
     let want = feature_dims(&model);
     let cfg = search_config(&model, args.beam);
     let pb = bar(paths.len(), "captioning");
     for (c, chunk) in paths.chunks(BATCH).enumerate() {
         let imgs = chunk.iter().map(|p| load_rgb(p)).collect::<Result<Vec<_>>>()?;
-        let crops: Vec<_> = imgs.iter().map(|i| resize_center_crop(i, RESIZE_SHORTER, CROP)).collect();
-        let x = stack(&crops.iter().map(normalize_chw).collect::<Vec<_>>())?;
+        let (crops, x) = match &demo {
+            Some(pp) => {
+                let s = pp.image_size;
+                let crops: Vec<_> = imgs.iter().map(|i| resize_center_crop(i, s, s)).collect();
+                let data: Vec<f32> = crops.iter().flat_map(|c| normalize(c, pp.mean, pp.std)).collect();
+                let x = Tensor::from_vec(data, &[crops.len(), 3, s, s])?;
+                (crops, x)
+            }
+            None => {
+                let crops: Vec<_> =
+                    imgs.iter().map(|i| resize_center_crop(i, RESIZE_SHORTER, CROP)).collect();
+                let x = stack(&crops.iter().map(normalize_chw).collect::<Vec<_>>())?;
+                (crops, x)
+            }
+        };
         let f = encoder.features(&x, layer)?;
         if f.dims()[1..] != want[..] {
             return Err(Error::format(

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod caption;
 pub mod classify;
+pub mod demo;
 pub mod evaluate;
 pub mod extract;
 pub mod progress;
@@ -15,7 +16,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 #[derive(Parser, Debug)]
 #[command(name = "capgen", version, about = "A from-scratch tensor engine and CNN-LSTM image captioner")]
@@ -56,6 +57,21 @@ pub struct DemoArgs {
     pub json: bool,
     #[arg(long)]
     pub quick: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// tuning aids: override the plan's epochs / images / image size / encoder width
+    #[arg(long, hide = true)]
+    pub epochs: Option<usize>,
+    #[arg(long, hide = true)]
+    pub images: Option<usize>,
+    #[arg(long, hide = true)]
+    pub image_size: Option<u32>,
+    #[arg(long, hide = true)]
+    pub width: Option<usize>,
+    #[arg(long, hide = true)]
+    pub batch: Option<usize>,
+    #[arg(long, hide = true)]
+    pub lr: Option<f32>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -231,13 +247,9 @@ pub struct BenchArgs {
     pub reps: usize,
 }
 
-fn not_yet(what: &str, issue: u32) -> Result<()> {
-    Err(Error::msg(format!("`capgen {what}` is not implemented yet (tracked in issue {issue})")))
-}
-
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Demo(_) => not_yet("demo", 4),
+        Command::Demo(a) => demo::run(&a),
         Command::Synth(a) => synth::run(a),
         Command::Extract(a) => extract::run(&a),
         Command::Classify(a) => classify::run(&a),

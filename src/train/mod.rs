@@ -16,6 +16,7 @@
 //! never stopped. A non-finite loss stops training with an error naming the epoch and step; the files
 //! of the last finished epoch are left untouched.
 
+pub mod e2e;
 pub mod plot;
 
 use std::collections::BTreeMap;
