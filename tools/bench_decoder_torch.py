@@ -12,7 +12,7 @@ Adam. The attention decoder is the same math as src/cpu/attention.rs (relu addit
 gate f_beta, h0/c0 linear from the mean feature) with an nn.LSTMCell loop; show-tell uses tanh-linear
 h0/c0 and nn.LSTM (and, as a second case, an nn.LSTMCell loop).
 
-Rerun:  /work/pyenv/bin/python tools/bench_decoder_torch.py [--capgen target/release/capgen] [--steps 15]
+Rerun:  python tools/bench_decoder_torch.py [--capgen target/release/capgen] [--steps 15]
 """
 
 import argparse

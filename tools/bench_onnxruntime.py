@@ -2,7 +2,7 @@
 
 Rerun (no network needed; the ONNX model lives in a temporary directory that is deleted afterwards):
 
-    /work/pyenv/bin/python tools/bench_onnxruntime.py [--capgen target/release/capgen] \
+    python tools/bench_onnxruntime.py [--capgen target/release/capgen] \
         [--batches 1,8] [--runs 10] [--warmup 3] [--threads 2] [--rounds 1] [--json]
 
 It exports torchvision's resnet50 (weights=None, filled with capgen's seeded random weights through
@@ -15,7 +15,7 @@ WARMUP untimed ones. If the capgen binary exists it then runs
 per batch and the ratio capgen / onnxruntime (below 1 means capgen is faster). With --rounds R the two
 engines are timed alternately R times and the medians over rounds are reported.
 Run it on an otherwise idle machine: both engines use THREADS cores and any other load skews both.
-torch, onnx, onnxscript and onnxruntime come from PyPI (installed in /work/pyenv).
+torch, onnx, onnxscript and onnxruntime come from PyPI.
 """
 
 import argparse

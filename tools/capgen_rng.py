@@ -6,7 +6,7 @@ golden files can then ship a seed instead of 100 MB of weights.
 
 Run it directly for the self-check (exits non-zero on any mismatch):
 
-    /work/pyenv/bin/python tools/capgen_rng.py
+    python tools/capgen_rng.py
 
 The spec (from src/rng.rs, which must not change without regenerating every golden file):
 - state advances by 0x9E3779B97F4A7C15 (wrapping); output is the SplitMix64 finaliser;

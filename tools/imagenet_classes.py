@@ -2,7 +2,7 @@
 order, taken from torchvision's weight metadata (ResNet50_Weights.IMAGENET1K_V1.meta["categories"]).
 `capgen classify` embeds the file.
 
-Rerun: /work/pyenv/bin/python tools/imagenet_classes.py
+Rerun: python tools/imagenet_classes.py
 """
 
 from pathlib import Path

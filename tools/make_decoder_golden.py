@@ -1,6 +1,6 @@
 """Writes tests/data/decoder_golden.safetensors: PyTorch reference for the two decoders' building blocks.
 
-Rerun (from the repository root):  /work/pyenv/bin/python tools/make_decoder_golden.py
+Rerun (from the repository root):  python tools/make_decoder_golden.py
 
 Contents (all float32; integer tensors -- tokens, targets, lengths -- are stored as exact float32 values):
 

@@ -2,9 +2,9 @@
 
 Rerun (CPU only, no network, ~1-2 minutes):
 
-    /work/pyenv/bin/python tools/make_encoder_golden.py [--out tests/data]
+    python tools/make_encoder_golden.py [--out tests/data]
 
-torch 2.15 and torchvision 0.29 came from PyPI (installed in /work/pyenv). The script builds
+torch 2.15 and torchvision 0.29 came from PyPI. The script builds
 torchvision's resnet50 and vgg16 (weights=None, eval mode), fills every state-dict tensor with
 `capgen_rng.init_tensor(name, shape, seed)` -- bit-identical to what `capgen` builds with
 `--weights random` and the same seed (num_batches_tracked is left untouched; eval mode ignores it) --

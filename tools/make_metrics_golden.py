@@ -9,7 +9,7 @@ captions that must all match, and adversarial strings (punctuation glued to word
 match. tests/metrics_golden.rs replays all of it against src/metrics.
 
 Rerun (needs Java on PATH; takes a few seconds):
-    /work/pyenv/bin/python tools/make_metrics_golden.py
+    python tools/make_metrics_golden.py
 """
 
 import json

@@ -7,7 +7,7 @@ The .pth covers what real torchvision checkpoints contain: a module state dict w
 and int64 `num_batches_tracked`, plus float16 / bfloat16 tensors, an nn.Parameter, and views that
 share a storage (a transpose and a narrowed slice with a storage offset).
 
-Rerun: /work/pyenv/bin/python tools/make_pth_fixture.py   (from the repository root)
+Rerun: python tools/make_pth_fixture.py   (from the repository root)
 """
 import os
 

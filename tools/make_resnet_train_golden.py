@@ -1,7 +1,7 @@
 """Writes tests/data/resnet_train_golden.safetensors: one PyTorch training-mode forward/backward of a
 small ResNet, replayed by tests/resnet_train_golden.rs against capgen's TrainResNet.
 
-Rerun (from the repository root):  /work/pyenv/bin/python tools/make_resnet_train_golden.py
+Rerun (from the repository root):  python tools/make_resnet_train_golden.py
 
 The network: torchvision's ResNet layout (BasicBlock, v1.5) with blocks [1, 1, 1, 1] and base width 8
 (channels 8/16/32/64), written out here as plain nn.Modules with torchvision's state-dict names, since

@@ -10,7 +10,7 @@ whole crop), then out[:, 100:112, 100:112] (3 x 12 x 12, a dense window to catch
 deliberately takes the high byte instead (see src/data/image.rs), so the reference here is computed
 from PIL's raw 16-bit samples >> 8 as an 8-bit "L" image, then the same torchvision pipeline.
 
-Rerun: /work/pyenv/bin/python tools/preprocess_golden.py   (deterministic)
+Rerun: python tools/preprocess_golden.py   (deterministic)
 """
 
 from pathlib import Path
