@@ -1,44 +1,15 @@
 //! The `capgen` binary end to end: `--help`, bad input (one line on stderr naming the file, non-zero
 //! exit, no panic), and `extract` on a few small committed images with seeded random weights.
 
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use capgen::weights::TensorFile;
 
-const BIN: &str = env!("CARGO_BIN_EXE_capgen");
-
 fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/preprocess").join(name)
-}
-
-/// A fresh empty directory for one test.
-fn tmp(test: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("capgen-cli-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn capgen(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("run capgen");
-    let s = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
-    (out.status.code().unwrap_or(-1), s(out.stdout), s(out.stderr))
-}
-
-/// The run failed with exactly one stderr line that mentions every `needles` and no panic.
-fn assert_one_line_error(args: &[&str], needles: &[&str]) {
-    let (code, _, err) = capgen(args);
-    assert_ne!(code, 0, "{args:?} succeeded; stderr: {err}");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: expected one line, got:\n{err}");
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: stderr {err:?} does not mention {n:?}");
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// CRC-32 (IEEE, reflected, polynomial 0xEDB88320), as PNG chunks need.

@@ -2,27 +2,15 @@
 //! which this test recomputes from the written captions), writes its files, is deterministic, reuses
 //! or rebuilds an interrupted data directory, and its model captions a demo image with `capgen caption`.
 
+mod common;
+use common::*;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use capgen::data::split::read_karpathy;
 use capgen::data::tokenize::tokenize;
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_capgen");
-
-fn tmp(test: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("capgen-demo-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn capgen(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("run capgen");
-    let s = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
-    (out.status.code().unwrap_or(-1), s(out.stdout), s(out.stderr))
-}
 
 /// Runs the quick demo into `dir` and returns its final JSON line.
 fn quick(dir: &Path) -> Value {
@@ -52,7 +40,7 @@ fn unigram_entropy(data: &Path) -> f64 {
 
 #[test]
 fn quick_demo_learns_writes_files_and_captions() {
-    let dir = tmp("quick");
+    let dir = tmp_path("quick", false);
     let j = quick(&dir);
     for k in ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr-D", "ROUGE-L", "attribute_accuracy", "seconds"] {
         assert!(j[k].as_f64().is_some_and(f64::is_finite), "missing or non-finite {k}: {j}");
@@ -107,7 +95,7 @@ fn quick_demo_learns_writes_files_and_captions() {
 
 #[test]
 fn demo_out_is_a_file_is_one_line_error() {
-    let dir = tmp("file");
+    let dir = tmp_path("file", false);
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("not-a-dir");
     std::fs::write(&f, b"x").unwrap();

@@ -2,9 +2,11 @@
 //! API (seeded random decoders) and tiny generated features / committed images; and their bad inputs
 //! (one stderr line, non-zero exit, no panic).
 
+mod common;
+use common::*;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use capgen::data::vocab::Vocab;
 use capgen::model::checkpoint::{Captioner, DecoderKind};
@@ -13,35 +15,6 @@ use capgen::model::search::{generate, SearchConfig};
 use capgen::rng::Rng;
 use capgen::tensor::Tensor;
 use capgen::weights::save_safetensors;
-
-const BIN: &str = env!("CARGO_BIN_EXE_capgen");
-
-fn tmp(test: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("capgen-infer-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn capgen(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).output().expect("run capgen");
-    let s = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
-    (out.status.code().unwrap_or(-1), s(out.stdout), s(out.stderr))
-}
-
-fn assert_one_line_error(args: &[&str], needles: &[&str]) {
-    let (code, _, err) = capgen(args);
-    assert_ne!(code, 0, "{args:?} succeeded; stderr: {err}");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: expected one line, got:\n{err}");
-    for n in needles {
-        assert!(err.contains(n), "{args:?}: stderr {err:?} does not mention {n:?}");
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 const IMAGES: [&str; 4] = ["a.jpg", "b.jpg", "c.jpg", "d.jpg"];
 const CAPTIONS: [&str; 4] =

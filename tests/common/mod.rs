@@ -1,0 +1,44 @@
+//! Helpers shared by the tests that run the `capgen` binary.
+#![allow(dead_code)] // each test crate uses a different subset
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_capgen");
+
+/// A path for one test's files under the temp dir, removed if left over; `create` makes it.
+pub fn tmp_path(test: &str, create: bool) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("capgen-test-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    if create {
+        std::fs::create_dir_all(&d).unwrap();
+    }
+    d
+}
+
+/// A fresh empty directory for one test.
+pub fn tmp(test: &str) -> PathBuf {
+    tmp_path(test, true)
+}
+
+/// Runs the binary: (exit code, stdout, stderr).
+pub fn capgen(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().expect("run capgen");
+    let s = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    (out.status.code().unwrap_or(-1), s(out.stdout), s(out.stderr))
+}
+
+/// The run failed with exactly one stderr line that mentions every `needles` and no panic.
+pub fn assert_one_line_error(args: &[&str], needles: &[&str]) {
+    let (code, _, err) = capgen(args);
+    assert_ne!(code, 0, "{args:?} succeeded; stderr: {err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: expected one line, got:\n{err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: stderr {err:?} does not mention {n:?}");
+    }
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
