@@ -11,6 +11,9 @@
 //! sums here have at most a few thousand terms, so honest errors stay near 1e-6; a missing or wrong
 //! term is an O(1) relative error.
 
+mod common;
+use common::fd::*;
+
 use capgen::cpu::batchnorm::{batchnorm_backward, batchnorm_train_forward, relu_backward, BnShape};
 use capgen::cpu::conv::{conv2d_backward, conv2d_backward_reference, ConvParams, ConvShape};
 use capgen::cpu::pool::{
@@ -20,57 +23,8 @@ use capgen::cpu::pool::{
 use capgen::nn::resnet::{BlockKind, ResNetConfig};
 use capgen::nn::train_resnet::TrainResNet;
 use capgen::nn::FeatureLayer;
-use capgen::rng::uniform_vec;
 
-const FD_STEP: f64 = 1e-5;
 const GRAD_TOL: f64 = 1e-4;
-
-fn rnd(name: &str, n: usize, scale: f32) -> Vec<f32> {
-    uniform_vec(42, name, n, -scale, scale)
-}
-
-fn to64(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| x as f64).collect()
-}
-
-fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| y * y).sum();
-    assert!(den > 0.0, "reference is all zeros: the check would be vacuous");
-    let e = (num / den).sqrt();
-    if e.is_nan() {
-        f64::INFINITY
-    } else {
-        e
-    }
-}
-
-fn check(what: &str, ours: &[f32], reference: &[f64], tol: f64) {
-    let e = rel_l2(ours, reference);
-    eprintln!("{what}: relative L2 error {e:.2e}");
-    assert!(e <= tol, "{what}: relative L2 error {e:.3e} > {tol:.0e}");
-}
-
-/// Central-difference gradient of `f` w.r.t. every element of input `k`.
-fn fd_grad(inputs: &[Vec<f64>], k: usize, f: &dyn Fn(&[Vec<f64>]) -> f64) -> Vec<f64> {
-    let mut p = inputs.to_vec();
-    (0..p[k].len())
-        .map(|j| {
-            let v = p[k][j];
-            p[k][j] = v + FD_STEP;
-            let lp = f(&p);
-            p[k][j] = v - FD_STEP;
-            let lm = f(&p);
-            p[k][j] = v;
-            (lp - lm) / (2.0 * FD_STEP)
-        })
-        .collect()
-}
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
 
 // ----- f64 reference forwards -----
 

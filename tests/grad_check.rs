@@ -12,6 +12,9 @@
 //! yet catches any wrong term (a missing or wrong term is an O(1) relative error). The f32 forwards
 //! are also checked against the f64 forwards at 1e-5 relative L2.
 
+mod common;
+use common::fd::*;
+
 use capgen::cpu::adam::{adam_update, clip_grad_norm, global_norm, Adam, AdamConfig};
 use capgen::cpu::attention::{
     attention_encode_backward, attention_encode_forward, attention_step_backward, attention_step_forward,
@@ -27,51 +30,8 @@ use capgen::cpu::lstm::{
 };
 use capgen::rng::{uniform_vec, Rng};
 
-const FD_STEP: f64 = 1e-5;
 const GRAD_TOL: f64 = 1e-4;
 const FWD_TOL: f64 = 1e-5;
-
-fn rnd(name: &str, n: usize, scale: f32) -> Vec<f32> {
-    uniform_vec(42, name, n, -scale, scale)
-}
-
-fn to64(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| x as f64).collect()
-}
-
-fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| y * y).sum();
-    assert!(den > 0.0, "reference is all zeros: the check would be vacuous");
-    (num / den).sqrt()
-}
-
-fn check(what: &str, ours: &[f32], reference: &[f64], tol: f64) {
-    let e = rel_l2(ours, reference);
-    eprintln!("{what}: relative L2 error {e:.2e}");
-    assert!(e <= tol, "{what}: relative L2 error {e:.3e} > {tol:.0e}");
-}
-
-/// Central-difference gradient of `f` w.r.t. every element of input `k`.
-fn fd_grad(inputs: &[Vec<f64>], k: usize, f: &dyn Fn(&[Vec<f64>]) -> f64) -> Vec<f64> {
-    let mut p = inputs.to_vec();
-    (0..p[k].len())
-        .map(|j| {
-            let x0 = p[k][j];
-            p[k][j] = x0 + FD_STEP;
-            let up = f(&p);
-            p[k][j] = x0 - FD_STEP;
-            let down = f(&p);
-            p[k][j] = x0;
-            (up - down) / (2.0 * FD_STEP)
-        })
-        .collect()
-}
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
 
 fn sig(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())

@@ -1,6 +1,8 @@
 //! Helpers shared by the tests that run the `capgen` binary.
 #![allow(dead_code)] // each test crate uses a different subset
 
+pub mod fd;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -1,0 +1,56 @@
+//! Finite-difference checking helpers shared by tests/grad_check.rs and tests/cnn_grad.rs (their
+//! module comments state the method and the tolerances).
+
+use capgen::rng::uniform_vec;
+
+/// Central-difference step: truncation ~h^2 = 1e-10, rounding ~1e-16/h = 1e-11 in f64.
+pub const FD_STEP: f64 = 1e-5;
+
+/// `n` seeded values uniform in [-scale, scale) from the stream `name`.
+pub fn rnd(name: &str, n: usize, scale: f32) -> Vec<f32> {
+    uniform_vec(42, name, n, -scale, scale)
+}
+
+pub fn to64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// ||a - b|| / ||b||; a NaN anywhere counts as an infinite error; an all-zero reference is refused.
+pub fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    assert!(den > 0.0, "reference is all zeros: the check would be vacuous");
+    let e = (num / den).sqrt();
+    if e.is_nan() {
+        f64::INFINITY
+    } else {
+        e
+    }
+}
+
+pub fn check(what: &str, ours: &[f32], reference: &[f64], tol: f64) {
+    let e = rel_l2(ours, reference);
+    eprintln!("{what}: relative L2 error {e:.2e}");
+    assert!(e <= tol, "{what}: relative L2 error {e:.3e} > {tol:.0e}");
+}
+
+/// Central-difference gradient of `f` w.r.t. every element of input `k`.
+pub fn fd_grad(inputs: &[Vec<f64>], k: usize, f: &dyn Fn(&[Vec<f64>]) -> f64) -> Vec<f64> {
+    let mut p = inputs.to_vec();
+    (0..p[k].len())
+        .map(|j| {
+            let x0 = p[k][j];
+            p[k][j] = x0 + FD_STEP;
+            let up = f(&p);
+            p[k][j] = x0 - FD_STEP;
+            let down = f(&p);
+            p[k][j] = x0;
+            (up - down) / (2.0 * FD_STEP)
+        })
+        .collect()
+}
+
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
