@@ -710,6 +710,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         }
         pb.finish_and_clear();
         let train_loss = loss_sum / tok_sum.max(1) as f64;
+        let train_secs = t0.elapsed().as_secs_f64();
         let (val_loss, bleu4) = validate(&model, &val_loader, &captions, &features)?;
         if !val_loss.is_finite() {
             return Err(Error::msg(format!(
@@ -748,10 +749,13 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         save_state(&sp, &model, &st, cfg.seed, &data_fp)?;
         plot::write_curve(&curve_path(&cfg.out), &st.history)?;
         say(format!(
-            "epoch {epoch}: train loss {train_loss:.4}, val loss {val_loss:.4}, val BLEU-4 {:.2}{} ({:.1}s)",
+            "epoch {epoch}: train loss {train_loss:.4}, val loss {val_loss:.4}, val BLEU-4 {:.2}{} \
+             ({:.1}s: training {:.0} tokens/s, validation {:.1}s)",
             100.0 * bleu4,
             if improved { " (best)" } else { "" },
-            t0.elapsed().as_secs_f64()
+            t0.elapsed().as_secs_f64(),
+            tok_sum as f64 / train_secs.max(1e-9),
+            t0.elapsed().as_secs_f64() - train_secs
         ));
         if cfg.patience > 0 && st.bad_epochs >= cfg.patience {
             say(format!(
