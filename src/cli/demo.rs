@@ -71,7 +71,8 @@ impl Plan {
                 images: 2400,
                 image_size: 96,
                 max_objects: 2,
-                epochs: 18,
+                // 18 epochs: 235 s, attribute accuracy 0.871; 22 epochs: 294 s, 0.908 (2 cores).
+                epochs: 22,
                 batch: 8,
                 lr: 3e-3,
                 embed: 64,
