@@ -5,6 +5,9 @@
 //! shapes (sums of at most ~100 terms, 5 recurrent steps) carries ~1e-6 relative error, and the f32
 //! storage of the reference adds 6e-8; a wrong term in any formula is an O(1e-2..1) error.
 
+mod common;
+use common::rel_l2;
+
 use std::path::Path;
 
 use capgen::cpu::linear::{linear_backward, linear_forward};
@@ -39,14 +42,6 @@ impl Golden {
     fn lens(&self, name: &str) -> Vec<usize> {
         self.f(name).iter().map(|&x| x as usize).collect()
     }
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
-    assert!(den > 0.0, "reference is all zeros");
-    (num / den).sqrt()
 }
 
 fn check(what: &str, ours: &[f32], reference: &[f32]) {

@@ -17,6 +17,9 @@
 //! its f64 one (the files record it as `torch_f32_rel_l2_*`). A real bug (wrong BN eps, a missing bias,
 //! a padding off by one, stride on the wrong conv of a bottleneck) gives 1e-3 or far more.
 
+mod common;
+use common::rel_l2;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -45,23 +48,6 @@ fn meta<'a>(tf: &'a TensorFile, key: &str) -> &'a str {
 
 fn tensor<'a>(tf: &'a TensorFile, name: &str) -> &'a Tensor {
     tf.tensors.get(name).unwrap_or_else(|| panic!("{}: no tensor {name}", tf.path))
-}
-
-fn rel_l2(ours: &[f32], reference: &[f32]) -> f64 {
-    assert_eq!(ours.len(), reference.len(), "length mismatch");
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (&a, &b) in ours.iter().zip(reference) {
-        num += (a as f64 - b as f64).powi(2);
-        den += (b as f64).powi(2);
-    }
-    assert!(den > 0.0, "reference is all zeros: the comparison would be meaningless");
-    // A NaN or infinity in our output must fail, not vanish in a `max` or a `<=` comparison.
-    let err = (num / den).sqrt();
-    if err.is_finite() {
-        err
-    } else {
-        f64::INFINITY
-    }
 }
 
 /// Parses a JSON list of integers from the metadata (e.g. "[2, 3, 64, 96]").

@@ -5,6 +5,9 @@
 //! K = C*R*S = 147 f32 products (the 7x7 case); its rounding error is ~sqrt(K) * 2^-24 ~ 1e-6 relative,
 //! ~1e-7 typically, so 1e-5 leaves a 10x margin while a wrong padding, stride or bias gives > 1e-2.
 
+mod common;
+use common::rel_l2;
+
 use std::path::PathBuf;
 
 use capgen::cpu::conv::{conv2d_forward, conv2d_reference, ConvParams, ConvWeights};
@@ -22,23 +25,6 @@ fn golden() -> TensorFile {
 
 fn get<'a>(tf: &'a TensorFile, name: &str) -> &'a Tensor {
     tf.tensors.get(name).unwrap_or_else(|| panic!("{}: no tensor {name}", tf.path))
-}
-
-fn rel_l2(ours: &[f32], reference: &[f32]) -> f64 {
-    assert_eq!(ours.len(), reference.len(), "length mismatch");
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (&a, &b) in ours.iter().zip(reference) {
-        num += (a as f64 - b as f64).powi(2);
-        den += (b as f64).powi(2);
-    }
-    assert!(den > 0.0, "reference is all zeros: the comparison would be meaningless");
-    // A NaN or infinity in our output must fail, not vanish in a `max` or a `<=` comparison.
-    let err = (num / den).sqrt();
-    if err.is_finite() {
-        err
-    } else {
-        f64::INFINITY
-    }
 }
 
 /// The geometry of `case` from the file's `cases` metadata (JSON).

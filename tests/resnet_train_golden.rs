@@ -6,6 +6,9 @@
 //! by a batch std of small-variance channels amplifies them a little, which leaves us around 1e-6;
 //! a wrong term anywhere gives an O(1) error.
 
+mod common;
+use common::rel_l2;
+
 use capgen::nn::resnet::{BlockKind, ResNetConfig};
 use capgen::nn::train_resnet::TrainResNet;
 use capgen::nn::FeatureLayer;
@@ -15,22 +18,6 @@ use std::path::Path;
 
 const SEED: u64 = 7;
 const TOL: f64 = 1e-4;
-
-fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let (mut d, mut w) = (0.0f64, 0.0f64);
-    for (&g, &e) in got.iter().zip(want) {
-        d += (g as f64 - e as f64).powi(2);
-        w += (e as f64).powi(2);
-    }
-    assert!(w > 0.0, "reference is all zeros");
-    let e = (d / w).sqrt();
-    if e.is_nan() {
-        f64::INFINITY
-    } else {
-        e
-    }
-}
 
 fn cfg() -> ResNetConfig {
     ResNetConfig { block: BlockKind::Basic, layers: [1, 1, 1, 1], width: 8, num_classes: 10 }

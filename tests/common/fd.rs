@@ -15,19 +15,7 @@ pub fn to64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
 
-/// ||a - b|| / ||b||; a NaN anywhere counts as an infinite error; an all-zero reference is refused.
-pub fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| y * y).sum();
-    assert!(den > 0.0, "reference is all zeros: the check would be vacuous");
-    let e = (num / den).sqrt();
-    if e.is_nan() {
-        f64::INFINITY
-    } else {
-        e
-    }
-}
+pub use super::rel_l2;
 
 pub fn check(what: &str, ours: &[f32], reference: &[f64], tol: f64) {
     let e = rel_l2(ours, reference);

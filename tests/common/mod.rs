@@ -41,6 +41,26 @@ pub fn assert_one_line_error(args: &[&str], needles: &[&str]) {
     }
 }
 
+/// Relative L2 error ||ours - reference|| / ||reference||, accumulated in f64, against an f32 or
+/// f64 reference. A NaN or infinity in `ours` counts as an infinite error (it must fail, not vanish
+/// in a `max` or a `<=`); an all-zero reference is refused, since the check would be vacuous.
+pub fn rel_l2<R: Copy + Into<f64>>(ours: &[f32], reference: &[R]) -> f64 {
+    assert_eq!(ours.len(), reference.len(), "length mismatch");
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&a, &b) in ours.iter().zip(reference) {
+        let b: f64 = b.into();
+        num += (a as f64 - b).powi(2);
+        den += b * b;
+    }
+    assert!(den > 0.0, "reference is all zeros: the check would be vacuous");
+    let e = (num / den).sqrt();
+    if e.is_finite() {
+        e
+    } else {
+        f64::INFINITY
+    }
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
