@@ -71,6 +71,12 @@ pub fn global_avg_pool(x: &[f32], n: usize, c: usize, h: usize, w: usize, y: &mu
     });
 }
 
+/// The input range [floor(i * n / out), ceil((i + 1) * n / out)) of adaptive-pool bin `i`; the
+/// forward and backward passes must agree on it exactly.
+fn adaptive_bin(i: usize, n: usize, out: usize) -> (usize, usize) {
+    (i * n / out, ((i + 1) * n).div_ceil(out))
+}
+
 /// Adaptive average pool (PyTorch `AdaptiveAvgPool2d`). x (N, C, H, W) -> y (N, C, OH, OW):
 ///
 /// ```text
@@ -95,9 +101,9 @@ pub fn adaptive_avg_pool2d(
     assert_eq!(y.len(), n * c * oh * ow, "adaptive_avg_pool2d output size");
     y.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(yp, xp)| {
         for i in 0..oh {
-            let (h0, h1) = (i * h / oh, ((i + 1) * h).div_ceil(oh));
+            let (h0, h1) = adaptive_bin(i, h, oh);
             for j in 0..ow {
-                let (w0, w1) = (j * w / ow, ((j + 1) * w).div_ceil(ow));
+                let (w0, w1) = adaptive_bin(j, w, ow);
                 let mut acc = 0.0f32;
                 for r in h0..h1 {
                     acc += xp[r * w + w0..r * w + w1].iter().sum::<f32>();
@@ -205,9 +211,9 @@ pub fn adaptive_avg_pool2d_backward(
     assert_eq!(dx.len(), n * c * h * w, "adaptive_avg_pool2d backward dx size");
     dx.par_chunks_mut(h * w).zip(dy.par_chunks(oh * ow)).for_each(|(dxp, dyp)| {
         for i in 0..oh {
-            let (h0, h1) = (i * h / oh, ((i + 1) * h).div_ceil(oh));
+            let (h0, h1) = adaptive_bin(i, h, oh);
             for j in 0..ow {
-                let (w0, w1) = (j * w / ow, ((j + 1) * w).div_ceil(ow));
+                let (w0, w1) = adaptive_bin(j, w, ow);
                 let g = dyp[i * ow + j] / ((h1 - h0) * (w1 - w0)) as f32;
                 for r in h0..h1 {
                     dxp[r * w + w0..r * w + w1].iter_mut().for_each(|v| *v += g);
