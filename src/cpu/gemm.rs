@@ -220,6 +220,8 @@ struct Kernel {
     /// The kernel stores edge tiles itself (`TileEpi::rows/cols`).
     partial: bool,
     f: kernels::KernelFn,
+    /// A kernel that computes only the first r rows, for the last MR panel when m % MR != 0.
+    rows_fn: Option<fn(usize) -> kernels::KernelFn>,
 }
 
 fn kernel_for(isa: Isa) -> Kernel {
@@ -238,6 +240,7 @@ fn kernel_for(isa: Isa) -> Kernel {
             a_in_l1: true,
             partial: true,
             f: kernels::x86::kernel_avx512,
+            rows_fn: Some(kernels::x86::kernel_avx512_for_rows),
         },
         #[cfg(target_arch = "x86_64")]
         // BLIS order: B micro-panel 256 x 16 x 4 B = 16 KiB stays in a 32 KiB L1d (Zen 3), A block
@@ -251,6 +254,7 @@ fn kernel_for(isa: Isa) -> Kernel {
             a_in_l1: false,
             partial: false,
             f: kernels::x86::kernel_avx2,
+            rows_fn: None,
         },
         _ => Kernel {
             mr: kernels::PORTABLE_MR,
@@ -261,6 +265,7 @@ fn kernel_for(isa: Isa) -> Kernel {
             a_in_l1: false,
             partial: false,
             f: kernels::kernel_portable,
+            rows_fn: None,
         },
     }
 }
@@ -678,7 +683,9 @@ pub(crate) fn gemm_driver(
                         };
                         let ap = apan.add((ip - ip0) * mr * kcur);
                         let cp = cptr.get().add(i * ldc + j);
-                        if (mv == mr && nv == nr) || kern.partial {
+                        if let (true, Some(rows_fn)) = (mv < mr, kern.rows_fn) {
+                            rows_fn(mv)(kcur, ap, bp, cp, ldc, &te);
+                        } else if (mv == mr && nv == nr) || kern.partial {
                             (kern.f)(kcur, ap, bp, cp, ldc, &te);
                         } else {
                             let mut tmp = [0.0f32; 512];
@@ -894,6 +901,24 @@ mod tests {
     }
 
     #[test]
+    fn sgemm_every_edge_row_count() {
+        // m = 1..=29 covers every remainder m % MR for MR = 6, 8, 14 (the AVX-512 path has a kernel
+        // per remainder); k = 300 gives two depth blocks (partial sums in C), n = 45 a column edge.
+        let mut seed = 5000;
+        for isa in available_isas() {
+            for m in 1..=29 {
+                seed += 1;
+                check(
+                    isa,
+                    Case { m, n: 45, k: 300, ta: false, tb: false, pad: 1 },
+                    1 | 4 | 8 | 32 | 64,
+                    seed,
+                );
+            }
+        }
+    }
+
+    #[test]
     fn sgemm_zero_depth_applies_epilogue() {
         // k = 0: C = epilogue(0), e.g. bias only. Compared with the reference.
         for isa in available_isas() {
@@ -923,11 +948,16 @@ mod tests {
     fn microkernel_throughput() {
         let isa = detect_isa();
         let kern = kernel_for(isa);
-        let (mr, nr, kc) = (kern.mr, kern.nr, 256);
+        let env = |v: &str, d: usize| std::env::var(v).ok().and_then(|s| s.parse().ok()).unwrap_or(d);
+        let (mr, nr, kc, nb) = (kern.mr, kern.nr, env("MK_KC", 256), env("MK_NB", 8));
+        let reps = 10000 * 8 * 256 / (nb * kc);
         let mut rng = Rng::new(3);
-        let a = rand_vec(&mut rng, mr * kc);
-        let b = rand_vec(&mut rng, 8 * nr * kc);
-        let mut c = vec![0.0f32; mr * nr * 8];
+        let mut a = AlignedBuf::new(mr * kc);
+        a.as_mut_slice().copy_from_slice(&rand_vec(&mut rng, mr * kc));
+        let mut b = AlignedBuf::new(nb * nr * kc);
+        b.as_mut_slice().copy_from_slice(&rand_vec(&mut rng, nb * nr * kc));
+        let (a, b) = (a.as_slice(), b.as_slice());
+        let mut c = vec![0.0f32; mr * nr * nb];
         let te = TileEpi { rows: mr, cols: nr, ..TileEpi::PLAIN };
         // On a shared machine wall time mostly measures the other processes; also report FLOPs per
         // second this thread was actually on a CPU (Linux schedstat, tick-granular: fine at ~50 ms).
@@ -941,8 +971,8 @@ mod tests {
         for _ in 0..5 {
             let cpu0 = on_cpu_ns();
             let t = std::time::Instant::now();
-            for _ in 0..10000 {
-                for jp in 0..8 {
+            for _ in 0..reps {
+                for jp in 0..nb {
                     // SAFETY: panels hold kc*mr and kc*nr floats; C holds mr rows of 8*nr.
                     unsafe {
                         (kern.f)(
@@ -950,13 +980,13 @@ mod tests {
                             a.as_ptr(),
                             b[jp * kc * nr..].as_ptr(),
                             c[jp * nr..].as_mut_ptr(),
-                            8 * nr,
+                            nb * nr,
                             &te,
                         )
                     };
                 }
             }
-            let fl = 2.0 * (10000 * 8 * mr * nr * kc) as f64;
+            let fl = 2.0 * (reps * nb * mr * nr * kc) as f64;
             best = best.max(fl / t.elapsed().as_secs_f64() / 1e9);
             best_cpu = best_cpu.max(fl / (on_cpu_ns() - cpu0).max(1) as f64);
         }

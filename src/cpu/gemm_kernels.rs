@@ -110,6 +110,8 @@ pub(super) mod x86 {
     pub(in super::super) const AVX512_MR: usize = 14;
     pub(in super::super) const AVX512_NR: usize = 32;
 
+    /// The full 14x32 kernel.
+    ///
     /// # Safety
     /// CPU supports avx512f; pointers as in the module comment.
     #[target_feature(enable = "avx512f")]
@@ -121,14 +123,52 @@ pub(super) mod x86 {
         ldc: usize,
         te: &TileEpi,
     ) {
+        kernel_avx512_rows::<AVX512_MR>(kc, a, b, c, ldc, te)
+    }
+
+    /// The kernel for the last MR panel when it has only `r < MR` real rows (m = 64 = 4*14 + 8,
+    /// 1024 = 73*14 + 2): the full kernel would spend 14 rows of FMAs on them.
+    pub(in super::super) fn kernel_avx512_for_rows(r: usize) -> super::KernelFn {
+        const K: [super::KernelFn; AVX512_MR] = [
+            kernel_avx512_rows::<1>,
+            kernel_avx512_rows::<2>,
+            kernel_avx512_rows::<3>,
+            kernel_avx512_rows::<4>,
+            kernel_avx512_rows::<5>,
+            kernel_avx512_rows::<6>,
+            kernel_avx512_rows::<7>,
+            kernel_avx512_rows::<8>,
+            kernel_avx512_rows::<9>,
+            kernel_avx512_rows::<10>,
+            kernel_avx512_rows::<11>,
+            kernel_avx512_rows::<12>,
+            kernel_avx512_rows::<13>,
+            kernel_avx512_rows::<14>,
+        ];
+        K[r.clamp(1, AVX512_MR) - 1]
+    }
+
+    /// Computes only the first `R` (<= MR) rows of an MR-row tile; the A panel keeps its MR stride.
+    ///
+    /// # Safety
+    /// CPU supports avx512f; pointers as in the module comment.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn kernel_avx512_rows<const R: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        te: &TileEpi,
+    ) {
         const MR: usize = AVX512_MR;
         // Start fetching the C tile now; its loads in the epilogue are then L1 hits. (Prefetches
         // never fault; wrapping_add because rows past an edge tile may lie outside C.)
-        for i in 0..MR {
+        for i in 0..R {
             _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * ldc) as *const i8);
             _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * ldc + 16) as *const i8);
         }
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let (mut ap, mut bp) = (a, b);
         // The next A micro-panel follows this one in memory (both packing layouts); when n is small
         // (ResNet's 7x7 layers: n = 49) each A panel feeds only a couple of tiles and A streams
