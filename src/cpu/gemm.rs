@@ -374,6 +374,19 @@ fn pack_a_panels(a: &MatRef, i0: usize, np: usize, k0: usize, kc: usize, mr: usi
     for (t, panel) in out.chunks_mut(kc * mr).take(np).enumerate() {
         let ib = i0 + t * mr;
         let mv = mr.min(a.rows.saturating_sub(ib));
+        #[cfg(target_arch = "x86_64")]
+        if a.cs == 1 && mr == kernels::x86::AVX512_MR && mv > 0 {
+            let first = ib * a.rs + k0;
+            let end = (ib + mv - 1) * a.rs + k0 + kc;
+            assert!(end <= a.data.len() && panel.len() >= kc * mr, "pack_a_panels: out of bounds");
+            // SAFETY: MR = 14 is only the AVX-512 kernel's, and kernel_for checked that this CPU
+            // supports it; the assert above bounds every read (mv rows of kc floats, stride rs,
+            // from `first`) and the kc * MR writes.
+            unsafe {
+                kernels::x86::pack_a_panel_avx512(a.data[first..].as_ptr(), a.rs, mv, kc, panel.as_mut_ptr())
+            };
+            continue;
+        }
         if a.cs == 1 {
             // Row-major A: copy 16-float (one cache line) pieces of each row and scatter them with
             // stride MR into a 16*MR block of the panel, which stays in L1. Reading whole lines
@@ -528,23 +541,21 @@ pub(crate) enum ASrc<'a> {
 /// ~1-2 MFLOP of work at these speeds.
 const PARALLEL_MIN_FLOPS: usize = 4 << 20;
 
-/// How to split the (MR panels) x (NR panels) of one B block among threads: returns (MR panels per
-/// row chunk, NR panels per column chunk).
+/// How to split the (MR panels) x (NR panels) of one B block among threads: returns the number of
+/// row chunks and of column chunks. The driver hands out panels evenly (chunk i of t gets panels
+/// `i*p/t .. (i+1)*p/t`), so with 74 panels and 4 chunks each of 2 threads gets 37, not 38 and 36.
 fn task_grid(mp: usize, np: usize, mc_panels: usize, threads: usize) -> (usize, usize) {
     if threads <= 1 {
-        return (mc_panels.min(mp), np);
+        return (mp.div_ceil(mc_panels).max(1), 1);
     }
     if mp >= 4 * threads {
         // Enough rows: split rows only (each task packs its own A; B panels shared), in a multiple
         // of `threads` chunks so every thread gets the same share.
-        let mt = mp.div_ceil(mc_panels).max(threads).div_ceil(threads) * threads;
-        (mp.div_ceil(mt), np)
+        (mp.div_ceil(mc_panels).max(threads).div_ceil(threads) * threads, 1)
     } else {
         // Few rows (e.g. m = 64): split columns too, 2 chunks per thread for balance.
-        let mcp = mc_panels.min(mp);
-        let mt = mp.div_ceil(mcp);
-        let nt = (2 * threads).div_ceil(mt).min(np).max(1);
-        (mcp, np.div_ceil(nt))
+        let mt = mp.div_ceil(mc_panels.min(mp));
+        (mt, (2 * threads).div_ceil(mt).min(np).max(1))
     }
 }
 
@@ -623,14 +634,13 @@ pub(crate) fn gemm_driver(
                 b.pack(k0, kcur, j0, ncur, nr, bpan);
             }
             let bpan: &[f32] = bpan;
-            let (mcp, ncp) = task_grid(mp, np, kern.mc / mr, threads);
-            let (mt, nt) = (mp.div_ceil(mcp), np.div_ceil(ncp));
+            let (mt, nt) = task_grid(mp, np, kern.mc / mr, threads);
             let first = k0 == 0;
             let last = k0 + kcur == k;
             let task = |t: usize| {
                 let (mi, ni) = (t / nt, t % nt);
-                let (ip0, ip1) = (mi * mcp, ((mi + 1) * mcp).min(mp));
-                let (jp0, jp1) = (ni * ncp, ((ni + 1) * ncp).min(np));
+                let (ip0, ip1) = (mi * mp / mt, (mi + 1) * mp / mt);
+                let (jp0, jp1) = (ni * np / nt, (ni + 1) * np / nt);
                 if ip0 >= ip1 || jp0 >= jp1 {
                     return;
                 }
