@@ -644,20 +644,31 @@ pub(crate) fn gemm_driver(
                 if ip0 >= ip1 || jp0 >= jp1 {
                     return;
                 }
+                // A-in-L1 order with a plain A: pack each MR panel right before its tiles, into a
+                // 2-panel buffer that stays in L1 (the kernel prefetches the "next panel", i.e. the
+                // buffer's second half), instead of the task's whole (rows, kc) chunk, which took
+                // ~0.5 MiB of the L2 that holds the 1 MiB B block.
+                // Only when each panel feeds many tiles: with few B panels (n = 196) packing one
+                // panel at a time exposes the memory latency that a bulk pack streams past.
+                let per_panel = kern.a_in_l1 && matches!(a, ASrc::Mat(_)) && !slab_a && jp1 - jp0 >= 16;
                 let mut abuf = None;
                 let apan: *const f32 = match a {
                     ASrc::Mat(_) if slab_a => slab[ip0 * mr * kcur..].as_ptr(),
                     ASrc::Mat(am) => {
                         let mut buf = A_BUF.with(|b| b.take());
-                        buf.resize((ip1 - ip0) * mr * kcur);
-                        pack_a_panels(am, ip0 * mr, ip1 - ip0, k0, kcur, mr, buf.as_mut_slice());
+                        if per_panel {
+                            buf.resize(2 * mr * kcur);
+                        } else {
+                            buf.resize((ip1 - ip0) * mr * kcur);
+                            pack_a_panels(am, ip0 * mr, ip1 - ip0, k0, kcur, mr, buf.as_mut_slice());
+                        }
                         let p = buf.as_slice().as_ptr();
                         abuf = Some(buf);
                         p
                     }
                     ASrc::Packed(pa) => pa.panel_ptr(k0, kcur, ip0),
                 };
-                let tile = |ip: usize, jp: usize| {
+                let tile = |ip: usize, jp: usize, ap: *const f32| {
                     let i = ip * mr;
                     let mv = mr.min(m - i);
                     let j = j0 + jp * nr;
@@ -691,7 +702,6 @@ pub(crate) fn gemm_driver(
                             rows: mv,
                             cols: nv,
                         };
-                        let ap = apan.add((ip - ip0) * mr * kcur);
                         let cp = cptr.get().add(i * ldc + j);
                         if let (true, Some(rows_fn)) = (mv < mr, kern.rows_fn) {
                             rows_fn(mv)(kcur, ap, bp, cp, ldc, &te);
@@ -704,18 +714,29 @@ pub(crate) fn gemm_driver(
                         }
                     }
                 };
-                if kern.a_in_l1 {
+                // Panel ip of this task's A (for per_panel: the one just packed).
+                let a_at = |ip: usize| apan.wrapping_add((ip - ip0) * mr * kcur);
+                if per_panel {
+                    let (ASrc::Mat(am), Some(buf)) = (a, abuf.as_mut()) else { unreachable!() };
+                    for ip in ip0..ip1 {
+                        pack_a_panels(am, ip * mr, 1, k0, kcur, mr, buf.as_mut_slice());
+                        let ap = buf.as_slice().as_ptr();
+                        for jp in jp0..jp1 {
+                            tile(ip, jp, ap);
+                        }
+                    }
+                } else if kern.a_in_l1 {
                     // The A micro-panel stays in L1 while the block's B panels stream from L2.
                     for ip in ip0..ip1 {
                         for jp in jp0..jp1 {
-                            tile(ip, jp);
+                            tile(ip, jp, a_at(ip));
                         }
                     }
                 } else {
                     // Classic BLIS order: the B micro-panel stays in L1, A panels stream from L2.
                     for jp in jp0..jp1 {
                         for ip in ip0..ip1 {
-                            tile(ip, jp);
+                            tile(ip, jp, a_at(ip));
                         }
                     }
                 }
