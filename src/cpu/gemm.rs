@@ -972,8 +972,9 @@ mod tests {
     }
 
     /// Measurement, not a test (run with `--ignored --nocapture`): the micro-kernel alone on
-    /// L1/L2-resident panels (one A panel, 8 B panels, kc 256), 1 thread, against the FMA peak.
-    /// Separates the kernel's own efficiency from packing and memory traffic (docs/PERF.md).
+    /// L1/L2-resident, 64-B aligned panels (one A panel, 8 B panels, kc 256; `MK_KC` and `MK_NB`
+    /// change depth and B panel count, e.g. `MK_NB=1 MK_KC=128` keeps everything in L1), 1 thread,
+    /// against the FMA peak. Separates the kernel's own efficiency from packing and memory traffic.
     #[test]
     #[ignore]
     fn microkernel_throughput() {
