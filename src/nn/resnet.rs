@@ -314,9 +314,11 @@ impl ResNet {
         let (n, h, w) = (x.dims()[0], x.dims()[2], x.dims()[3]);
         // (N, 3, H, W) -> (3, N, H, W)
         let mut xc = pool.take(&[3, n, h, w]);
-        let xs = x.to_f32_vec();
-        swap_leading_axes(&xs, n, 3, h * w, xc.as_f32_slice_mut()?);
-        drop(xs);
+        match x.as_f32_slice() {
+            Ok(xs) => swap_leading_axes(xs, n, 3, h * w, xc.as_f32_slice_mut()?),
+            // Another dtype or a strided view: widen / gather first.
+            Err(_) => swap_leading_axes(&x.to_f32_vec(), n, 3, h * w, xc.as_f32_slice_mut()?),
+        }
         let mut t = pool.take(&self.stem.out_dims_cn(xc.dims())?);
         run_conv(&self.stem, &xc, None, true, &mut t)?;
         pool.give(xc);
