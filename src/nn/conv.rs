@@ -94,9 +94,11 @@ impl Conv2d {
         Conv2d::new(w, Some(b), dims, params)
     }
 
-    /// This conv with a following batch-norm folded in (builds new `ConvWeights`).
+    /// This conv with a following batch-norm folded in (builds new `ConvWeights`). Needs the raw
+    /// weights (panics after `ConvWeights::release_raw`, a programming error).
     pub fn fold_batchnorm(&self, bn: &BatchNorm) -> Self {
         let w = &self.weights;
+        assert!(w.has_raw(), "fold_batchnorm: the raw conv weights were released");
         Conv2d::with_batchnorm(&w.weight, Some(&w.bias), bn, [w.k, w.c, w.r, w.s], self.params)
     }
 

@@ -252,13 +252,14 @@ impl ResNet {
             )?,
             Some(Tensor::from_vec(get("fc.bias", &[cfg.num_classes])?, &[cfg.num_classes])?),
         );
-        Ok(ResNet {
-            cfg: cfg.clone(),
-            stem: stem.expect("conv1 is always first"),
-            stages,
-            fc,
-            pool: Mutex::new(ActivationPool::new()),
-        })
+        // Inference reads only the packed weights: drop the raw copies (half the weight memory).
+        // (A Winograd variant would build its transformed weights from the raw ones before this.)
+        let mut stem = stem.expect("conv1 is always first");
+        stem.weights.release_raw();
+        for b in stages.iter_mut().flatten() {
+            b.convs.iter_mut().chain(b.downsample.as_mut()).for_each(|c| c.weights.release_raw());
+        }
+        Ok(ResNet { cfg: cfg.clone(), stem, stages, fc, pool: Mutex::new(ActivationPool::new()) })
     }
 
     /// Seeded random weights: every state-dict tensor from `crate::weights::random::init_tensor`.
@@ -413,7 +414,7 @@ fn run_conv(
 
 /// Passes a channel-major activation (C, N, H, W) to the trace tap as NCHW (a copy when N > 1;
 /// nothing at all when there is no tap).
-fn emit(tap: &mut Option<&mut dyn FnMut(&str, &Tensor)>, name: &str, t: &Tensor) -> Result<()> {
+pub(crate) fn emit(tap: &mut Option<&mut dyn FnMut(&str, &Tensor)>, name: &str, t: &Tensor) -> Result<()> {
     let Some(tap) = tap.as_mut() else { return Ok(()) };
     let &[c, n, h, w] = t.dims() else {
         return Err(Error::shape(format!("{name}: expected a (C, N, H, W) activation, got {:?}", t.dims())));
