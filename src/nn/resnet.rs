@@ -222,7 +222,11 @@ impl ResNet {
         let mut stem = None;
         let mut stages: Vec<Vec<Block>> = (0..4).map(|_| Vec::new()).collect();
         for s in cfg.convs() {
-            let conv = Conv2d::load_conv_bn(get, &s.conv, &s.bn, s.dims, s.params)?;
+            let mut conv = Conv2d::load_conv_bn(get, &s.conv, &s.bn, s.dims, s.params)?;
+            // Inference reads only the packed weights: drop the raw copy at once, so it is never
+            // held for the whole net (half the weight memory, also at peak). A Winograd variant
+            // would build its transformed weights from the raw ones just before this.
+            conv.weights.release_raw();
             if s.conv == "conv1" {
                 stem = Some(conv);
                 continue;
@@ -252,13 +256,7 @@ impl ResNet {
             )?,
             Some(Tensor::from_vec(get("fc.bias", &[cfg.num_classes])?, &[cfg.num_classes])?),
         );
-        // Inference reads only the packed weights: drop the raw copies (half the weight memory).
-        // (A Winograd variant would build its transformed weights from the raw ones before this.)
-        let mut stem = stem.expect("conv1 is always first");
-        stem.weights.release_raw();
-        for b in stages.iter_mut().flatten() {
-            b.convs.iter_mut().chain(b.downsample.as_mut()).for_each(|c| c.weights.release_raw());
-        }
+        let stem = stem.expect("conv1 is always first");
         Ok(ResNet { cfg: cfg.clone(), stem, stages, fc, pool: Mutex::new(ActivationPool::new()) })
     }
 

@@ -159,15 +159,17 @@ impl Vgg {
         let mut features = Vec::new();
         for (i, l, c) in cfg.indexed() {
             features.push(match l {
-                VggLayer::Conv(k) => Stage::Conv(
-                    i,
-                    Box::new(Conv2d::load_biased(
+                VggLayer::Conv(k) => {
+                    let mut conv = Conv2d::load_biased(
                         get,
                         &format!("features.{i}"),
                         [k, c, 3, 3],
                         ConvParams::new(1, 1),
-                    )?),
-                ),
+                    )?;
+                    // Inference reads only the packed weights: drop the raw copy at once.
+                    conv.weights.release_raw();
+                    Stage::Conv(i, Box::new(conv))
+                }
                 VggLayer::Pool => Stage::Pool(i),
             });
         }
@@ -176,12 +178,6 @@ impl Vgg {
             let b = get(&format!("classifier.{i}.bias"), &[o])?;
             Ok(Linear::new(Tensor::from_vec(w, &[o, inp])?, Some(Tensor::from_vec(b, &[o])?)))
         };
-        // Inference reads only the packed weights: drop the raw copies (half the weight memory).
-        for st in &mut features {
-            if let Stage::Conv(_, conv) = st {
-                conv.weights.release_raw();
-            }
-        }
         let [c0, c3, c6] = cfg.classifier();
         Ok(Vgg {
             cfg: cfg.clone(),
