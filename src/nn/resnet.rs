@@ -280,7 +280,7 @@ impl ResNet {
         self.pool.lock().unwrap_or_else(|e| e.into_inner()).allocations
     }
 
-    fn run(&self, x: &Tensor, until: Until, tap: Option<&mut dyn FnMut(&str, &Tensor)>) -> Result<Tensor> {
+    fn run(&self, x: &Tensor, until: Until, tap: Option<Tap>) -> Result<Tensor> {
         match x.dims() {
             [n, 3, h, w] if *n >= 1 && *h >= 1 && *w >= 1 => {}
             d => {
@@ -307,7 +307,7 @@ impl ResNet {
         &self,
         x: &Tensor,
         until: Until,
-        mut tap: Option<&mut dyn FnMut(&str, &Tensor)>,
+        mut tap: Option<Tap>,
         pool: &mut ActivationPool,
     ) -> Result<Tensor> {
         let (n, h, w) = (x.dims()[0], x.dims()[2], x.dims()[3]);
@@ -410,9 +410,12 @@ fn run_conv(
     conv.forward_cn_into(x, residual, relu, out)
 }
 
+/// A trace callback (see `Encoder::forward_trace`).
+pub(crate) type Tap<'a> = &'a mut dyn FnMut(&str, &Tensor);
+
 /// Passes a channel-major activation (C, N, H, W) to the trace tap as NCHW (a copy when N > 1;
 /// nothing at all when there is no tap).
-pub(crate) fn emit(tap: &mut Option<&mut dyn FnMut(&str, &Tensor)>, name: &str, t: &Tensor) -> Result<()> {
+pub(crate) fn emit(tap: &mut Option<Tap>, name: &str, t: &Tensor) -> Result<()> {
     let Some(tap) = tap.as_mut() else { return Ok(()) };
     let &[c, n, h, w] = t.dims() else {
         return Err(Error::shape(format!("{name}: expected a (C, N, H, W) activation, got {:?}", t.dims())));

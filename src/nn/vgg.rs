@@ -20,7 +20,7 @@ use crate::nn::buffers::ActivationPool;
 use crate::nn::conv::{Conv2d, ParamFn};
 use crate::nn::encoder::{Encoder, EncoderKind, FeatureLayer};
 use crate::nn::linear::Linear;
-use crate::nn::resnet::{emit, to_grid};
+use crate::nn::resnet::{emit, to_grid, Tap};
 use crate::ops;
 use crate::tensor::Tensor;
 use crate::weights::TensorFile;
@@ -202,7 +202,7 @@ impl Vgg {
         Self::build(cfg, &get)
     }
 
-    fn run(&self, x: &Tensor, until: Until, tap: Option<&mut dyn FnMut(&str, &Tensor)>) -> Result<Tensor> {
+    fn run(&self, x: &Tensor, until: Until, tap: Option<Tap>) -> Result<Tensor> {
         // Each 2x2/2 max-pool halves the image, so it must be at least 2^pools on each side.
         let min = 1usize << self.cfg.layers.iter().filter(|l| **l == VggLayer::Pool).count();
         match x.dims() {
@@ -229,7 +229,7 @@ impl Vgg {
         &self,
         x: &Tensor,
         until: Until,
-        mut tap: Option<&mut dyn FnMut(&str, &Tensor)>,
+        mut tap: Option<Tap>,
         pool: &mut ActivationPool,
     ) -> Result<Tensor> {
         let mp = PoolParams::new(2, 2, 0);
