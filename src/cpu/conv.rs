@@ -287,12 +287,17 @@ fn pack_im2col<const AVX512: bool>(
                         // Valid t: 0 <= ix0 + t < w.
                         let lo = (-ix0).clamp(0, run as isize) as usize;
                         let hi = (w - ix0).clamp(lo as isize, run as isize) as usize;
-                        d[..lo].fill(0.0);
+                        // (Zero-length fills skipped: each would be a memset call.)
+                        if lo > 0 {
+                            d[..lo].fill(0.0);
+                        }
                         if hi > lo {
                             let s0 = (ix0 + lo as isize) as usize;
                             copy_run(&mut d[lo..hi], &xrow[s0..s0 + (hi - lo)]);
                         }
-                        d[hi..].fill(0.0);
+                        if hi < run {
+                            d[hi..].fill(0.0);
+                        }
                     } else {
                         // Valid t: 0 <= ix0 + t*sw < w; clip once, then a branch-free strided
                         // copy (stride 2, the common case, with a constant stride LLVM
@@ -301,7 +306,9 @@ fn pack_im2col<const AVX512: bool>(
                         let lo = if ix0 < 0 { (-ix0 + swi - 1) / swi } else { 0 }.min(run as isize);
                         let hi = ((w - ix0 + swi - 1) / swi).clamp(lo, run as isize);
                         let (lo, hi) = (lo as usize, hi as usize);
-                        d[..lo].fill(0.0);
+                        if lo > 0 {
+                            d[..lo].fill(0.0);
+                        }
                         if hi > lo {
                             let start = (ix0 + (lo * sw) as isize) as usize;
                             let src = &xrow[start..start + (hi - lo - 1) * sw + 1];
@@ -323,7 +330,9 @@ fn pack_im2col<const AVX512: bool>(
                                 }
                             }
                         }
-                        d[hi..].fill(0.0);
+                        if hi < run {
+                            d[hi..].fill(0.0);
+                        }
                     }
                 }
                 jj += run;
@@ -337,7 +346,9 @@ fn pack_im2col<const AVX512: bool>(
                     }
                 }
             }
-            dst[nv..].fill(0.0);
+            if nv < nr {
+                dst[nv..].fill(0.0);
+            }
             // Next row (c, r, s).
             ss += 1;
             if ss == im.s {
