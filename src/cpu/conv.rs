@@ -17,6 +17,10 @@
 //! itself as B; any other conv packs its patches straight into the GEMM's B panels ("lazy im2col",
 //! `Im2col` below), so no (C*R*S, P*Q) matrix is ever materialised. Bias, residual and ReLU run in
 //! the GEMM's epilogue, on the output tile while it is in registers.
+//!
+//! `conv2d_forward_cn` is the same conv on channel-major activations (C, N, H, W): the batch's images
+//! become ONE GEMM with N*P*Q columns (what the ResNet/VGG forwards run; identical at N = 1). The
+//! lazy im2col packer is compiled once per ISA and gathers stride-2 rows with AVX-512 permutes.
 
 use crate::cpu::gemm::{gemm_driver, pack_a, sgemm, ASrc, Epilogue, Isa, MatRef, PackB, PackedA};
 
