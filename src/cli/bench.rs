@@ -18,7 +18,7 @@ use serde_json::json;
 
 use crate::cli::BenchArgs;
 use crate::cpu::adam::{Adam, AdamConfig};
-use crate::cpu::conv::{conv2d_forward, resnet50_conv_cases, ConvParams, ConvWeights};
+use crate::cpu::conv::{conv2d_forward_cn, resnet50_conv_cases, ConvParams, ConvWeights};
 use crate::cpu::gemm::{sgemm, Epilogue, MatRef};
 use crate::cpu::lstm::{lstm_backward, lstm_forward, LstmCache, LstmGrads, LstmParams, LstmSize};
 use crate::cpu::peak::fma_peak_gflops;
@@ -210,7 +210,8 @@ fn bench_conv(rep: &Reporter) -> Result<()> {
         let x = random_vec(&mut rng, nb * case.c * case.h * case.w);
         let mut y = vec![0.0f32; nb * case.k * p * q];
         let (ms_median, ms_min) = time_ms(rep.args.reps, || {
-            conv2d_forward(&x, nb, case.h, case.w, &wt, &params, None, true, &mut y);
+            // Channel-major, the whole batch as one GEMM: what the ResNet forward runs.
+            conv2d_forward_cn(&x, nb, case.h, case.w, &wt, &params, None, true, &mut y);
             Ok(())
         })?;
         // `flops()` is for the case's own batch (1).

@@ -17,8 +17,12 @@
 //! itself as B; any other conv packs its patches straight into the GEMM's B panels ("lazy im2col",
 //! `Im2col` below), so no (C*R*S, P*Q) matrix is ever materialised. Bias, residual and ReLU run in
 //! the GEMM's epilogue, on the output tile while it is in registers.
+//!
+//! `conv2d_forward_cn` is the same conv on channel-major activations (C, N, H, W): the batch's images
+//! become ONE GEMM with N*P*Q columns (what the ResNet/VGG forwards run; identical at N = 1). The
+//! lazy im2col packer is compiled once per ISA and gathers stride-2 rows with AVX-512 permutes.
 
-use crate::cpu::gemm::{gemm_driver, pack_a, sgemm, ASrc, Epilogue, MatRef, PackB, PackedA};
+use crate::cpu::gemm::{gemm_driver, pack_a, sgemm, ASrc, Epilogue, Isa, MatRef, PackB, PackedA};
 
 /// Geometry of a convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +77,19 @@ impl ConvWeights {
         assert_eq!(bias.len(), k, "conv bias size");
         let packed = pack_a(MatRef::row_major(&weight, k, c * r * s));
         ConvWeights { k, c, r, s, weight, bias, packed }
+    }
+
+    /// Frees the raw `weight` copy (leaving it empty), keeping only the packed panels the forward
+    /// kernels read: halves an inference network's weight memory (ResNet-50: ~94 MB). After this,
+    /// only `conv2d_forward` / `conv2d_forward_cn` may use these weights (`conv2d_reference`,
+    /// `Conv2d::fold_batchnorm` and anything else that reads `weight` need it kept).
+    pub fn release_raw(&mut self) {
+        self.weight = Vec::new();
+    }
+
+    /// False once `release_raw` has run.
+    pub fn has_raw(&self) -> bool {
+        self.weight.len() == self.k * self.c * self.r * self.s
     }
 }
 
@@ -145,90 +162,206 @@ pub fn resnet50_conv_cases() -> Vec<ConvCase> {
     ]
 }
 
-/// The B operand of one image's conv GEMM, (C*R*S, P*Q): row (c, r, s), column (p, q) holds
-/// x[c, p*sh - ph + r*dh, q*sw - pw + s*dw] (zero outside the image). Packed on the fly into the
+/// The B operand of a conv GEMM over `n` images stored channel-major, x (C, N, H, W) (for n = 1
+/// that is one NCHW image): (C*R*S, N*P*Q), row (c, r, s), column j = (b, p, q) holds
+/// x[c, b, p*sh - ph + r*dh, q*sw - pw + s*dw] (zero outside the image). Packed on the fly into the
 /// GEMM's NR-column panels; a panel's columns are consecutive output pixels, i.e. runs along an
-/// output row, which for stride 1 are contiguous slices of an input row (copied with memcpy).
+/// output row (a run ends at the row's end, the next starts on the next row or image), which for
+/// stride 1 are contiguous slices of an input row (copied with memcpy).
 struct Im2col<'a> {
-    /// One image, (C, H, W).
+    /// (C, N, H, W).
     x: &'a [f32],
+    n: usize,
     h: usize,
     w: usize,
     r: usize,
     s: usize,
     p: ConvParams,
+    oh: usize,
     ow: usize,
+    /// The GEMM's ISA (selects the vectorised packing body).
+    isa: Isa,
 }
 
 impl PackB for Im2col<'_> {
     fn pack(&self, k0: usize, kc: usize, j0: usize, nc: usize, nr: usize, out: &mut [f32]) {
-        let (h, w, ow) = (self.h as isize, self.w as isize, self.ow);
-        let (sh, sw) = self.p.stride;
-        let (ph, pw) = (self.p.pad.0 as isize, self.p.pad.1 as isize);
-        let (dh, dw) = self.p.dilation;
-        for (t, panel) in out.chunks_mut(kc * nr).take(nc.div_ceil(nr)).enumerate() {
-            let jb = j0 + t * nr;
-            let nv = nr.min(j0 + nc - jb);
-            for pk in 0..kc {
-                let row = k0 + pk;
-                let (ci, rr, ss) = (row / (self.r * self.s), (row / self.s) % self.r, row % self.s);
-                let dst = &mut panel[pk * nr..(pk + 1) * nr];
-                let (mut py, mut px) = (jb / ow, jb % ow);
-                let mut jj = 0;
-                while jj < nv {
-                    let run = (nv - jj).min(ow - px);
-                    let d = &mut dst[jj..jj + run];
-                    let iy = (py * sh + rr * dh) as isize - ph;
-                    if iy < 0 || iy >= h {
-                        d.fill(0.0);
-                    } else {
-                        let base = (ci * self.h + iy as usize) * self.w;
-                        let xrow = &self.x[base..base + self.w];
-                        let ix0 = (px * sw + ss * dw) as isize - pw;
-                        if sw == 1 {
-                            // Valid t: 0 <= ix0 + t < w.
-                            let lo = (-ix0).clamp(0, run as isize) as usize;
-                            let hi = (w - ix0).clamp(lo as isize, run as isize) as usize;
+        // The same code compiled three times, so that LLVM vectorises the copies and the stride-2
+        // gathers for the widest ISA the GEMM itself runs (the crate is built for baseline x86-64).
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` comes from the packed weights, built only for an ISA this CPU supports
+            // (`Isa::supported`, checked at detection), so the features the function enables exist.
+            Isa::Avx512 => unsafe { pack_im2col_avx512(self, k0, kc, j0, nc, nr, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Isa::Avx2Fma => unsafe { pack_im2col_avx2(self, k0, kc, j0, nc, nr, out) },
+            _ => pack_im2col::<false>(self, k0, kc, j0, nc, nr, out),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+fn pack_im2col_avx512(im: &Im2col, k0: usize, kc: usize, j0: usize, nc: usize, nr: usize, out: &mut [f32]) {
+    pack_im2col::<true>(im, k0, kc, j0, nc, nr, out)
+}
+
+/// d[t] = src[2t]: 16 outputs per step from two 16-float loads and one two-source permute (the
+/// even lanes), the tail scalar. The stride-2 convs' (stem, downsamples, 3x3/2) gather.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn gather_stride2_avx512(d: &mut [f32], src: &[f32]) {
+    use std::arch::x86_64::*;
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let mut t = 0;
+    // A step reads src[2t .. 2t + 32] and writes d[t .. t + 16].
+    while t + 16 <= d.len() && 2 * t + 32 <= src.len() {
+        // SAFETY: the loop condition keeps both 16-float loads inside `src` and the store inside
+        // `d`; unaligned loads/stores are used, and avx512f is enabled on this function.
+        unsafe {
+            let a = _mm512_loadu_ps(src.as_ptr().add(2 * t));
+            let b = _mm512_loadu_ps(src.as_ptr().add(2 * t + 16));
+            _mm512_storeu_ps(d.as_mut_ptr().add(t), _mm512_permutex2var_ps(a, even, b));
+        }
+        t += 16;
+    }
+    for (i, v) in d.iter_mut().enumerate().skip(t) {
+        *v = src[2 * i];
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn pack_im2col_avx2(im: &Im2col, k0: usize, kc: usize, j0: usize, nc: usize, nr: usize, out: &mut [f32]) {
+    pack_im2col::<false>(im, k0, kc, j0, nc, nr, out)
+}
+
+/// Copies a short run (at most one NR panel row) with fixed 8-float chunks, which inline to a
+/// couple of vector moves instead of a call to libc's memmove per run.
+#[inline(always)]
+fn copy_run(d: &mut [f32], src: &[f32]) {
+    let mut dc = d.chunks_exact_mut(8);
+    let mut sc = src.chunks_exact(8);
+    for (x, y) in (&mut dc).zip(&mut sc) {
+        x.copy_from_slice(y);
+    }
+    for (x, y) in dc.into_remainder().iter_mut().zip(sc.remainder()) {
+        *x = *y;
+    }
+}
+
+/// See `Im2col`; rows (c, r, s) are walked incrementally (no divisions per row). `AVX512`: use the
+/// AVX-512 stride-2 gather (only instantiated inside `pack_im2col_avx512`).
+#[inline(always)]
+fn pack_im2col<const AVX512: bool>(
+    im: &Im2col,
+    k0: usize,
+    kc: usize,
+    j0: usize,
+    nc: usize,
+    nr: usize,
+    out: &mut [f32],
+) {
+    let (h, w, oh, ow) = (im.h as isize, im.w as isize, im.oh, im.ow);
+    let (sh, sw) = im.p.stride;
+    let (ph, pw) = (im.p.pad.0 as isize, im.p.pad.1 as isize);
+    let (dh, dw) = im.p.dilation;
+    let plane = im.h * im.w;
+    for (t, panel) in out.chunks_mut(kc * nr).take(nc.div_ceil(nr)).enumerate() {
+        let jb = j0 + t * nr;
+        let nv = nr.min(j0 + nc - jb);
+        // Output row index over all images (b * P + p) and column of the panel's first pixel.
+        let (row0, px0) = (jb / ow, jb % ow);
+        let (b0, py0) = (row0 / oh, row0 % oh);
+        let (mut ci, mut rr, mut ss) = (k0 / (im.r * im.s), (k0 / im.s) % im.r, k0 % im.s);
+        for dst in panel.chunks_exact_mut(nr).take(kc) {
+            let (mut b, mut py, mut px) = (b0, py0, px0);
+            let mut jj = 0;
+            while jj < nv {
+                let run = (nv - jj).min(ow - px);
+                let d = &mut dst[jj..jj + run];
+                let iy = (py * sh + rr * dh) as isize - ph;
+                if iy < 0 || iy >= h {
+                    d.fill(0.0);
+                } else {
+                    let base = (ci * im.n + b) * plane + iy as usize * im.w;
+                    let xrow = &im.x[base..base + im.w];
+                    let ix0 = (px * sw + ss * dw) as isize - pw;
+                    if sw == 1 {
+                        // Valid t: 0 <= ix0 + t < w.
+                        let lo = (-ix0).clamp(0, run as isize) as usize;
+                        let hi = (w - ix0).clamp(lo as isize, run as isize) as usize;
+                        // (Zero-length fills skipped: each would be a memset call.)
+                        if lo > 0 {
                             d[..lo].fill(0.0);
-                            if hi > lo {
-                                let s0 = (ix0 + lo as isize) as usize;
-                                d[lo..hi].copy_from_slice(&xrow[s0..s0 + (hi - lo)]);
-                            }
+                        }
+                        if hi > lo {
+                            let s0 = (ix0 + lo as isize) as usize;
+                            copy_run(&mut d[lo..hi], &xrow[s0..s0 + (hi - lo)]);
+                        }
+                        if hi < run {
                             d[hi..].fill(0.0);
-                        } else {
-                            // Valid t: 0 <= ix0 + t*sw < w; clip once, then a branch-free strided
-                            // copy (stride 2, the common case, with a constant stride LLVM can
-                            // vectorise with shuffles).
-                            let swi = sw as isize;
-                            let lo = if ix0 < 0 { (-ix0 + swi - 1) / swi } else { 0 }.min(run as isize);
-                            let hi = ((w - ix0 + swi - 1) / swi).clamp(lo, run as isize);
-                            let (lo, hi) = (lo as usize, hi as usize);
+                        }
+                    } else {
+                        // Valid t: 0 <= ix0 + t*sw < w; clip once, then a branch-free strided
+                        // copy (stride 2, the common case, with a constant stride LLVM
+                        // vectorises with shuffles).
+                        let swi = sw as isize;
+                        let lo = if ix0 < 0 { (-ix0 + swi - 1) / swi } else { 0 }.min(run as isize);
+                        let hi = ((w - ix0 + swi - 1) / swi).clamp(lo, run as isize);
+                        let (lo, hi) = (lo as usize, hi as usize);
+                        if lo > 0 {
                             d[..lo].fill(0.0);
-                            if hi > lo {
-                                let start = (ix0 + (lo * sw) as isize) as usize;
-                                let src = &xrow[start..start + (hi - lo - 1) * sw + 1];
-                                let dd = &mut d[lo..hi];
-                                if sw == 2 {
-                                    for (t, v) in dd.iter_mut().enumerate() {
-                                        *v = src[2 * t];
-                                    }
-                                } else {
-                                    for (t, v) in dd.iter_mut().enumerate() {
-                                        *v = src[t * sw];
-                                    }
+                        }
+                        if hi > lo {
+                            let start = (ix0 + (lo * sw) as isize) as usize;
+                            let src = &xrow[start..start + (hi - lo - 1) * sw + 1];
+                            let dd = &mut d[lo..hi];
+                            if sw == 2 && AVX512 {
+                                #[cfg(target_arch = "x86_64")]
+                                // SAFETY: AVX512 is true only in pack_im2col_avx512, which runs
+                                // only on a CPU with AVX-512F (see `PackB for Im2col`).
+                                unsafe {
+                                    gather_stride2_avx512(dd, src)
+                                };
+                            } else if sw == 2 {
+                                for (t, v) in dd.iter_mut().enumerate() {
+                                    *v = src[2 * t];
+                                }
+                            } else {
+                                for (t, v) in dd.iter_mut().enumerate() {
+                                    *v = src[t * sw];
                                 }
                             }
+                        }
+                        if hi < run {
                             d[hi..].fill(0.0);
                         }
                     }
-                    jj += run;
-                    px += run;
-                    if px == ow {
-                        px = 0;
-                        py += 1;
+                }
+                jj += run;
+                px += run;
+                if px == ow {
+                    px = 0;
+                    py += 1;
+                    if py == oh {
+                        py = 0;
+                        b += 1;
                     }
                 }
+            }
+            if nv < nr {
                 dst[nv..].fill(0.0);
+            }
+            // Next row (c, r, s).
+            ss += 1;
+            if ss == im.s {
+                ss = 0;
+                rr += 1;
+                if rr == im.r {
+                    rr = 0;
+                    ci += 1;
+                }
             }
         }
     }
@@ -321,8 +454,66 @@ pub fn conv2d_forward(
             // 1x1 stride 1: B is the image itself, (C, H*W) row-major.
             gemm_driver(isa, k, pq, crs, &a, &MatRef::row_major(xi, c, h * w), yi, pq, &epi);
         } else {
-            let im = Im2col { x: xi, h, w, r: wt.r, s: wt.s, p: *p, ow };
+            let im = Im2col { x: xi, n: 1, h, w, r: wt.r, s: wt.s, p: *p, oh, ow, isa };
             gemm_driver(isa, k, pq, crs, &a, &im, yi, pq, &epi);
+        }
+    }
+}
+
+/// The same convolution on channel-major activations, with the whole batch as ONE GEMM:
+/// x (C, N, H, W) -> y (K, N, P, Q), residual like y.
+///
+/// (K, N*P*Q) = (K, C*R*S) x (C*R*S, N*P*Q), + bias[k] + residual, ReLU. Against `conv2d_forward`
+/// (one GEMM per image) every weight panel now feeds N times as many columns, which is what the
+/// narrow deep layers need (ResNet-50 layer4 has P*Q = 49: at batch 8 the GEMM is 392 wide). A 1x1
+/// stride-1 unpadded conv needs no packing at all: (C, N*H*W) is B itself. At N = 1 the layout, the
+/// GEMM and the result are exactly those of `conv2d_forward`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_forward_cn(
+    x: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    wt: &ConvWeights,
+    p: &ConvParams,
+    residual: Option<&[f32]>,
+    relu: bool,
+    y: &mut [f32],
+) {
+    let (oh, ow) = p.out_hw(h, w, wt.r, wt.s).expect("conv output is empty");
+    let (c, k) = (wt.c, wt.k);
+    let (cols, crs) = (n * oh * ow, c * wt.r * wt.s);
+    assert_eq!(x.len(), c * n * h * w, "conv input size");
+    assert_eq!(y.len(), k * cols, "conv output size");
+    if let Some(r) = residual {
+        assert_eq!(r.len(), y.len(), "conv residual size");
+    }
+    let a = ASrc::Packed(&wt.packed);
+    let epi = Epilogue {
+        row_bias: Some(&wt.bias),
+        residual: residual.map(|r| (r, cols)),
+        relu,
+        ..Default::default()
+    };
+    if wt.r == 1 && wt.s == 1 && p.stride == (1, 1) && p.pad == (0, 0) {
+        gemm_driver(wt.packed.isa(), k, cols, crs, &a, &MatRef::row_major(x, c, n * h * w), y, cols, &epi);
+    } else {
+        let im = Im2col { x, n, h, w, r: wt.r, s: wt.s, p: *p, oh, ow, isa: wt.packed.isa() };
+        gemm_driver(wt.packed.isa(), k, cols, crs, &a, &im, y, cols, &epi);
+    }
+}
+
+/// Swaps the two leading axes of an (A, B, L) array: x (A, B, L) -> y (B, A, L). Converts NCHW to
+/// the channel-major (C, N, H, W) and back (L = H*W).
+pub fn swap_leading_axes(x: &[f32], a: usize, b: usize, l: usize, y: &mut [f32]) {
+    assert_eq!(x.len(), a * b * l, "swap_leading_axes input size");
+    assert_eq!(y.len(), x.len(), "swap_leading_axes output size");
+    if l == 0 {
+        return;
+    }
+    for (ib, yb) in y.chunks_mut(a * l).enumerate() {
+        for (ia, ya) in yb.chunks_mut(l).enumerate() {
+            ya.copy_from_slice(&x[(ia * b + ib) * l..(ia * b + ib + 1) * l]);
         }
     }
 }
@@ -714,6 +905,72 @@ mod tests {
         for (i, &g) in cases.iter().enumerate() {
             check(g, 100 + i as u64);
         }
+    }
+
+    /// (N, C, H, W) -> (C, N, H, W) by the index formula (independent of `swap_leading_axes`).
+    fn to_cn(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
+        let mut y = vec![0.0; x.len()];
+        for b in 0..n {
+            for ci in 0..c {
+                for i in 0..hw {
+                    y[(ci * n + b) * hw + i] = x[(b * c + ci) * hw + i];
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn batched_channel_major_conv_matches_reference() {
+        // Batch > 1 with odd sizes, so the GEMM's NR panels straddle output rows and images.
+        let cases: &[Geo] = &[
+            (3, 16, 9, 11, 20, 1, 1, 1, 0, 1, true), // 1x1 s1: (C, N*H*W) is B itself
+            (5, 16, 9, 11, 20, 1, 1, 2, 0, 1, false), // 1x1 s2 (downsample)
+            (3, 8, 13, 10, 17, 3, 3, 1, 1, 1, true), // 3x3 s1 p1, residual + relu
+            (4, 8, 13, 11, 17, 3, 3, 2, 1, 1, false), // 3x3 s2 p1, odd width
+            (2, 3, 23, 19, 10, 7, 7, 2, 3, 1, true), // 7x7 s2 p3 (the stem)
+            (3, 5, 15, 14, 9, 3, 3, 1, 2, 2, false), // dilation 2
+            (7, 24, 7, 7, 40, 3, 3, 1, 1, 1, true),  // layer4-like: 7x7 maps, 7 images
+            (8, 64, 14, 14, 48, 3, 3, 2, 1, 1, true), // 8 images, depth 576 > KC (several depth blocks)
+            (1, 6, 5, 8, 4, 3, 2, 1, 0, 1, false),   // n = 1, non-square kernel
+            // Wide stride-2 rows (Q = 34, 35): runs of 16+ outputs take the AVX-512 vector gather.
+            (2, 3, 9, 70, 10, 7, 7, 2, 3, 1, true),  // stem-like
+            (3, 8, 5, 67, 12, 1, 1, 2, 0, 1, false), // 1x1 s2, odd width
+            (2, 4, 6, 69, 9, 3, 3, 2, 1, 1, true),   // 3x3 s2
+        ];
+        for (i, &g) in cases.iter().enumerate() {
+            let (n, c, h, w, k, r, s, st, pd, dil, fused) = g;
+            let mut rng = Rng::new(300 + i as u64);
+            let wt: Vec<f32> = (0..k * c * r * s).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let bias: Vec<f32> = (0..k).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let cw = ConvWeights::new(wt, Some(bias), k, c, r, s);
+            let p = ConvParams { stride: (st, st), pad: (pd, pd), dilation: (dil, dil) };
+            let (oh, ow) = p.out_hw(h, w, r, s).unwrap();
+            let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let res: Vec<f32> = (0..n * k * oh * ow).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let mut want = vec![f32::NAN; n * k * oh * ow];
+            conv2d_reference(&x, n, h, w, &cw, &p, fused.then_some(&res[..]), fused, &mut want);
+            let res_cn = to_cn(&res, n, k, oh * ow);
+            let mut got = vec![f32::NAN; n * k * oh * ow];
+            let xc = to_cn(&x, n, c, h * w);
+            conv2d_forward_cn(&xc, n, h, w, &cw, &p, fused.then_some(&res_cn[..]), fused, &mut got);
+            let e = rel_l2(&got, &to_cn(&want, n, k, oh * ow));
+            // As in `check`: depth c*r*s products summed in another order.
+            let tol = 1e-6 * ((c * r * s) as f64).sqrt();
+            assert!(e <= tol, "{g:?}: rel L2 {e:.3e} > {tol:.3e}");
+        }
+    }
+
+    #[test]
+    fn swap_leading_axes_is_the_transpose() {
+        let (a, b, l) = (3, 5, 7);
+        let x: Vec<f32> = (0..a * b * l).map(|i| i as f32).collect();
+        let mut y = vec![0.0; x.len()];
+        swap_leading_axes(&x, a, b, l, &mut y);
+        assert_eq!(y, to_cn(&x, a, b, l));
+        let mut back = vec![0.0; x.len()];
+        swap_leading_axes(&y, b, a, l, &mut back);
+        assert_eq!(back, x);
     }
 
     #[test]

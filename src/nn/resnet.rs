@@ -18,7 +18,7 @@
 
 use std::sync::Mutex;
 
-use crate::cpu::conv::ConvParams;
+use crate::cpu::conv::{swap_leading_axes, ConvParams};
 use crate::cpu::pool::PoolParams;
 use crate::error::{Error, Result};
 use crate::nn::buffers::ActivationPool;
@@ -222,7 +222,11 @@ impl ResNet {
         let mut stem = None;
         let mut stages: Vec<Vec<Block>> = (0..4).map(|_| Vec::new()).collect();
         for s in cfg.convs() {
-            let conv = Conv2d::load_conv_bn(get, &s.conv, &s.bn, s.dims, s.params)?;
+            let mut conv = Conv2d::load_conv_bn(get, &s.conv, &s.bn, s.dims, s.params)?;
+            // Inference reads only the packed weights: drop the raw copy at once, so it is never
+            // held for the whole net (half the weight memory, also at peak). A Winograd variant
+            // would build its transformed weights from the raw ones just before this.
+            conv.weights.release_raw();
             if s.conv == "conv1" {
                 stem = Some(conv);
                 continue;
@@ -252,13 +256,8 @@ impl ResNet {
             )?,
             Some(Tensor::from_vec(get("fc.bias", &[cfg.num_classes])?, &[cfg.num_classes])?),
         );
-        Ok(ResNet {
-            cfg: cfg.clone(),
-            stem: stem.expect("conv1 is always first"),
-            stages,
-            fc,
-            pool: Mutex::new(ActivationPool::new()),
-        })
+        let stem = stem.expect("conv1 is always first");
+        Ok(ResNet { cfg: cfg.clone(), stem, stages, fc, pool: Mutex::new(ActivationPool::new()) })
     }
 
     /// Seeded random weights: every state-dict tensor from `crate::weights::random::init_tensor`.
@@ -281,7 +280,7 @@ impl ResNet {
         self.pool.lock().unwrap_or_else(|e| e.into_inner()).allocations
     }
 
-    fn run(&self, x: &Tensor, until: Until, tap: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
+    fn run(&self, x: &Tensor, until: Until, tap: Option<Tap>) -> Result<Tensor> {
         match x.dims() {
             [n, 3, h, w] if *n >= 1 && *h >= 1 && *w >= 1 => {}
             d => {
@@ -300,39 +299,59 @@ impl ResNet {
         result
     }
 
+    /// The forward pass. Inside, activations are channel-major (C, N, H, W) so that every conv is
+    /// ONE GEMM over the whole batch (`Conv2d::forward_cn_into`: n = N*P*Q columns per weight
+    /// panel); at N = 1 that layout is NCHW itself. The input is converted on entry, the outputs
+    /// (and traced activations) back to the public layouts on exit.
     fn run_with(
         &self,
         x: &Tensor,
         until: Until,
-        tap: &mut dyn FnMut(&str, &Tensor),
+        mut tap: Option<Tap>,
         pool: &mut ActivationPool,
     ) -> Result<Tensor> {
-        let mut t = pool.take(&self.stem.out_dims(x.dims())?);
-        self.stem.forward_into(x, None, true, &mut t)?;
-        tap("conv1", &t);
+        let (n, h, w) = (x.dims()[0], x.dims()[2], x.dims()[3]);
+        // (N, 3, H, W) -> (3, N, H, W)
+        let mut xc = pool.take(&[3, n, h, w]);
+        match x.as_f32_slice() {
+            Ok(xs) => swap_leading_axes(xs, n, 3, h * w, xc.as_f32_slice_mut()?),
+            // Another dtype or a strided view: widen / gather first.
+            Err(_) => swap_leading_axes(&x.to_f32_vec(), n, 3, h * w, xc.as_f32_slice_mut()?),
+        }
+        let mut t = pool.take(&self.stem.out_dims_cn(xc.dims())?);
+        run_conv(&self.stem, &xc, None, true, &mut t)?;
+        pool.give(xc);
+        emit(&mut tap, "conv1", &t)?;
+        // Max-pool works plane by plane, so (C, N, H, W) passes as a batch of C "images" of N planes.
         let mp = PoolParams::new(3, 2, 1);
         let mut cur = pool.take(&ops::max_pool2d_out_dims(t.dims(), &mp)?);
         ops::max_pool2d_into(&t, &mp, &mut cur)?;
         pool.give(t);
-        tap("maxpool", &cur);
+        emit(&mut tap, "maxpool", &cur)?;
         for (li, stage) in self.stages.iter().enumerate() {
             for block in stage {
                 let next = self.block_forward(block, &cur, pool)?;
                 pool.give(std::mem::replace(&mut cur, next));
             }
-            tap(&format!("layer{}", li + 1), &cur);
+            emit(&mut tap, &format!("layer{}", li + 1), &cur)?;
         }
+        let (c, hw) = (cur.dims()[0], cur.dims()[2] * cur.dims()[3]);
         if until == Until::Layer4 {
-            // The grid is a fresh tensor; the layer4 buffer goes back to the pool.
-            let grid = to_grid(&cur);
+            // (C, N, H*W) -> (N, H*W, C), a fresh tensor; the layer4 buffer goes back to the pool.
+            let grid = cur.reshape(&[c, n * hw])?.transpose(0, 1)?.contiguous().reshape(&[n, hw, c]);
             pool.give(cur);
             return grid;
         }
-        let (n, c) = (cur.dims()[0], cur.dims()[1]);
-        let mut pooled = pool.take(&[n, c]);
-        ops::global_avg_pool_into(&cur, &mut pooled)?;
+        // (C, N, H, W) -> (C, N), then (N, C).
+        let mut pooled_cn = pool.take(&[c, n]);
+        ops::global_avg_pool_into(&cur, &mut pooled_cn)?;
         pool.give(cur);
-        tap("pooled", &pooled);
+        let mut pooled = pool.take(&[n, c]);
+        swap_leading_axes(pooled_cn.as_f32_slice()?, c, n, 1, pooled.as_f32_slice_mut()?);
+        pool.give(pooled_cn);
+        if let Some(tap) = tap.as_mut() {
+            tap("pooled", &pooled);
+        }
         if until == Until::Pooled {
             return Ok(pooled);
         }
@@ -341,11 +360,12 @@ impl ResNet {
         Ok(logits)
     }
 
+    /// One residual block on channel-major activations x (C, N, H, W).
     fn block_forward(&self, b: &Block, x: &Tensor, pool: &mut ActivationPool) -> Result<Tensor> {
         let identity = match &b.downsample {
             Some(ds) => {
-                let mut d = pool.take(&ds.out_dims(x.dims())?);
-                ds.forward_into(x, None, false, &mut d)?;
+                let mut d = pool.take(&ds.out_dims_cn(x.dims())?);
+                run_conv(ds, x, None, false, &mut d)?;
                 Some(d)
             }
             None => None,
@@ -354,12 +374,12 @@ impl ResNet {
         let mut inner: Option<Tensor> = None;
         for (i, conv) in b.convs.iter().enumerate() {
             let input = inner.as_ref().unwrap_or(x);
-            let mut out = pool.take(&conv.out_dims(input.dims())?);
+            let mut out = pool.take(&conv.out_dims_cn(input.dims())?);
             if i == last {
                 // The residual add and the final ReLU run in the conv's epilogue.
-                conv.forward_into(input, Some(identity.as_ref().unwrap_or(x)), true, &mut out)?;
+                run_conv(conv, input, Some(identity.as_ref().unwrap_or(x)), true, &mut out)?;
             } else {
-                conv.forward_into(input, None, true, &mut out)?;
+                run_conv(conv, input, None, true, &mut out)?;
             }
             if let Some(prev) = inner.replace(out) {
                 pool.give(prev);
@@ -370,6 +390,44 @@ impl ResNet {
         }
         Ok(inner.expect("a block has at least two convs"))
     }
+}
+
+/// The one place a ResNet conv is run: x (C, N, H, W) -> out (K, N, P, Q), channel-major.
+///
+/// Dispatch point for faster algorithms: every conv of the forward (stem, blocks, downsamples)
+/// comes through here, so e.g. a Winograd F(2x2, 3x3) kernel for the stride-1 3x3 convs slots in as
+/// one more arm, taking the same channel-major input:
+/// `if winograd_applicable(&conv.weights, &conv.params) { winograd_forward(.., ActLayout::cnhw(..)) }`
+/// (its transformed weights would be built once, next to the `Conv2d`, in `ResNet::build`).
+fn run_conv(
+    conv: &Conv2d,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    relu: bool,
+    out: &mut Tensor,
+) -> Result<()> {
+    // Implicit GEMM (1x1 convs straight to GEMM, lazy im2col for the others), whole batch at once.
+    conv.forward_cn_into(x, residual, relu, out)
+}
+
+/// A trace callback (see `Encoder::forward_trace`).
+pub(crate) type Tap<'a> = &'a mut dyn FnMut(&str, &Tensor);
+
+/// Passes a channel-major activation (C, N, H, W) to the trace tap as NCHW (a copy when N > 1;
+/// nothing at all when there is no tap).
+pub(crate) fn emit(tap: &mut Option<Tap>, name: &str, t: &Tensor) -> Result<()> {
+    let Some(tap) = tap.as_mut() else { return Ok(()) };
+    let &[c, n, h, w] = t.dims() else {
+        return Err(Error::shape(format!("{name}: expected a (C, N, H, W) activation, got {:?}", t.dims())));
+    };
+    if n == 1 {
+        tap(name, &t.reshape(&[1, c, h, w])?);
+    } else {
+        let mut v = vec![0.0f32; t.numel()];
+        swap_leading_axes(t.as_f32_slice()?, c, n, h * w, &mut v);
+        tap(name, &Tensor::from_vec(v, &[n, c, h, w])?);
+    }
+    Ok(())
 }
 
 /// (N, C, H, W) -> (N, H*W, C): the spatial-major grid DESIGN.md's features file uses.
@@ -389,17 +447,17 @@ impl Encoder for ResNet {
 
     fn features(&self, x: &Tensor, layer: FeatureLayer) -> Result<Tensor> {
         match layer {
-            FeatureLayer::Pooled => self.run(x, Until::Pooled, &mut |_, _| {}),
-            FeatureLayer::Grid => self.run(x, Until::Layer4, &mut |_, _| {}),
+            FeatureLayer::Pooled => self.run(x, Until::Pooled, None),
+            FeatureLayer::Grid => self.run(x, Until::Layer4, None),
         }
     }
 
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        self.run(x, Until::Logits, &mut |_, _| {})
+        self.run(x, Until::Logits, None)
     }
 
     fn forward_trace(&self, x: &Tensor, tap: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
-        self.run(x, Until::Logits, tap)
+        self.run(x, Until::Logits, Some(tap))
     }
 }
 

@@ -13,14 +13,14 @@
 
 use std::sync::Mutex;
 
-use crate::cpu::conv::ConvParams;
+use crate::cpu::conv::{swap_leading_axes, ConvParams};
 use crate::cpu::pool::PoolParams;
 use crate::error::{Error, Result};
 use crate::nn::buffers::ActivationPool;
 use crate::nn::conv::{Conv2d, ParamFn};
 use crate::nn::encoder::{Encoder, EncoderKind, FeatureLayer};
 use crate::nn::linear::Linear;
-use crate::nn::resnet::to_grid;
+use crate::nn::resnet::{emit, to_grid, Tap};
 use crate::ops;
 use crate::tensor::Tensor;
 use crate::weights::TensorFile;
@@ -159,15 +159,17 @@ impl Vgg {
         let mut features = Vec::new();
         for (i, l, c) in cfg.indexed() {
             features.push(match l {
-                VggLayer::Conv(k) => Stage::Conv(
-                    i,
-                    Box::new(Conv2d::load_biased(
+                VggLayer::Conv(k) => {
+                    let mut conv = Conv2d::load_biased(
                         get,
                         &format!("features.{i}"),
                         [k, c, 3, 3],
                         ConvParams::new(1, 1),
-                    )?),
-                ),
+                    )?;
+                    // Inference reads only the packed weights: drop the raw copy at once.
+                    conv.weights.release_raw();
+                    Stage::Conv(i, Box::new(conv))
+                }
                 VggLayer::Pool => Stage::Pool(i),
             });
         }
@@ -200,7 +202,7 @@ impl Vgg {
         Self::build(cfg, &get)
     }
 
-    fn run(&self, x: &Tensor, until: Until, tap: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
+    fn run(&self, x: &Tensor, until: Until, tap: Option<Tap>) -> Result<Tensor> {
         // Each 2x2/2 max-pool halves the image, so it must be at least 2^pools on each side.
         let min = 1usize << self.cfg.layers.iter().filter(|l| **l == VggLayer::Pool).count();
         match x.dims() {
@@ -220,39 +222,47 @@ impl Vgg {
         result
     }
 
+    /// The forward pass. `features` runs channel-major (C, N, H, W), so each conv is ONE GEMM over the
+    /// whole batch (`Conv2d::forward_cn_into`; at N = 1 the layout is NCHW itself); the last block is
+    /// converted back to NCHW for the classifier / grid, traced activations on the way.
     fn run_with(
         &self,
         x: &Tensor,
         until: Until,
-        tap: &mut dyn FnMut(&str, &Tensor),
+        mut tap: Option<Tap>,
         pool: &mut ActivationPool,
     ) -> Result<Tensor> {
         let mp = PoolParams::new(2, 2, 0);
-        let mut cur: Option<Tensor> = None;
+        let (n, h, w) = (x.dims()[0], x.dims()[2], x.dims()[3]);
+        // (N, 3, H, W) -> (3, N, H, W)
+        let mut cur = pool.take(&[3, n, h, w]);
+        match x.as_f32_slice() {
+            Ok(xs) => swap_leading_axes(xs, n, 3, h * w, cur.as_f32_slice_mut()?),
+            Err(_) => swap_leading_axes(&x.to_f32_vec(), n, 3, h * w, cur.as_f32_slice_mut()?),
+        }
         for stage in &self.features {
-            let input = cur.as_ref().unwrap_or(x);
             let out = match stage {
                 Stage::Conv(i, conv) => {
-                    let mut out = pool.take(&conv.out_dims(input.dims())?);
-                    conv.forward_into(input, None, true, &mut out)?;
-                    tap(&format!("features.{}", i + 1), &out); // after the ReLU
+                    let mut out = pool.take(&conv.out_dims_cn(cur.dims())?);
+                    conv.forward_cn_into(&cur, None, true, &mut out)?;
+                    emit(&mut tap, &format!("features.{}", i + 1), &out)?; // after the ReLU
                     out
                 }
                 Stage::Pool(i) => {
-                    let mut out = pool.take(&ops::max_pool2d_out_dims(input.dims(), &mp)?);
-                    ops::max_pool2d_into(input, &mp, &mut out)?;
-                    tap(&format!("features.{i}"), &out);
+                    // Plane by plane, so (C, N, H, W) passes as C "images" of N planes.
+                    let mut out = pool.take(&ops::max_pool2d_out_dims(cur.dims(), &mp)?);
+                    ops::max_pool2d_into(&cur, &mp, &mut out)?;
+                    emit(&mut tap, &format!("features.{i}"), &out)?;
                     out
                 }
             };
-            if let Some(prev) = cur.replace(out) {
-                pool.give(prev);
-            }
+            pool.give(std::mem::replace(&mut cur, out));
         }
-        let feats = match cur {
-            Some(t) => t,
-            None => x.clone(),
-        };
+        // (C, N, H', W') -> (N, C, H', W')
+        let [c, _, fh, fw] = *cur.dims() else { unreachable!("activations are 4-D") };
+        let mut feats = pool.take(&[n, c, fh, fw]);
+        swap_leading_axes(cur.as_f32_slice()?, c, n, fh * fw, feats.as_f32_slice_mut()?);
+        pool.give(cur);
         if until == Until::Features {
             // The grid is a fresh tensor; the feature buffer goes back to the pool.
             let grid = to_grid(&feats);
@@ -269,11 +279,15 @@ impl Vgg {
         let mut fc6 = pool.take(&[n, self.cfg.hidden]);
         self.fc6.forward_into(&flat, true, &mut fc6)?;
         pool.give(flat);
-        tap("fc6", &fc6);
+        if let Some(tap) = tap.as_mut() {
+            tap("fc6", &fc6);
+        }
         let mut fc7 = pool.take(&[n, self.cfg.hidden]);
         self.fc7.forward_into(&fc6, true, &mut fc7)?;
         pool.give(fc6);
-        tap("fc7", &fc7);
+        if let Some(tap) = tap.as_mut() {
+            tap("fc7", &fc7);
+        }
         if until == Until::Fc7 {
             return Ok(fc7);
         }
@@ -290,17 +304,17 @@ impl Encoder for Vgg {
 
     fn features(&self, x: &Tensor, layer: FeatureLayer) -> Result<Tensor> {
         match layer {
-            FeatureLayer::Pooled => self.run(x, Until::Fc7, &mut |_, _| {}),
-            FeatureLayer::Grid => self.run(x, Until::Features, &mut |_, _| {}),
+            FeatureLayer::Pooled => self.run(x, Until::Fc7, None),
+            FeatureLayer::Grid => self.run(x, Until::Features, None),
         }
     }
 
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        self.run(x, Until::Logits, &mut |_, _| {})
+        self.run(x, Until::Logits, None)
     }
 
     fn forward_trace(&self, x: &Tensor, tap: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
-        self.run(x, Until::Logits, tap)
+        self.run(x, Until::Logits, Some(tap))
     }
 }
 
