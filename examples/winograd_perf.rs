@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --example winograd_perf shapes [rounds] [batch ...]   # default 3 rounds, batch 1 8
 //! cargo run --release --example winograd_perf resnet50 [batch] [rounds]     # error + time, whole net
+//! cargo run --release --example winograd_perf profile NAME [batch] [secs]   # winograd only (for perf)
 //! ```
 //! `RAYON_NUM_THREADS=1|2` sets the threads. "eff GFLOP/s" = direct-convolution FLOPs / time (the
 //! same numerator for both methods, so the ratio is the speed-up); "on-cpu" = the same FLOPs / the
@@ -277,6 +278,29 @@ fn resnet50(n: usize, rounds: usize) {
     );
 }
 
+/// Runs only the Winograd path of the 3x3 stride-1 shapes whose name contains `filter`, for `secs`
+/// seconds each (to profile it with `perf record`).
+fn profile(filter: &str, n: usize, secs: f64) {
+    let mut rng = Rng::new(1);
+    for cs in
+        resnet50_conv_cases().into_iter().filter(|c| c.r == 3 && c.stride == 1 && c.name.contains(filter))
+    {
+        let (c, k, h, w) = (cs.c, cs.k, cs.h, cs.w);
+        let wt: Vec<f32> = (0..k * c * 9).map(|_| rng.uniform(-0.1, 0.1)).collect();
+        let ww = WinogradWeights::new(&wt, None, k, c);
+        let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let mut y = vec![0.0f32; n * k * h * w];
+        let mut ws = Vec::new();
+        let t = Instant::now();
+        let mut calls = 0;
+        while t.elapsed().as_secs_f64() < secs {
+            winograd_forward_nchw(&x, n, h, w, &ww, None, true, &mut y, &mut ws);
+            calls += 1;
+        }
+        println!("{}: {calls} calls", cs.name);
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str).unwrap_or("shapes") {
@@ -284,6 +308,12 @@ fn main() {
             let n = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1);
             let rounds = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
             resnet50(n, rounds);
+        }
+        "profile" => {
+            let filter = args.get(2).cloned().unwrap_or_default();
+            let n = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
+            let secs = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(2.0);
+            profile(&filter, n, secs);
         }
         _ => {
             let rounds = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);

@@ -167,19 +167,48 @@ impl WinogradWeights {
     }
 }
 
-/// The scratch the forward needs for a block of `tb` tiles: V (C, 16, tb) and M (16, K, tb).
-fn block_floats(c: usize, k: usize, tb: usize) -> usize {
-    16 * (c + k) * tb
+/// The transforms work in fixed chunks of this many tiles (one AVX-512 register; 2 AVX2 / 4 SSE
+/// registers) so that short rows (tw = 4..28 tiles) still run as whole vectors; rows of V and M are
+/// padded by one chunk so that a chunk may run past the end of a row.
+const L: usize = 16;
+
+/// The chunk of `L` values at `at` (a fixed-size array, so the loops over it have no bounds checks
+/// and vectorise).
+#[inline(always)]
+fn ch(s: &[f32], at: usize) -> &[f32; L] {
+    s[at..at + L].try_into().expect("chunk in range")
 }
 
-/// Scratch budget per block (floats): 2 Mi floats = 8 MiB, a block of a few hundred tiles at
-/// 256-512 channels (GEMM n >= 128, enough to amortise each GEMM's B packing) and the whole image
-/// at 64 channels.
-const BLOCK_FLOATS: usize = 2 << 20;
+#[inline(always)]
+fn ch_mut(s: &mut [f32], at: usize) -> &mut [f32; L] {
+    (&mut s[at..at + L]).try_into().expect("chunk in range")
+}
 
-/// Tile rows per block: as many as fit the budget, at least one.
+/// Row length of V and M for a block of `tb` tiles (see `L`).
+fn padded(tb: usize) -> usize {
+    tb + L
+}
+
+/// The scratch the forward needs for a block of `tb` tiles: V (C, 16, tb + L) and M (16, K, tb + L).
+fn block_floats(c: usize, k: usize, tb: usize) -> usize {
+    16 * (c + k) * padded(tb)
+}
+
+/// Scratch budget per block (floats): 4 MiB for V and M of one block, the L2 of both cores here
+/// (2 MiB each), so V and M stay close between the input transform, the GEMMs and the output
+/// transform. (Tuned by a sweep of 1-4 MiB x 128-256 tiles: 4 MiB / 256 was best or tied on every
+/// ResNet-50 shape at 2 threads; see the report in the winograd branch.)
+const BLOCK_FLOATS: usize = 1 << 20;
+
+/// ...but at least this many tiles per block: every block streams all 16 U[e] (64 K C bytes),
+/// and a GEMM does 2 * tiles FLOPs per weight element it loads, so fewer tiles make the GEMMs
+/// weight-bandwidth-bound (at 512 channels the weights are 16 MiB).
+const MIN_TILES: usize = 256;
+
+/// Tile rows per block: as many as fit the budget, at least `MIN_TILES` tiles, at least one row.
 fn rows_per_block(c: usize, k: usize, tw: usize) -> usize {
-    (BLOCK_FLOATS / block_floats(c, k, tw)).max(1)
+    let fit = BLOCK_FLOATS / (16 * (c + k) * (tw + L));
+    fit.max(MIN_TILES.div_ceil(tw)).max(1)
 }
 
 /// Workspace length (floats) `winograd_forward` uses for this layer and input size.
@@ -246,14 +275,15 @@ pub fn winograd_forward(
     while g0 < rows_total {
         let g1 = (g0 + rpb).min(rows_total);
         let tb = (g1 - g0) * tw;
-        let (v, rest) = ws.split_at_mut(16 * c * tb);
-        let m = &mut rest[..16 * k * tb];
+        let ld = padded(tb);
+        let (v, rest) = ws.split_at_mut(16 * c * ld);
+        let m = &mut rest[..16 * k * ld];
         input_transform(wt.isa, x, xl, c, &geo, g0, g1, v);
-        // 16 GEMMs: M[e] (K, tb) = U[e] (K, C) · V[e] (C, tb), V[e] rows strided by 16*tb.
+        // 16 GEMMs: M[e] (K, tb) = U[e] (K, C) · V[e] (C, tb); rows of V[e] are 16*ld apart.
         let v: &[f32] = v;
-        m.par_chunks_mut(k * tb).zip(wt.u.par_iter()).enumerate().for_each(|(e, (me, ue))| {
-            let b = MatRef::row_major_ld(&v[e * tb..], c, tb, 16 * tb);
-            sgemm_packed_a(ue, b, me, tb, &Epilogue::default());
+        m.par_chunks_mut(k * ld).zip(wt.u.par_iter()).enumerate().for_each(|(e, (me, ue))| {
+            let b = MatRef::row_major_ld(&v[e * ld..], c, tb, 16 * ld);
+            sgemm_packed_a(ue, b, me, ld, &Epilogue::default());
         });
         output_transform(wt, m, &geo, g0, g1, residual, relu, yp, yl);
         g0 = g1;
@@ -287,7 +317,7 @@ struct Geo {
 }
 
 /// V[c][e][t] = (Bᵀ d B)[e] for the tiles of tile rows g0..g1 (g = image * th + ty), parallel over
-/// input channels. v: (C, 16, tb).
+/// input channels. v: (C, 16, ld).
 #[allow(clippy::too_many_arguments)]
 fn input_transform(
     isa: Isa,
@@ -299,12 +329,11 @@ fn input_transform(
     g1: usize,
     v: &mut [f32],
 ) {
-    let tb = (g1 - g0) * geo.tw;
-    let len = geo.tw + 1;
+    let ld = padded((g1 - g0) * geo.tw);
     // At least ~16K outputs per task so small blocks do not drown in scheduling.
-    let min_len = (16384 / (16 * tb)).max(1);
-    v[..c * 16 * tb].par_chunks_mut(16 * tb).with_min_len(min_len).enumerate().for_each_init(
-        || vec![0.0f32; 16 * len],
+    let min_len = (16384 / (16 * ld)).max(1);
+    v[..c * 16 * ld].par_chunks_mut(16 * ld).with_min_len(min_len).enumerate().for_each_init(
+        || vec![0.0f32; input_buf_len(geo.tw)],
         |buf, (ci, vc)| {
             let xc = &x[ci * xl.c_stride..];
             dispatch_input(isa, xc, xl.n_stride, geo, g0, g1, buf, vc);
@@ -331,7 +360,64 @@ fn dispatch_input(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2Fma => unsafe { input_channel_avx2(xc, ns, geo, g0, g1, buf, vc) },
-        _ => input_channel(xc, ns, geo, g0, g1, buf, vc),
+        _ => input_channel(xc, ns, geo, g0, g1, buf, vc, split_row),
+    }
+}
+
+/// Splits one input row into the even and odd columns of its zero-padded version:
+/// E[i] = padded[2i] = row[2i - 1], O[i] = padded[2i + 1] = row[2i] (zero outside the row), for
+/// i < e.len() (a whole number of chunks). `prow` is scratch of 2 * e.len() floats whose entries
+/// past w + 1 are zero. Portable: copy into the padded row, then split chunk by chunk.
+#[inline(always)]
+fn split_row(row: &[f32], prow: &mut [f32], e: &mut [f32], o: &mut [f32]) {
+    let w = row.len();
+    prow[0] = 0.0;
+    prow[1..=w].copy_from_slice(row);
+    for c0 in (0..e.len()).step_by(L) {
+        let p: &[f32; 2 * L] = prow[2 * c0..2 * c0 + 2 * L].try_into().expect("chunk in range");
+        let (ec, oc) = (ch_mut(e, c0), ch_mut(o, c0));
+        for i in 0..L {
+            ec[i] = p[2 * i];
+            oc[i] = p[2 * i + 1];
+        }
+    }
+}
+
+/// `split_row` on AVX-512: masked loads straight from the row (lanes outside it read as zero,
+/// which is the padding) and two two-source permutes per chunk; no padded copy, so no
+/// store-to-load forwarding stall between a copy and the wider loads that follow it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn split_row_avx512(row: &[f32], e: &mut [f32], o: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let w = row.len() as isize;
+    let ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    // Bits j of a 16-lane mask for which row index start + j lies in 0..w.
+    let mask = |start: isize| -> u16 {
+        let lo = (-start).clamp(0, 16) as u32;
+        let hi = (w - start).clamp(0, 16) as u32;
+        if hi <= lo {
+            0
+        } else {
+            ((((1u32 << hi) - 1) >> lo) << lo) as u16
+        }
+    };
+    for c0 in (0..e.len()).step_by(L) {
+        // padded[2 c0 + j] = row[2 c0 - 1 + j], j in 0..32.
+        let start = 2 * c0 as isize - 1;
+        let p = row.as_ptr();
+        // SAFETY: a masked load touches only the lanes whose bit is set, and `mask` sets exactly
+        // those with row index in 0..w, i.e. inside `row` (`wrapping_offset` only forms the
+        // address; no masked-off lane is dereferenced). The stores write one whole chunk of e and
+        // of o, in range because e.len() and o.len() are whole chunks (checked by `ch_mut`).
+        unsafe {
+            let a = _mm512_maskz_loadu_ps(mask(start), p.wrapping_offset(start));
+            let b = _mm512_maskz_loadu_ps(mask(start + 16), p.wrapping_offset(start + 16));
+            _mm512_storeu_ps(ch_mut(e, c0).as_mut_ptr(), _mm512_permutex2var_ps(a, ie, b));
+            _mm512_storeu_ps(ch_mut(o, c0).as_mut_ptr(), _mm512_permutex2var_ps(a, io, b));
+        }
     }
 }
 
@@ -346,7 +432,8 @@ fn input_channel_avx512(
     buf: &mut [f32],
     vc: &mut [f32],
 ) {
-    input_channel(xc, ns, geo, g0, g1, buf, vc)
+    // (The closure inherits this function's AVX-512 feature, so the call is safe.)
+    input_channel(xc, ns, geo, g0, g1, buf, vc, |row, _, e, o| split_row_avx512(row, e, o))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -360,81 +447,101 @@ fn input_channel_avx2(
     buf: &mut [f32],
     vc: &mut [f32],
 ) {
-    input_channel(xc, ns, geo, g0, g1, buf, vc)
+    input_channel(xc, ns, geo, g0, g1, buf, vc, split_row)
+}
+
+/// Length of a split row (E or O): the tw + 1 values a tile row reads, rounded up to whole chunks
+/// plus one chunk (tile tx reads index tx + 1).
+fn split_len(tw: usize) -> usize {
+    tw.div_ceil(L) * L + L
+}
+
+/// Scratch of one input-transform task: the padded input row, 4 split rows and 4 t-rows.
+fn input_buf_len(tw: usize) -> usize {
+    let len = split_len(tw);
+    2 * len + 16 * len
 }
 
 /// One input channel's transform. For each tile row, the four padded input rows (2ty-1 .. 2ty+2)
-/// are split into even and odd padded columns (E[i] = padded[2i], O[i] = padded[2i+1], i <= tw),
-/// so tile tx reads E[tx], O[tx], E[tx+1], O[tx+1] and every step below is an element-wise loop
-/// over tx that the compiler vectorises.
+/// are split into even and odd padded columns (E[i] = padded[2i], O[i] = padded[2i+1]), so tile
+/// tx reads E[tx], O[tx], E[tx+1], O[tx+1] and every step below is an element-wise loop over tx,
+/// run in whole chunks of `L` (the padding beyond the image reads as zero, and values computed
+/// past tile tw - 1 land in the padding of V's rows).
 ///   rows:    t0 = d0 - d2, t1 = d1 + d2, t2 = d2 - d1, t3 = d1 - d3          (Bᵀ d)
 ///   columns: v0 = E0 - E1, v1 = O0 + E1, v2 = E1 - O0, v3 = O0 - O1          (· B)
-/// buf: 16 * (tw + 1) floats; vc: (16, tb) for this channel.
+/// The split rows live in 4 slots indexed by (input row + 1) % 4, so the two rows a tile row shares
+/// with the previous one (tiles overlap by 2) are split only once.
+/// buf: `input_buf_len(tw)` floats; vc: (16, ld) for this channel.
 #[inline(always)]
-fn input_channel(xc: &[f32], ns: usize, geo: &Geo, g0: usize, g1: usize, buf: &mut [f32], vc: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn input_channel(
+    xc: &[f32],
+    ns: usize,
+    geo: &Geo,
+    g0: usize,
+    g1: usize,
+    buf: &mut [f32],
+    vc: &mut [f32],
+    split: impl Fn(&[f32], &mut [f32], &mut [f32], &mut [f32]),
+) {
     let (h, w, th, tw) = (geo.h, geo.w, geo.th, geo.tw);
-    let len = tw + 1;
-    let tb = (g1 - g0) * tw;
-    let (rows, trows) = buf.split_at_mut(8 * len); // 4 rows x (E, O), then 4 t-rows x (E, O)
+    let len = split_len(tw);
+    let twc = tw.div_ceil(L) * L; // tiles rounded up to whole chunks
+    let ld = padded((g1 - g0) * tw);
+    // prow: [0, row[0..w], 0...] (2 * len; only 1..=w is ever written, so the rest stays zero).
+    let (prow, rest) = buf.split_at_mut(2 * len);
+    let (rows, trows) = rest.split_at_mut(8 * len); // 4 slots x (E, O), then 4 t-rows x (E, O)
     for g in g0..g1 {
         let (img, ty) = (g / th, g % th);
         let xi = &xc[img * ns..];
-        for r in 0..4 {
-            let (e, o) = rows[2 * r * len..(2 * r + 2) * len].split_at_mut(len);
+        // Rows 0 and 1 of this tile row are rows 2 and 3 of the previous one (same image).
+        let first = if g == g0 || ty == 0 { 0 } else { 2 };
+        for r in first..4 {
+            let slot = (2 * ty + r) % 4;
+            let (e, o) = rows[2 * slot * len..(2 * slot + 2) * len].split_at_mut(len);
             let iy = (2 * ty + r) as isize - 1;
             if iy < 0 || iy >= h as isize {
                 e.fill(0.0);
                 o.fill(0.0);
                 continue;
             }
-            let row = &xi[iy as usize * w..iy as usize * w + w];
-            // padded[j] = row[j - 1] for 1 <= j <= w: E[i] = row[2i - 1], O[i] = row[2i].
-            e[0] = 0.0;
-            for i in 1..len {
-                e[i] = if 2 * i <= w { row[2 * i - 1] } else { 0.0 };
-            }
-            for (i, oi) in o.iter_mut().enumerate() {
-                *oi = if 2 * i < w { row[2 * i] } else { 0.0 };
-            }
+            split(&xi[iy as usize * w..iy as usize * w + w], prow, e, o);
         }
         // Bᵀ d on the rows, separately for the even and odd halves (element-wise over columns).
-        {
-            let (d, t) = (&*rows, &mut *trows);
-            for half in 0..2 {
-                let dr = |r: usize| &d[(2 * r + half) * len..(2 * r + half + 1) * len];
-                let (d0, d1, d2, d3) = (dr(0), dr(1), dr(2), dr(3));
-                let (t0, rest) = t[half * len..].split_at_mut(len);
-                for i in 0..len {
-                    t0[i] = d0[i] - d2[i];
-                }
-                let t1 = &mut rest[len..2 * len];
-                for i in 0..len {
-                    t1[i] = d1[i] + d2[i];
-                }
-                let t2 = &mut rest[3 * len..4 * len];
-                for i in 0..len {
-                    t2[i] = d2[i] - d1[i];
-                }
-                let t3 = &mut rest[5 * len..6 * len];
-                for i in 0..len {
-                    t3[i] = d1[i] - d3[i];
-                }
+        let slot = |r: usize| (2 * ty + r) % 4;
+        for half in 0..2 {
+            let d = |r: usize| &rows[(2 * slot(r) + half) * len..(2 * slot(r) + half + 1) * len];
+            let (d0, d1, d2, d3) = (d(0), d(1), d(2), d(3));
+            let (t0, rest) = trows[half * len..].split_at_mut(len);
+            let (t1, rest) = rest[len..].split_at_mut(len);
+            let (t2, rest) = rest[len..].split_at_mut(len);
+            let t3 = &mut rest[len..2 * len];
+            for c0 in (0..len).step_by(L) {
+                // Whole chunks in and out through locals: LLVM cannot see that the slices do not
+                // alias once inlined, and would otherwise keep every load after every store.
+                let (a0, a1, a2, a3) = (*ch(d0, c0), *ch(d1, c0), *ch(d2, c0), *ch(d3, c0));
+                *ch_mut(t0, c0) = std::array::from_fn(|i| a0[i] - a2[i]);
+                *ch_mut(t1, c0) = std::array::from_fn(|i| a1[i] + a2[i]);
+                *ch_mut(t2, c0) = std::array::from_fn(|i| a2[i] - a1[i]);
+                *ch_mut(t3, c0) = std::array::from_fn(|i| a1[i] - a3[i]);
             }
         }
-        // · B on the columns; writes V[ri*4 + j][tile] for the tw tiles of this row.
+        // · B on the columns; writes V[ri*4 + j][tile] for the tiles of this row (whole chunks:
+        // anything past tile tw - 1 is overwritten by the next tile row or lands in the padding).
         let toff = (g - g0) * tw;
         for ri in 0..4 {
             let e = &trows[2 * ri * len..(2 * ri + 1) * len];
             let o = &trows[(2 * ri + 1) * len..(2 * ri + 2) * len];
-            let base = (ri * 4) * tb + toff;
-            let (v0, rest) = vc[base..].split_at_mut(tb);
-            let (v1, rest) = rest.split_at_mut(tb);
-            let (v2, v3) = rest.split_at_mut(tb);
-            for tx in 0..tw {
-                v0[tx] = e[tx] - e[tx + 1];
-                v1[tx] = o[tx] + e[tx + 1];
-                v2[tx] = e[tx + 1] - o[tx];
-                v3[tx] = o[tx] - o[tx + 1];
+            let (v0, rest) = vc[ri * 4 * ld + toff..].split_at_mut(ld);
+            let (v1, rest) = rest.split_at_mut(ld);
+            let (v2, v3) = rest.split_at_mut(ld);
+            for c0 in (0..twc).step_by(L) {
+                // (Copied into locals: plain unaligned vector loads, no cross-chunk shuffles.)
+                let (e0, e1, o0, o1) = (*ch(e, c0), *ch(e, c0 + 1), *ch(o, c0), *ch(o, c0 + 1));
+                *ch_mut(v0, c0) = std::array::from_fn(|i| e0[i] - e1[i]);
+                *ch_mut(v1, c0) = std::array::from_fn(|i| o0[i] + e1[i]);
+                *ch_mut(v2, c0) = std::array::from_fn(|i| e1[i] - o0[i]);
+                *ch_mut(v3, c0) = std::array::from_fn(|i| o0[i] - o1[i]);
             }
         }
     }
@@ -458,14 +565,14 @@ fn output_transform(
     yl: ActLayout,
 ) {
     let k = wt.k;
-    let tb = (g1 - g0) * geo.tw;
-    let min_len = (16384 / (16 * tb)).max(1);
+    let ld = padded((g1 - g0) * geo.tw);
+    let min_len = (16384 / (16 * ld)).max(1);
     let isa = wt.isa;
     (0..k).into_par_iter().with_min_len(min_len).for_each_init(
-        || vec![0.0f32; 8 * geo.tw + 8],
+        || vec![0.0f32; 4 * geo.tw.div_ceil(L) * L],
         |buf, ko| {
             let res = residual.map(|(r, rl)| (&r[ko * rl.c_stride..], rl.n_stride));
-            let job = OutJob { m, k, ko, tb, bias: wt.bias[ko], res, relu, geo, g0, g1 };
+            let job = OutJob { m, k, ko, ld, bias: wt.bias[ko], res, relu, geo, g0, g1 };
             // SAFETY: see `YPtr`: output channel `ko` is written only by this task, and its
             // rows lie within `y` (length checked against the layout by the caller).
             let yk = unsafe { yp.get().add(ko * yl.c_stride) };
@@ -488,7 +595,8 @@ struct OutJob<'a> {
     m: &'a [f32],
     k: usize,
     ko: usize,
-    tb: usize,
+    /// Row length of M.
+    ld: usize,
     bias: f32,
     /// This channel's residual (offset to channel ko) and its image stride.
     res: Option<(&'a [f32], usize)>,
@@ -524,34 +632,41 @@ unsafe fn output_channel_avx2(j: &OutJob, buf: &mut [f32], yk: *mut f32, ns: usi
 #[inline(always)]
 unsafe fn output_channel(j: &OutJob, buf: &mut [f32], yk: *mut f32, ns: usize) {
     let (h, w, th, tw) = (j.geo.h, j.geo.w, j.geo.th, j.geo.tw);
-    let (tb, k) = (j.tb, j.k);
-    // M[e][ko][.] for the 16 e.
-    let me = |e: usize| &j.m[(e * k + j.ko) * tb..(e * k + j.ko + 1) * tb];
-    let mrows: [&[f32]; 16] = std::array::from_fn(me);
-    let (r0, r1) = buf.split_at_mut(4 * tw + 4);
+    let (ld, k) = (j.ld, j.k);
+    let twc = tw.div_ceil(L) * L;
+    // M[e][ko][.] for the 16 e (whole padded rows: chunks may run past the block's last tile).
+    let mrows: [&[f32]; 16] = std::array::from_fn(|e| &j.m[(e * k + j.ko) * ld..(e * k + j.ko + 1) * ld]);
+    let (r0, r1) = buf.split_at_mut(2 * twc);
     for g in j.g0..j.g1 {
         let (img, ty) = (g / th, g % th);
         let toff = (g - j.g0) * tw;
-        let m = |e: usize| &mrows[e][toff..toff + tw];
-        // s_i[col] for the 4 tile columns, then y rows 0 and 1 interleaved into r0, r1.
-        let (m0, m1, m2, m3) = (m(0), m(1), m(2), m(3));
-        let (m4, m5, m6, m7) = (m(4), m(5), m(6), m(7));
-        let (m8, m9, m10, m11) = (m(8), m(9), m(10), m(11));
-        let (m12, m13, m14, m15) = (m(12), m(13), m(14), m(15));
-        for tx in 0..tw {
-            // Aᵀ m: row sums over tile rows 0..2 (s0) and 1..3 with signs (s1), per column.
-            let s00 = m0[tx] + m4[tx] + m8[tx];
-            let s01 = m1[tx] + m5[tx] + m9[tx];
-            let s02 = m2[tx] + m6[tx] + m10[tx];
-            let s03 = m3[tx] + m7[tx] + m11[tx];
-            let s10 = m4[tx] - m8[tx] - m12[tx];
-            let s11 = m5[tx] - m9[tx] - m13[tx];
-            let s12 = m6[tx] - m10[tx] - m14[tx];
-            let s13 = m7[tx] - m11[tx] - m15[tx];
-            r0[2 * tx] = s00 + s01 + s02;
-            r0[2 * tx + 1] = s01 - s02 - s03;
-            r1[2 * tx] = s10 + s11 + s12;
-            r1[2 * tx + 1] = s11 - s12 - s13;
+        // Output rows 0 and 1 of the tile row, columns interleaved (r[2tx + j]), in chunks of L.
+        let m: [&[f32]; 16] = std::array::from_fn(|e| &mrows[e][toff..toff + twc]);
+        for c0 in (0..twc).step_by(L) {
+            let mc: [[f32; L]; 16] = std::array::from_fn(|e| *ch(m[e], c0));
+            let (mut y00, mut y01, mut y10, mut y11) = ([0.0f32; L], [0.0f32; L], [0.0f32; L], [0.0f32; L]);
+            for i in 0..L {
+                // Aᵀ m: s0 = tile rows 0 + 1 + 2, s1 = rows 1 - 2 - 3, per tile column.
+                let s00 = mc[0][i] + mc[4][i] + mc[8][i];
+                let s01 = mc[1][i] + mc[5][i] + mc[9][i];
+                let s02 = mc[2][i] + mc[6][i] + mc[10][i];
+                let s03 = mc[3][i] + mc[7][i] + mc[11][i];
+                let s10 = mc[4][i] - mc[8][i] - mc[12][i];
+                let s11 = mc[5][i] - mc[9][i] - mc[13][i];
+                let s12 = mc[6][i] - mc[10][i] - mc[14][i];
+                let s13 = mc[7][i] - mc[11][i] - mc[15][i];
+                // · A: columns 0 + 1 + 2 and 1 - 2 - 3.
+                y00[i] = s00 + s01 + s02;
+                y01[i] = s01 - s02 - s03;
+                y10[i] = s10 + s11 + s12;
+                y11[i] = s11 - s12 - s13;
+            }
+            // Interleave the columns: r[2tx] = y.0, r[2tx + 1] = y.1.
+            for (r, (ya, yb)) in [(&mut *r0, (&y00, &y01)), (&mut *r1, (&y10, &y11))] {
+                *ch_mut(r, 2 * c0) = std::array::from_fn(|i| if i % 2 == 0 { ya[i / 2] } else { yb[i / 2] });
+                *ch_mut(r, 2 * c0 + L) =
+                    std::array::from_fn(|i| if i % 2 == 0 { ya[L / 2 + i / 2] } else { yb[L / 2 + i / 2] });
+            }
         }
         for (i, src) in [&*r0, &*r1].into_iter().enumerate() {
             let oy = 2 * ty + i;
