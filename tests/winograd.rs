@@ -133,6 +133,7 @@ fn small_and_odd_shapes_every_isa() {
         Case { n: 1, c: 16, k: 20, h: 8, w: 8 },
         Case { n: 3, c: 17, k: 33, h: 11, w: 4 },
         Case { n: 1, c: 40, k: 30, h: 3, w: 2 },
+        Case { n: 2, c: 3, k: 4, h: 5, w: 37 },
     ];
     let mut seed = 100;
     for isa in available_isas() {
