@@ -196,8 +196,8 @@ fn block_floats(c: usize, k: usize, tb: usize) -> usize {
 
 /// Scratch budget per block (floats): 4 MiB for V and M of one block, the L2 of both cores here
 /// (2 MiB each), so V and M stay close between the input transform, the GEMMs and the output
-/// transform. (Tuned by a sweep of 1-4 MiB x 128-256 tiles: 4 MiB / 256 was best or tied on every
-/// ResNet-50 shape at 2 threads; see the report in the winograd branch.)
+/// transform. (A sweep of 1-8 MiB budgets x 64-256 minimum tiles on the ResNet-50 shapes, 1 and 2
+/// threads, batch 1 and 8: 4 MiB / 256 tiles was best or tied.)
 const BLOCK_FLOATS: usize = 1 << 20;
 
 /// ...but at least this many tiles per block: every block streams all 16 U[e] (64 K C bytes),
