@@ -17,3 +17,4 @@ pub mod loss;
 pub mod lstm;
 pub mod peak;
 pub mod pool;
+pub mod winograd;
