@@ -268,8 +268,8 @@ pub fn attention_train_flops(d: &DecoderDims, b: usize, t: usize) -> f64 {
 }
 
 /// A decoder training-step fixture: parameters (uniform +-0.05), gradients, Adam state, a batch of
-/// random tokens, every caption T long.
-struct StepFixture {
+/// random tokens, every caption T long. Public for `examples/decoder_perf.rs` (on-CPU timing).
+pub struct StepFixture {
     params: DecoderParams,
     grads: DecoderParams,
     adam: Adam,
@@ -281,7 +281,7 @@ struct StepFixture {
 }
 
 impl StepFixture {
-    fn new(kind: DecoderKind, d: &DecoderDims, b: usize, t: usize, seed: u64) -> Self {
+    pub fn new(kind: DecoderKind, d: &DecoderDims, b: usize, t: usize, seed: u64) -> Self {
         let mut rng = Rng::new(seed);
         let mut params = DecoderParams::zeros(kind, d);
         params.named_mut().into_iter().for_each(|(_, p)| rng.fill_uniform(p, -0.05, 0.05));
@@ -301,7 +301,7 @@ impl StepFixture {
     }
 
     /// Zero gradients, forward, loss + backward, Adam.
-    fn step(&mut self, d: &DecoderDims) -> Result<()> {
+    pub fn step(&mut self, d: &DecoderDims) -> Result<()> {
         self.grads.zero();
         let batch = DecBatch {
             feats: &self.feats,
