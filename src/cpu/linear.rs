@@ -63,3 +63,26 @@ pub fn colsum_acc(db: &mut [f32], dy: &[f32], n: usize, o: usize) {
         }
     }
 }
+
+/// dst (N,O) (leading dimension `ld`) = src^T, or += src^T when `accumulate`, for src (O,N)
+/// row-major: brings back a product computed transposed (y^T = W x^T with W pre-packed as the GEMM's
+/// A operand, `sgemm_packed_a`, which suits a small N such as one recurrent step's batch).
+pub fn transpose_into(dst: &mut [f32], ld: usize, src: &[f32], o: usize, n: usize, accumulate: bool) {
+    assert!(ld >= o && src.len() >= o * n, "transpose_into: sizes");
+    if n == 0 {
+        return;
+    }
+    assert!(dst.len() >= (n - 1) * ld + o, "transpose_into: dst too small");
+    // Blocks of 16 rows of dst: each cache line of src (16 consecutive dst rows) is used at once.
+    const BR: usize = 16;
+    for r0 in (0..n).step_by(BR) {
+        let r1 = (r0 + BR).min(n);
+        for k in 0..o {
+            let s = &src[k * n + r0..k * n + r1];
+            for (q, &v) in s.iter().enumerate() {
+                let x = &mut dst[(r0 + q) * ld + k];
+                *x = if accumulate { *x + v } else { v };
+            }
+        }
+    }
+}

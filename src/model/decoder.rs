@@ -17,14 +17,15 @@
 //! common Show-Attend-Tell implementation; a seeded inverted-dropout mask (`cpu::dropout`).
 
 use crate::cpu::attention::{
-    attention_encode_backward, attention_encode_forward, attention_step_backward, attention_step_forward,
-    init_state_backward, init_state_forward, AttnCache, AttnGrads, AttnParams, AttnSize,
+    attention_core_backward, attention_core_forward, attention_encode_backward, attention_encode_forward,
+    attention_step_forward, init_state_backward, init_state_forward, AttnCache, AttnGrads, AttnParams,
+    AttnRelu, AttnSize,
 };
 use crate::cpu::dropout::{dropout_backward, dropout_forward};
 use crate::cpu::embedding::{embedding_backward, embedding_forward};
-use crate::cpu::gemm::{sgemm, Epilogue, MatRef};
+use crate::cpu::gemm::{pack_a, sgemm, sgemm_packed_a, Epilogue, MatRef};
 use crate::cpu::linear::colsum_acc;
-use crate::cpu::linear::{linear_backward, linear_forward};
+use crate::cpu::linear::{linear_backward, linear_forward, transpose_into};
 use crate::cpu::loss::{attention_reg, cross_entropy_fused};
 use crate::cpu::lstm::{
     active_from_lengths, lstm_backward, lstm_cell_forward, lstm_forward, lstm_gates_backward,
@@ -386,7 +387,11 @@ pub struct AttentionForward {
     h_all: Vec<f32>,    // (N,H)
     c_all: Vec<f32>,    // (N,H)
     acts_all: Vec<f32>, // (N,4H)
-    attns: Vec<AttnCache>,
+    // The attention steps' saves (r = relu(att1 + att2) is recomputed by the backward).
+    att2_all: Vec<f32>,  // (N,A)
+    alpha_all: Vec<f32>, // (N,L)
+    z_all: Vec<f32>,     // (N,D) raw contexts before the gate
+    gate_all: Vec<f32>,  // (N,D) sigmoid gates
     h_drop: Option<Vec<f32>>,
     mask: Vec<f32>,
 }
@@ -485,9 +490,25 @@ pub fn attention_forward(
         let epi = Epilogue { col_bias: Some(&bias), ..Default::default() };
         sgemm(MatRef::row_major(&fw.emb, n, e), w_emb.t(), &mut fw.acts_all, 4 * h, &epi);
     }
+    // Per step, every product with a fixed weight has only bs <= B rows of activations, so it is
+    // computed transposed, y^T = W x^T, with W packed ONCE per forward as the GEMM's A operand
+    // (packing the weight per step would cost as much as the product); `transpose_into` brings
+    // y^T (O,bs) back into row layout.
+    let pk_dec = pack_a(MatRef::row_major(&p.w_dec, a, h)); // (A,H)
+    let pk_beta = pack_a(MatRef::row_major(&p.w_beta, f, h)); // (D,H)
+    let pk_hh = pack_a(w_hh); // (4H,H)
+    let pk_ctx = pack_a(w_ctx); // (4H,D)
+    fw.att2_all = vec![0.0; n * a];
+    fw.alpha_all = vec![0.0; n * l];
+    fw.z_all = vec![0.0; n * f];
+    fw.gate_all = vec![0.0; n * f];
+    let (mut att2t, mut gatet, mut zt) = (vec![0.0; a * b], vec![0.0; f * b], vec![0.0; 4 * h * b]);
     let acc = Epilogue { beta: 1.0, ..Default::default() };
     for s in 0..t {
         let (bs, o) = (fw.active[s], fw.offs[s]);
+        if bs == 0 {
+            continue;
+        }
         let sz = AttnSize { b: bs, l, d: f, h, a };
         let (h_before, h_out) = fw.h_all.split_at_mut(o * h);
         let (c_before, c_out) = fw.c_all.split_at_mut(o * h);
@@ -497,22 +518,45 @@ pub fn attention_forward(
             let po = fw.offs[s - 1] * h;
             (&h_before[po..po + bs * h], &c_before[po..po + bs * h])
         };
-        if bs == 0 {
-            fw.attns.push(AttnCache::default());
-            continue;
-        }
-        let mut ac = AttnCache::default();
+        // att2^T (A,bs) = W_dec h^T + b_dec; gate pre-activation^T (D,bs) = W_beta h^T + b_beta;
+        // z^T (4H,bs) = W_hh h^T (+ W_ctx ctx^T below).
+        let hb = MatRef::row_major(h_prev, bs, h).t(); // (H,bs)
+        sgemm_packed_a(&pk_dec, hb, &mut att2t, bs, &Epilogue { row_bias: Some(&p.b_dec), ..Default::default() });
+        sgemm_packed_a(
+            &pk_beta,
+            hb,
+            &mut gatet,
+            bs,
+            &Epilogue { row_bias: Some(&p.b_beta), ..Default::default() },
+        );
+        sgemm_packed_a(&pk_hh, hb, &mut zt, bs, &Epilogue::default());
+        let att2 = &mut fw.att2_all[o * a..(o + bs) * a];
+        transpose_into(att2, a, &att2t, a, bs, false);
+        let gate = &mut fw.gate_all[o * f..(o + bs) * f];
+        transpose_into(gate, f, &gatet, f, bs, false);
         let ctx = &mut fw.ctx_all[o * f..(o + bs) * f];
-        attention_step_forward(ctx, &mut ac, &fw.att1[..bs * l * a], &feats[..bs * l * f], h_prev, &ap, sz);
+        let alpha = &mut fw.alpha_all[o * l..(o + bs) * l];
+        attention_core_forward(
+            ctx,
+            alpha,
+            &mut fw.z_all[o * f..(o + bs) * f],
+            gate,
+            None,
+            &fw.att1[..bs * l * a],
+            att2,
+            &feats[..bs * l * f],
+            &p.w_full,
+            p.b_full[0],
+            sz,
+        );
         for r in 0..bs {
-            fw.alphas[(r * t + s) * l..(r * t + s + 1) * l].copy_from_slice(&ac.alpha[r * l..(r + 1) * l]);
+            fw.alphas[(r * t + s) * l..(r * t + s + 1) * l].copy_from_slice(&alpha[r * l..(r + 1) * l]);
         }
-        // z (bs,4H) += ctx W_ih[:, E:]^T + h_prev W_hh^T, then the fused gate/cell update.
+        // z (bs,4H) += (W_ctx ctx^T + W_hh h^T)^T, then the fused gate/cell update.
+        sgemm_packed_a(&pk_ctx, MatRef::row_major(ctx, bs, f).t(), &mut zt, bs, &acc);
         let z = &mut fw.acts_all[o * 4 * h..(o + bs) * 4 * h];
-        sgemm(MatRef::row_major(ctx, bs, f), w_ctx.t(), z, 4 * h, &acc);
-        sgemm(MatRef::row_major(h_prev, bs, h), w_hh.t(), z, 4 * h, &acc);
+        transpose_into(z, 4 * h, &zt, 4 * h, bs, true);
         lstm_gates_forward(z, c_prev, &mut c_out[..bs * h], &mut h_out[..bs * h], bs, h);
-        fw.attns.push(ac);
     }
     // Output layer over all live rows at once: (N,H) x (H,V).
     fw.logits = vec![0.0; n * v];
@@ -590,57 +634,72 @@ pub fn attention_backward(
         h,
         v,
     );
-    let mut ag = AttnGrads { w_enc, b_enc, w_dec, b_dec, w_full, b_full, w_beta, b_beta };
     let mut dh_next = vec![0.0; b * h]; // (B,H) dL/dh_{s} from step s+1
     let mut dc_next = vec![0.0; b * h]; // (B,H) dL/dc_{s} from step s+1
     let mut datt1 = vec![0.0; b * l * a];
     let mut dfeats = if feats_grad { vec![0.0; b * l * f] } else { Vec::new() }; // (B,L,D)
     let mut dalpha = vec![0.0; b * l];
     let mut dz_all = vec![0.0; n * 4 * h]; // (N,4H)
+    let mut dpre_all = vec![0.0; n * f]; // (N,D) dL/d(gate pre-activation)
+    let mut datt2_all = vec![0.0; n * a]; // (N,A)
+    // The transposed weights, packed once (see the forward): dctx^T = W_ctx^T dz^T and
+    // dh_prev^T = W_hh^T dz^T + W_beta^T dpre^T + W_dec^T datt2^T per step.
+    let pk_ctx_t = pack_a(w_ctx.t()); // (D,4H)
+    let pk_hh_t = pack_a(w_hh_v.t()); // (H,4H)
+    let pk_beta_t = pack_a(MatRef::row_major(&p.w_beta, f, h).t()); // (H,D)
+    let pk_dec_t = pack_a(MatRef::row_major(&p.w_dec, a, h).t()); // (H,A)
+    let (mut dctxt, mut dht, mut dctx) = (vec![0.0; f * b], vec![0.0; h * b], vec![0.0; b * f]);
+    let acc = Epilogue { beta: 1.0, ..Default::default() };
     for s in (0..t).rev() {
         let (bs, o) = (fw.active[s], fw.offs[s]);
         if bs == 0 {
             continue;
         }
         let sz = AttnSize { b: bs, l, d: f, h, a };
-        let (h_prev, c_prev) = if s == 0 {
-            (&fw.h0[..bs * h], &fw.c0[..bs * h])
+        let c_prev = if s == 0 {
+            &fw.c0[..bs * h]
         } else {
             let po = fw.offs[s - 1] * h;
-            (&fw.h_all[po..po + bs * h], &fw.c_all[po..po + bs * h])
+            &fw.c_all[po..po + bs * h]
         };
         for r in 0..bs {
             dalpha[r * l..(r + 1) * l].copy_from_slice(&dalphas[(r * t + s) * l..(r * t + s + 1) * l]);
         }
         // dh_s = dh_next + the output layer's share
-        let mut dh = dh_next[..bs * h].to_vec();
+        let dh = &mut dh_next[..bs * h];
         dh.iter_mut().zip(&dh_all[o * h..(o + bs) * h]).for_each(|(x, y)| *x += y);
-        // Gate backward: dz (bs,4H); dc_prev = dc * f. Then dctx = dz W_ih[:, E:], dh_prev = dz W_hh
+        // Gate backward: dz (bs,4H); dc becomes dc_prev = dc * f (in place). Then dctx = dz W_ih[:, E:]
         // (the embedding part of dx is one GEMM after the loop).
-        let mut dc_prev = dc_next[..bs * h].to_vec();
         let dz = &mut dz_all[o * 4 * h..(o + bs) * 4 * h];
         let (acts, cs) = (&fw.acts_all[o * 4 * h..(o + bs) * 4 * h], &fw.c_all[o * h..(o + bs) * h]);
-        lstm_gates_backward(dz, &mut dc_prev, &dh, acts, cs, c_prev, bs, h);
-        let dza = MatRef::row_major(dz, bs, 4 * h);
-        let mut dctx = vec![0.0; bs * f];
-        sgemm(dza, w_ctx, &mut dctx, f, &Epilogue::default());
-        let mut dh_prev = vec![0.0; bs * h];
-        sgemm(dza, w_hh_v, &mut dh_prev, h, &Epilogue::default());
-        attention_step_backward(
+        lstm_gates_backward(dz, &mut dc_next[..bs * h], dh, acts, cs, c_prev, bs, h);
+        let dzt = MatRef::row_major(dz, bs, 4 * h).t(); // (4H,bs)
+        sgemm_packed_a(&pk_ctx_t, dzt, &mut dctxt, bs, &Epilogue::default());
+        transpose_into(&mut dctx, f, &dctxt, f, bs, false);
+        let dpre = &mut dpre_all[o * f..(o + bs) * f];
+        let datt2 = &mut datt2_all[o * a..(o + bs) * a];
+        attention_core_backward(
             if feats_grad { Some(&mut dfeats[..bs * l * f]) } else { None },
             &mut datt1[..bs * l * a],
-            Some(&mut dh_prev),
-            &mut ag,
-            &dctx,
+            dpre,
+            datt2,
+            w_full,
+            b_full,
+            &dctx[..bs * f],
             Some(&dalpha[..bs * l]),
-            &fw.attns[s],
+            &fw.alpha_all[o * l..(o + bs) * l],
+            &fw.z_all[o * f..(o + bs) * f],
+            &fw.gate_all[o * f..(o + bs) * f],
+            AttnRelu::Recompute(&fw.att1[..bs * l * a], &fw.att2_all[o * a..(o + bs) * a]),
             &feats[..bs * l * f],
-            h_prev,
-            &ap,
+            &p.w_full,
             sz,
         );
-        dh_next[..bs * h].copy_from_slice(&dh_prev);
-        dc_next[..bs * h].copy_from_slice(&dc_prev);
+        // dh_{s-1}^T (H,bs) = W_hh^T dz^T + W_beta^T dpre^T + W_dec^T datt2^T
+        sgemm_packed_a(&pk_hh_t, dzt, &mut dht, bs, &Epilogue::default());
+        sgemm_packed_a(&pk_beta_t, MatRef::row_major(dpre, bs, f).t(), &mut dht, bs, &acc);
+        sgemm_packed_a(&pk_dec_t, MatRef::row_major(datt2, bs, a).t(), &mut dht, bs, &acc);
+        transpose_into(&mut dh_next[..bs * h], h, &dht, h, bs, false);
     }
     // LSTM weight gradients over all rows at once; h_prev stacked in the same packed order.
     let mut hprev_all = vec![0.0; n * h];
@@ -662,7 +721,15 @@ pub fn attention_backward(
         colsum_acc(b_ih, &dz_all, n, 4 * h);
         colsum_acc(b_hh, &dz_all, n, 4 * h);
         sgemm(dza, w_emb, &mut demb, e, &Epilogue::default());
+        // The h projections of the attention, also over all N rows: dW_beta (D,H) += dpre^T h_prev,
+        // dW_dec (A,H) += datt2^T h_prev, and their biases.
+        let hp = MatRef::row_major(&hprev_all, n, h);
+        sgemm(MatRef::row_major(&dpre_all, n, f).t(), hp, &mut w_beta[..], h, &acc);
+        sgemm(MatRef::row_major(&datt2_all, n, a).t(), hp, &mut w_dec[..], h, &acc);
+        colsum_acc(b_beta, &dpre_all, n, f);
+        colsum_acc(b_dec, &datt2_all, n, a);
     }
+    let mut ag = AttnGrads { w_enc, b_enc, w_dec, b_dec, w_full, b_full, w_beta, b_beta };
     attention_encode_backward(
         feats_grad.then_some(&mut dfeats[..]),
         &mut ag,
