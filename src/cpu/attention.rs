@@ -281,6 +281,13 @@ pub enum AttnRelu<'a> {
     Recompute(&'a [f32], &'a [f32]),
 }
 
+/// One row of r for the score backward: saved, or the two terms of relu(att1 + att2).
+#[derive(Clone, Copy)]
+enum RowRelu<'a> {
+    Saved(&'a [f32]),
+    Sum(&'a [f32], &'a [f32]),
+}
+
 /// One attention step backward. dctx (B,D), optional extra dalpha (B,L). Accumulates into dfeats
 /// (B,L,D), datt1 (B,L,A), dh (B,H) and the step's parameter gradients (W_dec, b_dec, w_full,
 /// b_full, W_beta, b_beta; W_enc/b_enc come from `attention_encode_backward`).
@@ -386,36 +393,43 @@ pub fn attention_core_backward(
     // datt1 += ds; datt2 = sum_l ds. Per-row partial dw_full (B,A) summed afterwards.
     datt2.fill(0.0);
     let mut dwf = vec![0.0f32; b * a]; // (B,A) per-row partial dw_full
-    let wf = w_full;
-    let body = |d1: &mut [f32], rb: &[f32], deb: &[f32], d2: &mut [f32], dw: &mut [f32]| {
-        for ((d1l, rl), &e) in d1.chunks_exact_mut(a).zip(rb.chunks_exact(a)).zip(deb) {
-            for k in 0..a {
-                dw[k] += e * rl[k];
-                let ds = if rl[k] > 0.0 { e * wf[k] } else { 0.0 };
-                d1l[k] += ds;
-                d2[k] += ds;
-            }
+    // One (l) row of the score layer: r (A) given or recomputed as relu(x1 + a2) on the fly.
+    // Plain zipped iterators, no indexing, so the loop vectorises (the branch becomes a select).
+    let score_row = |d1l: &mut [f32], r: RowRelu, e: f32, d2: &mut [f32], dw: &mut [f32]| {
+        let dsts = d1l.iter_mut().zip(d2.iter_mut()).zip(dw.iter_mut()).zip(w_full);
+        match r {
+            RowRelu::Saved(rl) => dsts.zip(rl).for_each(|((((x1, x2), xw), &w), &rv)| {
+                *xw += e * rv;
+                let ds = if rv > 0.0 { e * w } else { 0.0 };
+                *x1 += ds;
+                *x2 += ds;
+            }),
+            RowRelu::Sum(u, v) => dsts.zip(u.iter().zip(v)).for_each(|((((x1, x2), xw), &w), (&p, &q))| {
+                let rv = (p + q).max(0.0);
+                *xw += e * rv;
+                let ds = if rv > 0.0 { e * w } else { 0.0 };
+                *x1 += ds;
+                *x2 += ds;
+            }),
         }
     };
     let rows = datt1.par_chunks_mut(l * a).zip(de.par_chunks(l)).zip(datt2.par_chunks_mut(a)).zip(dwf.par_chunks_mut(a));
     match relu {
         AttnRelu::Saved(r) => {
             assert_eq!(r.len(), b * l * a, "attention backward: r is not (B,L,A)");
-            rows.zip(r.par_chunks(l * a)).for_each(|((((d1, deb), d2), dw), rb)| body(d1, rb, deb, d2, dw));
+            rows.zip(r.par_chunks(l * a)).for_each(|((((d1, deb), d2), dw), rb)| {
+                for ((d1l, rl), &e) in d1.chunks_exact_mut(a).zip(rb.chunks_exact(a)).zip(deb) {
+                    score_row(d1l, RowRelu::Saved(rl), e, d2, dw);
+                }
+            });
         }
         AttnRelu::Recompute(att1, att2) => {
             assert!(att1.len() == b * l * a && att2.len() == b * a, "attention backward: att1/att2 sizes");
-            rows.zip(att1.par_chunks(l * a)).zip(att2.par_chunks(a)).for_each_init(
-                || vec![0.0f32; l * a],
-                |rb, (((((d1, deb), d2), dw), a1), a2)| {
-                    for (rr, x1) in rb.chunks_exact_mut(a).zip(a1.chunks_exact(a)) {
-                        for k in 0..a {
-                            rr[k] = (x1[k] + a2[k]).max(0.0);
-                        }
-                    }
-                    body(d1, rb, deb, d2, dw)
-                },
-            );
+            rows.zip(att1.par_chunks(l * a)).zip(att2.par_chunks(a)).for_each(|(((((d1, deb), d2), dw), a1), a2)| {
+                for ((d1l, x1), &e) in d1.chunks_exact_mut(a).zip(a1.chunks_exact(a)).zip(deb) {
+                    score_row(d1l, RowRelu::Sum(x1, a2), e, d2, dw);
+                }
+            });
         }
     }
     for row in dwf.chunks_exact(a) {
