@@ -36,6 +36,7 @@
 use rayon::prelude::*;
 
 use crate::cpu::linear::{linear_backward, linear_forward};
+use crate::cpu::loss::exp_f32;
 
 /// Sizes: batch, regions, feature size, decoder hidden size, attention size.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,9 +104,10 @@ pub fn attention_encode_backward(
     linear_backward(dfeats, g.w_enc, Some(g.b_enc), datt1, feats, p.w_enc, sz.b * sz.l, sz.d, sz.a);
 }
 
-#[inline]
+/// sigmoid(x) = 1 / (1 + e^-x), with the call-free `exp_f32` so the gate loop vectorises.
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp_f32(-x))
 }
 
 /// Lanes of the independent accumulators in the dot products below: f32 addition is not
