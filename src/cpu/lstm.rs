@@ -34,8 +34,8 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::gemm::{sgemm, Epilogue, MatRef};
-use crate::cpu::linear::colsum_acc;
+use crate::cpu::gemm::{pack_a, sgemm, sgemm_packed_a, Epilogue, MatRef};
+use crate::cpu::linear::{colsum_acc, transpose_into};
 use crate::cpu::loss::exp_f32;
 use crate::error::{Error, Result};
 
@@ -230,19 +230,23 @@ pub fn lstm_forward(
         g4,
         &Epilogue { col_bias: Some(&bias), ..Default::default() },
     );
-    let whh_t = MatRef::row_major(p.w_hh, g4, h).t(); // (H,4H)
+    // The per-step product has only bs <= B rows, so it is computed transposed, W_hh h^T (4H,bs),
+    // with W_hh packed once as the GEMM's A operand instead of once per step.
+    let pk_hh = pack_a(MatRef::row_major(p.w_hh, g4, h)); // (4H,H)
+    let mut zt = vec![0.0f32; g4 * b]; // (4H,bs)
     for s in 0..t {
         let bs = active[s];
         if bs == 0 {
             continue;
         }
-        // acts[:bs, s, :] += h_{s-1} (bs,H) x W_hh^T (H,4H)
+        // acts[:bs, s, :] += (W_hh (4H,H) x h_{s-1}^T (H,bs))^T
         let hprev = if s == 0 {
             MatRef::row_major(h0, bs, h)
         } else {
             MatRef::row_major_ld(&hs[(s - 1) * h..], bs, h, t * h)
         };
-        sgemm(hprev, whh_t, &mut cache.acts[s * g4..], t * g4, &Epilogue { beta: 1.0, ..Default::default() });
+        sgemm_packed_a(&pk_hh, hprev.t(), &mut zt, bs, &Epilogue::default());
+        transpose_into(&mut cache.acts[s * g4..], t * g4, &zt, g4, bs, true);
         // Fused elementwise update of the live rows.
         cache.acts[..bs * t * g4]
             .par_chunks_mut(t * g4)
@@ -295,7 +299,9 @@ pub fn lstm_backward(
     let mut dz = vec![0.0f32; b * t * g4]; // (B,T,4H) pre-activation gradients
     let mut dh_next = vec![0.0f32; b * h]; // (B,H) dL/dh_{s} from step s+1
     let mut dc_next = vec![0.0f32; b * h]; // (B,H) dL/dc_{s} from step s+1
-    let w_hh = MatRef::row_major(p.w_hh, g4, h);
+    // dh_{s-1}^T = W_hh^T dz_s^T with W_hh^T packed once (see the forward).
+    let pk_hh_t = pack_a(MatRef::row_major(p.w_hh, g4, h).t()); // (H,4H)
+    let mut dht = vec![0.0f32; h * b]; // (H,bs)
     for s in (0..t).rev() {
         let bs = active[s];
         if bs == 0 {
@@ -323,13 +329,9 @@ pub fn lstm_backward(
                 );
             });
         // dh_{s-1} (bs,H) = dz_s (bs,4H) x W_hh (4H,H). Rows >= bs stay 0: they start at their last step.
-        sgemm(
-            MatRef::row_major_ld(&dz[s * g4..], bs, g4, t * g4),
-            w_hh,
-            &mut dh_next,
-            h,
-            &Epilogue::default(),
-        );
+        let dzt = MatRef::row_major_ld(&dz[s * g4..], bs, g4, t * g4).t(); // (4H,bs)
+        sgemm_packed_a(&pk_hh_t, dzt, &mut dht, bs, &Epilogue::default());
+        transpose_into(&mut dh_next, h, &dht, h, bs, false);
     }
     if let Some(d) = dh0 {
         assert_eq!(d.len(), b * h, "lstm_backward: dh0 is not (B,H)");
