@@ -73,15 +73,60 @@ pub fn transpose_into(dst: &mut [f32], ld: usize, src: &[f32], o: usize, n: usiz
         return;
     }
     assert!(dst.len() >= (n - 1) * ld + o, "transpose_into: dst too small");
-    // Blocks of 16 rows of dst: each cache line of src (16 consecutive dst rows) is used at once.
-    const BR: usize = 16;
-    for r0 in (0..n).step_by(BR) {
-        let r1 = (r0 + BR).min(n);
-        for k in 0..o {
-            let s = &src[k * n + r0..k * n + r1];
-            for (q, &v) in s.iter().enumerate() {
-                let x = &mut dst[(r0 + q) * ld + k];
-                *x = if accumulate { *x + v } else { v };
+    // 16 x 16 tiles: 16 rows of src (16 cache lines) are copied into a local tile, whose columns
+    // are then written as 16-float pieces of 16 dst rows. No branch in the inner loops.
+    const BT: usize = 16;
+    for r0 in (0..n).step_by(BT) {
+        let rw = BT.min(n - r0);
+        for k0 in (0..o).step_by(BT) {
+            let kw = BT.min(o - k0);
+            let mut tile = [[0.0f32; BT]; BT]; // tile[q][kk] = src[k0 + kk, r0 + q]
+            for kk in 0..kw {
+                let s = &src[(k0 + kk) * n + r0..(k0 + kk) * n + r0 + rw];
+                for (q, &v) in s.iter().enumerate() {
+                    tile[q][kk] = v;
+                }
+            }
+            for (q, t) in tile.iter().enumerate().take(rw) {
+                let d = &mut dst[(r0 + q) * ld + k0..(r0 + q) * ld + k0 + kw];
+                if accumulate {
+                    d.iter_mut().zip(t).for_each(|(x, &v)| *x += v);
+                } else {
+                    d.copy_from_slice(&t[..kw]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// transpose_into is a pure copy (or one add per element): exact, on shapes that are and are
+    /// not multiples of the 16 x 16 tile; the padding columns past O must stay untouched.
+    #[test]
+    fn transpose_into_is_exact() {
+        let mut rng = Rng::new(21);
+        for &(o, n) in &[(1, 1), (3, 17), (2048, 64), (33, 16), (16, 33), (100, 7)] {
+            let src: Vec<f32> = (0..o * n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let ld = o + 3;
+            let old: Vec<f32> = (0..n * ld).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let mut put = old.clone();
+            transpose_into(&mut put, ld, &src, o, n, false);
+            let mut add = old.clone();
+            transpose_into(&mut add, ld, &src, o, n, true);
+            for r in 0..n {
+                for k in 0..ld {
+                    let i = r * ld + k;
+                    if k < o {
+                        assert_eq!(put[i], src[k * n + r], "{o}x{n} at ({r},{k})");
+                        assert_eq!(add[i], old[i] + src[k * n + r], "{o}x{n} at ({r},{k})");
+                    } else {
+                        assert_eq!((put[i], add[i]), (old[i], old[i]), "{o}x{n}: padding written");
+                    }
+                }
             }
         }
     }

@@ -494,10 +494,21 @@ pub fn attention_forward(
     // computed transposed, y^T = W x^T, with W packed ONCE per forward as the GEMM's A operand
     // (packing the weight per step would cost as much as the product); `transpose_into` brings
     // y^T (O,bs) back into row layout.
-    let pk_dec = pack_a(MatRef::row_major(&p.w_dec, a, h)); // (A,H)
-    let pk_beta = pack_a(MatRef::row_major(&p.w_beta, f, h)); // (D,H)
-    let pk_hh = pack_a(w_hh); // (4H,H)
-    let pk_ctx = pack_a(w_ctx); // (4H,D)
+    // (Packing is serial inside pack_a: the four run side by side, W_ctx being as big as the rest.)
+    let (pk_ctx, (pk_hh, (pk_dec, pk_beta))) = rayon::join(
+        || pack_a(w_ctx), // (4H,D)
+        || {
+            rayon::join(
+                || pack_a(w_hh), // (4H,H)
+                || {
+                    rayon::join(
+                        || pack_a(MatRef::row_major(&p.w_dec, a, h)),  // (A,H)
+                        || pack_a(MatRef::row_major(&p.w_beta, f, h)), // (D,H)
+                    )
+                },
+            )
+        },
+    );
     fw.att2_all = vec![0.0; n * a];
     fw.alpha_all = vec![0.0; n * l];
     fw.z_all = vec![0.0; n * f];
@@ -644,10 +655,20 @@ pub fn attention_backward(
     let mut datt2_all = vec![0.0; n * a]; // (N,A)
     // The transposed weights, packed once (see the forward): dctx^T = W_ctx^T dz^T and
     // dh_prev^T = W_hh^T dz^T + W_beta^T dpre^T + W_dec^T datt2^T per step.
-    let pk_ctx_t = pack_a(w_ctx.t()); // (D,4H)
-    let pk_hh_t = pack_a(w_hh_v.t()); // (H,4H)
-    let pk_beta_t = pack_a(MatRef::row_major(&p.w_beta, f, h).t()); // (H,D)
-    let pk_dec_t = pack_a(MatRef::row_major(&p.w_dec, a, h).t()); // (H,A)
+    let (pk_ctx_t, (pk_hh_t, (pk_beta_t, pk_dec_t))) = rayon::join(
+        || pack_a(w_ctx.t()), // (D,4H)
+        || {
+            rayon::join(
+                || pack_a(w_hh_v.t()), // (H,4H)
+                || {
+                    rayon::join(
+                        || pack_a(MatRef::row_major(&p.w_beta, f, h).t()), // (H,D)
+                        || pack_a(MatRef::row_major(&p.w_dec, a, h).t()),  // (H,A)
+                    )
+                },
+            )
+        },
+    );
     let (mut dctxt, mut dht, mut dctx) = (vec![0.0; f * b], vec![0.0; h * b], vec![0.0; b * f]);
     let acc = Epilogue { beta: 1.0, ..Default::default() };
     for s in (0..t).rev() {
