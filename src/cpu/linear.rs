@@ -11,6 +11,8 @@
 //!
 //! All three products go through `sgemm`; the gradients accumulate (`beta = 1`).
 
+use rayon::prelude::*;
+
 use crate::cpu::gemm::{sgemm, Epilogue, MatRef};
 
 /// y (N,O) = x (N,I) W^T (I,O) + b (O). Overwrites `y`.
@@ -55,12 +57,21 @@ pub fn linear_backward(
     }
 }
 
-/// db (O) += sum over the N rows of dy (N,O).
+/// db (O) += sum over the N rows of dy (N,O). In parallel over blocks of columns when large (each
+/// column's sum is still taken over the rows in order, so the result does not depend on threads).
 pub fn colsum_acc(db: &mut [f32], dy: &[f32], n: usize, o: usize) {
-    for row in dy[..n * o].chunks_exact(o) {
-        for (d, &g) in db.iter_mut().zip(row) {
-            *d += g;
+    assert!(db.len() >= o && dy.len() >= n * o, "colsum_acc: sizes");
+    const BLOCK: usize = 256;
+    let block = |(jb, d): (usize, &mut [f32])| {
+        let j0 = jb * BLOCK;
+        for row in dy[..n * o].chunks_exact(o) {
+            d.iter_mut().zip(&row[j0..]).for_each(|(x, &g)| *x += g);
         }
+    };
+    if n * o >= 1 << 18 {
+        db[..o].par_chunks_mut(BLOCK).enumerate().for_each(block);
+    } else {
+        db[..o].chunks_mut(BLOCK).enumerate().for_each(block);
     }
 }
 
@@ -103,6 +114,27 @@ pub fn transpose_into(dst: &mut [f32], ld: usize, src: &[f32], o: usize, n: usiz
 mod tests {
     use super::*;
     use crate::rng::Rng;
+
+    /// colsum_acc against an f64 column sum, serial and parallel sizes, O not a multiple of the block.
+    /// Tolerance 1e-6 sqrt(N): N-term f32 sums (same bound as the sgemm tests).
+    #[test]
+    fn colsum_matches_f64() {
+        let mut rng = Rng::new(23);
+        for &(n, o) in &[(3, 5), (70, 300), (1280, 1000), (600, 8000)] {
+            let dy: Vec<f32> = (0..n * o).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let db0: Vec<f32> = (0..o).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let mut db = db0.clone();
+            colsum_acc(&mut db, &dy, n, o);
+            let (mut num, mut den) = (0.0f64, 0.0f64);
+            for j in 0..o {
+                let want = db0[j] as f64 + (0..n).map(|i| dy[i * o + j] as f64).sum::<f64>();
+                num += (db[j] as f64 - want).powi(2);
+                den += want * want;
+            }
+            let e = (num / den).sqrt();
+            assert!(e <= 1e-6 * (n as f64).sqrt(), "colsum {n}x{o}: {e:.3e}");
+        }
+    }
 
     /// transpose_into is a pure copy (or one add per element): exact, on shapes that are and are
     /// not multiples of the 16 x 16 tile; the padding columns past O must stay untouched.
