@@ -35,7 +35,7 @@
 use rayon::prelude::*;
 
 use crate::cpu::gemm::{pack_a, sgemm, sgemm_packed_a, Epilogue, MatRef};
-use crate::cpu::linear::{colsum_acc, transpose_into};
+use crate::cpu::linear::{colsum_acc, transpose_into, weight_grad_acc};
 use crate::cpu::loss::exp_f32;
 use crate::error::{Error, Result};
 
@@ -354,9 +354,9 @@ pub fn lstm_backward(
         row[h..].copy_from_slice(&hs[r * t * h..(r * t + t - 1) * h]);
     }
     // dW_hh (4H,H) += dz^T (4H,B*T) x hprev (B*T,H)
-    sgemm(dza.t(), MatRef::row_major(&hprev, b * t, h), grads.w_hh, h, &acc);
+    weight_grad_acc(grads.w_hh, h, &dz, &hprev, b * t, g4, h);
     // dW_ih (4H,I) += dz^T (4H,B*T) x x (B*T,I)
-    sgemm(dza.t(), MatRef::row_major(x, b * t, i), grads.w_ih, i, &acc);
+    weight_grad_acc(grads.w_ih, i, &dz, x, b * t, g4, i);
     if let Some(dx) = dx {
         assert_eq!(dx.len(), b * t * i, "lstm_backward: dx is not (B,T,I)");
         // dx (B*T,I) += dz (B*T,4H) x W_ih (4H,I)
@@ -526,10 +526,8 @@ pub fn lstm_cell_weight_grads(
     check_grads(grads, i, h);
     let g4 = 4 * h;
     assert!(dz.len() == n * g4 && x.len() == n * i && h_prev.len() == n * h, "lstm_cell_weight_grads: sizes");
-    let acc = Epilogue { beta: 1.0, ..Default::default() };
-    let dza = MatRef::row_major(dz, n, g4);
-    sgemm(dza.t(), MatRef::row_major(h_prev, n, h), grads.w_hh, h, &acc);
-    sgemm(dza.t(), MatRef::row_major(x, n, i), grads.w_ih, i, &acc);
+    weight_grad_acc(grads.w_hh, h, dz, h_prev, n, g4, h);
+    weight_grad_acc(grads.w_ih, i, dz, x, n, g4, i);
     colsum_acc(grads.b_ih, dz, n, g4);
     colsum_acc(grads.b_hh, dz, n, g4);
 }

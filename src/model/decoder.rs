@@ -25,7 +25,7 @@ use crate::cpu::dropout::{dropout_backward, dropout_forward};
 use crate::cpu::embedding::{embedding_backward, embedding_forward};
 use crate::cpu::gemm::{pack_a, sgemm, sgemm_packed_a, Epilogue, MatRef};
 use crate::cpu::linear::colsum_acc;
-use crate::cpu::linear::{linear_backward, linear_forward, transpose_into};
+use crate::cpu::linear::{linear_backward, linear_forward, transpose_into, weight_grad_acc};
 use crate::cpu::loss::{attention_reg, cross_entropy_fused};
 use crate::cpu::lstm::{
     active_from_lengths, lstm_backward, lstm_cell_forward, lstm_forward, lstm_gates_backward,
@@ -735,19 +735,17 @@ pub fn attention_backward(
     // dW_ih[:, E:] += dz^T ctx (column blocks of the (4H, E+D) matrix, ldc = E+D), dW_hh += dz^T h_prev.
     let mut demb = vec![0.0; n * e]; // (N,E)
     if n > 0 {
-        let acc = Epilogue { beta: 1.0, ..Default::default() };
         let dza = MatRef::row_major(&dz_all, n, 4 * h);
-        sgemm(dza.t(), MatRef::row_major(&fw.emb, n, e), &mut w_ih[..], xi, &acc);
-        sgemm(dza.t(), MatRef::row_major(&fw.ctx_all, n, f), &mut w_ih[e..], xi, &acc);
-        sgemm(dza.t(), MatRef::row_major(&hprev_all, n, h), w_hh, h, &acc);
+        weight_grad_acc(&mut w_ih[..], xi, &dz_all, &fw.emb, n, 4 * h, e);
+        weight_grad_acc(&mut w_ih[e..], xi, &dz_all, &fw.ctx_all, n, 4 * h, f);
+        weight_grad_acc(w_hh, h, &dz_all, &hprev_all, n, 4 * h, h);
         colsum_acc(b_ih, &dz_all, n, 4 * h);
         colsum_acc(b_hh, &dz_all, n, 4 * h);
         sgemm(dza, w_emb, &mut demb, e, &Epilogue::default());
         // The h projections of the attention, also over all N rows: dW_beta (D,H) += dpre^T h_prev,
         // dW_dec (A,H) += datt2^T h_prev, and their biases.
-        let hp = MatRef::row_major(&hprev_all, n, h);
-        sgemm(MatRef::row_major(&dpre_all, n, f).t(), hp, &mut w_beta[..], h, &acc);
-        sgemm(MatRef::row_major(&datt2_all, n, a).t(), hp, &mut w_dec[..], h, &acc);
+        weight_grad_acc(&mut w_beta[..], h, &dpre_all, &hprev_all, n, f, h);
+        weight_grad_acc(&mut w_dec[..], h, &datt2_all, &hprev_all, n, a, h);
         colsum_acc(b_beta, &dpre_all, n, f);
         colsum_acc(b_dec, &datt2_all, n, a);
     }
