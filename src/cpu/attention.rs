@@ -162,7 +162,8 @@ fn relu_sum_dot(x: &[f32], y: &[f32], w: &[f32], r: Option<&mut [f32]>) -> f32 {
             }
         }
         None => {
-            for ((cx, cy), cw) in x.chunks_exact(LANES).zip(y.chunks_exact(LANES)).zip(w.chunks_exact(LANES)) {
+            for ((cx, cy), cw) in x.chunks_exact(LANES).zip(y.chunks_exact(LANES)).zip(w.chunks_exact(LANES))
+            {
                 for j in 0..LANES {
                     acc[j] += (cx[j] + cy[j]).max(0.0) * cw[j];
                 }
@@ -226,8 +227,7 @@ pub fn attention_core_forward(
     // r, e, alpha and z per batch row, in parallel over b. The score (B*L,A)x(A,1) and the context
     // (1,L)x(L,D) per row are matrix-VECTOR products: memory-bound, so plain loops beat sgemm, whose
     // packing would read and write the whole (L,D) / (L,A) operand once more for no reuse.
-    let row = |((((al, zr), a1), a2), fb): ((((&mut [f32], &mut [f32]), &[f32]), &[f32]), &[f32]),
-               rb: Option<&mut [f32]>| {
+    let row = |((((al, zr), a1), a2), fb): CoreRow, rb: Option<&mut [f32]>| {
         // r = relu(att1 + att2) (L,A); e = r w_full^T + b_full (L)
         match rb {
             Some(rb) => {
@@ -274,6 +274,9 @@ pub fn attention_core_forward(
         *c = *g * zz;
     }
 }
+
+/// One batch row of `attention_core_forward`: (((alpha (L), z (D)), att1 (L,A)), att2 (A)), feats (L,D).
+type CoreRow<'a> = ((((&'a mut [f32], &'a mut [f32]), &'a [f32]), &'a [f32]), &'a [f32]);
 
 /// Where the backward finds r = relu(att1 + att2) (B,L,A): saved by the forward, or recomputed.
 #[derive(Clone, Copy, Debug)]
@@ -373,30 +376,34 @@ pub fn attention_core_backward(
         assert_eq!(x.len(), b * l, "attention backward: dalpha is not (B,L)");
         de.copy_from_slice(x);
     }
-    de.par_chunks_mut(l).zip(alpha.par_chunks(l)).zip(feats.par_chunks(l * d)).zip(dz.par_chunks(d)).for_each(
-        |(((dr, al), fb), dzb)| {
+    de.par_chunks_mut(l)
+        .zip(alpha.par_chunks(l))
+        .zip(feats.par_chunks(l * d))
+        .zip(dz.par_chunks(d))
+        .for_each(|(((dr, al), fb), dzb)| {
             for (x, fl) in dr.iter_mut().zip(fb.chunks_exact(d)) {
                 *x += dot(fl, dzb);
             }
             let dot: f32 = dr.iter().zip(al).map(|(x, y)| x * y).sum();
             dr.iter_mut().zip(al).for_each(|(x, &y)| *x = y * (*x - dot));
-        },
-    );
+        });
     // dfeats[b,l,:] += alpha[b,l] dz[b,:]
     if let Some(df) = dfeats {
         assert_eq!(df.len(), b * l * d, "attention backward: dfeats is not (B,L,D)");
-        df.par_chunks_mut(l * d).zip(alpha.par_chunks(l)).zip(dz.par_chunks(d)).for_each(|((fb, al), dzb)| {
-            for (fl, &w) in fb.chunks_exact_mut(d).zip(al) {
-                fl.iter_mut().zip(dzb).for_each(|(x, &v)| *x += w * v);
-            }
-        });
+        df.par_chunks_mut(l * d).zip(alpha.par_chunks(l)).zip(dz.par_chunks(d)).for_each(
+            |((fb, al), dzb)| {
+                for (fl, &w) in fb.chunks_exact_mut(d).zip(al) {
+                    fl.iter_mut().zip(dzb).for_each(|(x, &v)| *x += w * v);
+                }
+            },
+        );
     }
     // Score layer and relu, per row b: dw_full += sum_l de r; ds = de w_full [r > 0];
     // datt1 += ds; datt2 = sum_l ds. Per-row partial dw_full (B,A) summed afterwards.
     datt2.fill(0.0);
     let mut dwf = vec![0.0f32; b * a]; // (B,A) per-row partial dw_full
-    // One (l) row of the score layer: r (A) given or recomputed as relu(x1 + a2) on the fly.
-    // Plain zipped iterators, no indexing, so the loop vectorises (the branch becomes a select).
+                                       // One (l) row of the score layer: r (A) given or recomputed as relu(x1 + a2) on the fly.
+                                       // Plain zipped iterators, no indexing, so the loop vectorises (the branch becomes a select).
     let score_row = |d1l: &mut [f32], r: RowRelu, e: f32, d2: &mut [f32], dw: &mut [f32]| {
         let dsts = d1l.iter_mut().zip(d2.iter_mut()).zip(dw.iter_mut()).zip(w_full);
         match r {
@@ -415,7 +422,11 @@ pub fn attention_core_backward(
             }),
         }
     };
-    let rows = datt1.par_chunks_mut(l * a).zip(de.par_chunks(l)).zip(datt2.par_chunks_mut(a)).zip(dwf.par_chunks_mut(a));
+    let rows = datt1
+        .par_chunks_mut(l * a)
+        .zip(de.par_chunks(l))
+        .zip(datt2.par_chunks_mut(a))
+        .zip(dwf.par_chunks_mut(a));
     match relu {
         AttnRelu::Saved(r) => {
             assert_eq!(r.len(), b * l * a, "attention backward: r is not (B,L,A)");
@@ -427,11 +438,13 @@ pub fn attention_core_backward(
         }
         AttnRelu::Recompute(att1, att2) => {
             assert!(att1.len() == b * l * a && att2.len() == b * a, "attention backward: att1/att2 sizes");
-            rows.zip(att1.par_chunks(l * a)).zip(att2.par_chunks(a)).for_each(|(((((d1, deb), d2), dw), a1), a2)| {
-                for ((d1l, x1), &e) in d1.chunks_exact_mut(a).zip(a1.chunks_exact(a)).zip(deb) {
-                    score_row(d1l, RowRelu::Sum(x1, a2), e, d2, dw);
-                }
-            });
+            rows.zip(att1.par_chunks(l * a)).zip(att2.par_chunks(a)).for_each(
+                |(((((d1, deb), d2), dw), a1), a2)| {
+                    for ((d1l, x1), &e) in d1.chunks_exact_mut(a).zip(a1.chunks_exact(a)).zip(deb) {
+                        score_row(d1l, RowRelu::Sum(x1, a2), e, d2, dw);
+                    }
+                },
+            );
         }
     }
     for row in dwf.chunks_exact(a) {

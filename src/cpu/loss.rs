@@ -50,7 +50,7 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5; // (the fit's 5.0000001e-1 rounds to 0.5 in f32)
     let y = 1.0 + r + r * r * p;
     // k's low mantissa bits hold n + 2^22; (n + 127) << 23 is 2^n as an f32.
     let ni = (k.to_bits() as i32).wrapping_sub(0x4B40_0000);

@@ -138,7 +138,8 @@ fn gates_row_forward(a: &mut [f32], c_prev: &[f32], c: &mut [f32], h: &mut [f32]
     let (af, rest) = rest.split_at_mut(hs);
     let (ag, ao) = rest.split_at_mut(hs);
     let gates = ai.iter_mut().zip(af.iter_mut()).zip(ag.iter_mut()).zip(ao.iter_mut());
-    for ((((zi, zf), zg), zo), ((cp, ct), ht)) in gates.zip(c_prev.iter().zip(c.iter_mut()).zip(h.iter_mut())) {
+    for ((((zi, zf), zg), zo), ((cp, ct), ht)) in gates.zip(c_prev.iter().zip(c.iter_mut()).zip(h.iter_mut()))
+    {
         let i = sigmoid(*zi);
         let f = sigmoid(*zf);
         let g = tanh(*zg);
@@ -149,6 +150,13 @@ fn gates_row_forward(a: &mut [f32], c_prev: &[f32], c: &mut [f32], h: &mut [f32]
         *ht = o * tanh(cn);
     }
 }
+
+/// One element of `gates_row_backward`: ((dz_i, dz_f, dz_g, dz_o), (i, f, g, o)), ((c_t, c_{t-1}),
+/// dh_t), dc (nested as the zipped iterators produce them).
+type GateBwd<'a> = (
+    ((((&'a mut f32, &'a mut f32), &'a mut f32), &'a mut f32), (((&'a f32, &'a f32), &'a f32), &'a f32)),
+    (((&'a f32, &'a f32), f32), &'a mut f32),
+);
 
 /// Gate backward of one row. `dh` (+ `dh2` if given) is dL/dh_t; `dc` holds dL/dc_t from the
 /// future on entry and dL/dc_{t-1} on exit; `dz` (4H) receives the pre-activation gradient.
@@ -169,10 +177,7 @@ fn gates_row_backward(
     let (ai, rest) = a.split_at(hs);
     let (af, rest) = rest.split_at(hs);
     let (ag, ao) = rest.split_at(hs);
-    let body = |(((((dzi, dzf), dzg), dzo), (((&i, &f), &g), &o)), (((&ct, &cp), dht), dc)): (
-        ((((&mut f32, &mut f32), &mut f32), &mut f32), (((&f32, &f32), &f32), &f32)),
-        (((&f32, &f32), f32), &mut f32),
-    )| {
+    let body = |(((((dzi, dzf), dzg), dzo), (((&i, &f), &g), &o)), (((&ct, &cp), dht), dc)): GateBwd| {
         let tc = tanh(ct);
         let dct = *dc + dht * o * (1.0 - tc * tc);
         *dzi = dct * g * i * (1.0 - i);
@@ -185,10 +190,9 @@ fn gates_row_backward(
     let acts = ai.iter().zip(af).zip(ag).zip(ao);
     let st = c.iter().zip(c_prev);
     match dh2 {
-        Some(d2) => d
-            .zip(acts)
-            .zip(st.zip(dh.iter().zip(d2).map(|(x, y)| x + y)).zip(dc.iter_mut()))
-            .for_each(body),
+        Some(d2) => {
+            d.zip(acts).zip(st.zip(dh.iter().zip(d2).map(|(x, y)| x + y)).zip(dc.iter_mut())).for_each(body)
+        }
         None => d.zip(acts).zip(st.zip(dh.iter().copied()).zip(dc.iter_mut())).for_each(body),
     }
 }
@@ -299,7 +303,7 @@ pub fn lstm_backward(
     let mut dz = vec![0.0f32; b * t * g4]; // (B,T,4H) pre-activation gradients
     let mut dh_next = vec![0.0f32; b * h]; // (B,H) dL/dh_{s} from step s+1
     let mut dc_next = vec![0.0f32; b * h]; // (B,H) dL/dc_{s} from step s+1
-    // dh_{s-1}^T = W_hh^T dz_s^T with W_hh^T packed once (see the forward).
+                                           // dh_{s-1}^T = W_hh^T dz_s^T with W_hh^T packed once (see the forward).
     let pk_hh_t = pack_a(MatRef::row_major(p.w_hh, g4, h).t()); // (H,4H)
     let mut dht = vec![0.0f32; h * b]; // (H,bs)
     for s in (0..t).rev() {

@@ -533,7 +533,13 @@ pub fn attention_forward(
         // att2^T (A,bs) = W_dec h^T + b_dec; gate pre-activation^T (D,bs) = W_beta h^T + b_beta;
         // z^T (4H,bs) = W_hh h^T (+ W_ctx ctx^T below).
         let hb = MatRef::row_major(h_prev, bs, h).t(); // (H,bs)
-        sgemm_packed_a(&pk_dec, hb, &mut att2t, bs, &Epilogue { row_bias: Some(&p.b_dec), ..Default::default() });
+        sgemm_packed_a(
+            &pk_dec,
+            hb,
+            &mut att2t,
+            bs,
+            &Epilogue { row_bias: Some(&p.b_dec), ..Default::default() },
+        );
         sgemm_packed_a(
             &pk_beta,
             hb,
@@ -654,8 +660,8 @@ pub fn attention_backward(
     let mut dz_all = vec![0.0; n * 4 * h]; // (N,4H)
     let mut dpre_all = vec![0.0; n * f]; // (N,D) dL/d(gate pre-activation)
     let mut datt2_all = vec![0.0; n * a]; // (N,A)
-    // The transposed weights, packed once (see the forward): dctx^T = W_ctx^T dz^T and
-    // dh_prev^T = W_hh^T dz^T + W_beta^T dpre^T + W_dec^T datt2^T per step.
+                                          // The transposed weights, packed once (see the forward): dctx^T = W_ctx^T dz^T and
+                                          // dh_prev^T = W_hh^T dz^T + W_beta^T dpre^T + W_dec^T datt2^T per step.
     let (pk_ctx_t, (pk_hh_t, (pk_beta_t, pk_dec_t))) = rayon::join(
         || pack_a(w_ctx.t()), // (D,4H)
         || {
