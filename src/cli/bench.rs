@@ -25,8 +25,8 @@ use crate::cpu::peak::fma_peak_gflops;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::{DecoderKind, DecoderParams};
 use crate::model::decoder::{
-    attention_backward, attention_forward, show_tell_backward, show_tell_forward, Batch as DecBatch,
-    DecoderDims,
+    attention_backward, attention_forward_into, show_tell_backward, show_tell_forward_into, AttentionForward,
+    Batch as DecBatch, DecoderDims, ShowTellForward,
 };
 use crate::nn::{load_encoder, EncoderKind};
 use crate::rng::Rng;
@@ -278,6 +278,9 @@ pub struct StepFixture {
     targets: Vec<u32>,
     lengths: Vec<usize>,
     steps: usize,
+    /// Forward state kept across steps (its buffers are reused, as a training loop would).
+    st_fw: ShowTellForward,
+    att_fw: AttentionForward,
 }
 
 impl StepFixture {
@@ -297,7 +300,18 @@ impl StepFixture {
         let mut word = || 4 + rng.below(d.vocab - 4) as u32;
         let tokens: Vec<u32> = (0..b * t).map(|_| word()).collect();
         let targets: Vec<u32> = (0..b * t).map(|_| word()).collect();
-        StepFixture { params, grads, adam, feats, tokens, targets, lengths: vec![t; b], steps: t }
+        StepFixture {
+            params,
+            grads,
+            adam,
+            feats,
+            tokens,
+            targets,
+            lengths: vec![t; b],
+            steps: t,
+            st_fw: ShowTellForward::default(),
+            att_fw: AttentionForward::default(),
+        }
     }
 
     /// Zero gradients, forward, loss + backward, Adam.
@@ -312,12 +326,12 @@ impl StepFixture {
         };
         let loss = match (&self.params, &mut self.grads) {
             (DecoderParams::ShowTell(p), DecoderParams::ShowTell(g)) => {
-                let mut fw = show_tell_forward(p, d, &batch, None)?;
-                show_tell_backward(p, g, d, &batch, &mut fw, 0.0)?
+                show_tell_forward_into(&mut self.st_fw, p, d, &batch, None)?;
+                show_tell_backward(p, g, d, &batch, &mut self.st_fw, 0.0)?
             }
             (DecoderParams::Attention(p), DecoderParams::Attention(g)) => {
-                let mut fw = attention_forward(p, d, &batch, None)?;
-                attention_backward(p, g, d, &batch, &mut fw, 1.0, 0.0, false)?
+                attention_forward_into(&mut self.att_fw, p, d, &batch, None)?;
+                attention_backward(p, g, d, &batch, &mut self.att_fw, 1.0, 0.0, false)?
             }
             _ => unreachable!("fixture parameters and gradients are the same kind"),
         };

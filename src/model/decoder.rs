@@ -271,6 +271,12 @@ pub struct ShowTellForward {
     active: Vec<usize>,
 }
 
+/// `v` resized to `n` zeros, keeping its allocation (see `show_tell_forward_into`).
+fn zeroed(v: &mut Vec<f32>, n: usize) {
+    v.clear();
+    v.resize(n, 0.0);
+}
+
 /// Show-tell forward (teacher forcing); `dropout` = (probability, mask stream) for training.
 pub fn show_tell_forward(
     p: &ShowTellParams,
@@ -278,17 +284,33 @@ pub fn show_tell_forward(
     batch: &Batch,
     dropout: Option<(f32, &mut Rng)>,
 ) -> Result<ShowTellForward> {
+    let mut fw = ShowTellForward::default();
+    show_tell_forward_into(&mut fw, p, d, batch, dropout)?;
+    Ok(fw)
+}
+
+/// `show_tell_forward` into the buffers of a previous step's `fw` (same result): a training loop
+/// that keeps one `ShowTellForward` does not allocate, fault in and free ~60 MB per step (the logits
+/// alone are B*T*V floats; freeing a multi-threaded process's large mappings costs a TLB shootdown
+/// on every core).
+pub fn show_tell_forward_into(
+    fw: &mut ShowTellForward,
+    p: &ShowTellParams,
+    d: &DecoderDims,
+    batch: &Batch,
+    dropout: Option<(f32, &mut Rng)>,
+) -> Result<()> {
     let (b, t, active) = check_batch(batch, d, d.feat)?;
     let (v, e, f, h) = (d.vocab, d.embed, d.feat, d.hidden);
-    let mut fw = ShowTellForward { active, ..Default::default() };
-    fw.h0 = vec![0.0; b * h];
-    fw.c0 = vec![0.0; b * h];
+    fw.active = active;
+    zeroed(&mut fw.h0, b * h);
+    zeroed(&mut fw.c0, b * h);
     linear_forward(&mut fw.h0, batch.feats, &p.w_h, Some(&p.b_h), b, f, h);
     linear_forward(&mut fw.c0, batch.feats, &p.w_c, Some(&p.b_c), b, f, h);
     fw.h0.iter_mut().chain(fw.c0.iter_mut()).for_each(|x| *x = x.tanh());
-    fw.x = vec![0.0; b * t * e];
+    zeroed(&mut fw.x, b * t * e);
     embedding_forward(&mut fw.x, batch.tokens, &p.emb, v, e);
-    fw.hs = vec![0.0; b * t * h];
+    zeroed(&mut fw.hs, b * t * h);
     let lp = LstmParams { w_ih: &p.w_ih, w_hh: &p.w_hh, b_ih: &p.b_ih, b_hh: &p.b_hh };
     lstm_forward(
         &mut fw.hs,
@@ -300,11 +322,11 @@ pub fn show_tell_forward(
         &fw.active,
         LstmSize { b, t, i: e, h },
     );
-    fw.logits = vec![0.0; b * t * v];
+    zeroed(&mut fw.logits, b * t * v);
     fw.h_drop = maybe_dropout(&fw.hs, &mut fw.mask, dropout)?;
     let h_in = fw.h_drop.as_deref().unwrap_or(&fw.hs);
     linear_forward(&mut fw.logits, h_in, &p.fc_w, Some(&p.fc_b), b * t, h, v);
-    Ok(fw)
+    Ok(())
 }
 
 /// Show-tell loss and backward: consumes `fw.logits` (turned into dlogits), accumulates into `g`.
@@ -444,15 +466,31 @@ pub fn attention_forward(
     batch: &Batch,
     dropout: Option<(f32, &mut Rng)>,
 ) -> Result<AttentionForward> {
+    let mut fw = AttentionForward::default();
+    attention_forward_into(&mut fw, p, d, batch, dropout)?;
+    Ok(fw)
+}
+
+/// `attention_forward` into the buffers of a previous step's `fw` (same result; see
+/// `show_tell_forward_into`).
+pub fn attention_forward_into(
+    fw: &mut AttentionForward,
+    p: &AttentionParams,
+    d: &DecoderDims,
+    batch: &Batch,
+    dropout: Option<(f32, &mut Rng)>,
+) -> Result<()> {
     let (l, f) = (d.regions, d.feat);
     let (b, t, active) = check_batch(batch, d, l * f)?;
     let (v, e, h, a) = (d.vocab, d.embed, d.hidden, d.att);
     let feats = batch.feats;
     let (offs, n) = packed_offsets(&active);
-    let mut fw = AttentionForward { active, offs, ..Default::default() };
-    fw.mean = vec![0.0; b * f];
-    fw.h0 = vec![0.0; b * h];
-    fw.c0 = vec![0.0; b * h];
+    fw.active = active;
+    fw.offs = offs;
+    fw.dfeats.clear();
+    zeroed(&mut fw.mean, b * f);
+    zeroed(&mut fw.h0, b * h);
+    zeroed(&mut fw.c0, b * h);
     init_state_forward(
         &mut fw.mean,
         &mut fw.h0,
@@ -467,26 +505,27 @@ pub fn attention_forward(
         f,
         h,
     );
-    fw.tok = vec![PAD; n];
+    fw.tok.clear();
+    fw.tok.resize(n, PAD);
     for s in 0..t {
         for r in 0..fw.active[s] {
             fw.tok[fw.offs[s] + r] = batch.tokens[r * t + s];
         }
     }
-    fw.emb = vec![0.0; n * e];
+    zeroed(&mut fw.emb, n * e);
     embedding_forward(&mut fw.emb, &fw.tok, &p.emb, v, e);
-    fw.att1 = vec![0.0; b * l * a];
+    zeroed(&mut fw.att1, b * l * a);
     let ap = p.attn();
     attention_encode_forward(&mut fw.att1, feats, &ap, AttnSize { b, l, d: f, h, a });
-    fw.alphas = vec![0.0; b * t * l];
-    fw.ctx_all = vec![0.0; n * f];
-    fw.h_all = vec![0.0; n * h];
-    fw.c_all = vec![0.0; n * h];
+    zeroed(&mut fw.alphas, b * t * l);
+    zeroed(&mut fw.ctx_all, n * f);
+    zeroed(&mut fw.h_all, n * h);
+    zeroed(&mut fw.c_all, n * h);
     // The LSTM input is [emb, ctx], so z = emb W_ih[:, :E]^T + ctx W_ih[:, E:]^T + h W_hh^T + b.
     // The embedding part is known for all steps under teacher forcing: one GEMM (N,E) x (E,4H).
     let (w_emb, w_ctx, w_hh) = lstm_input_views(p, e, f, h);
     let bias: Vec<f32> = p.b_ih.iter().zip(&p.b_hh).map(|(x, y)| x + y).collect();
-    fw.acts_all = vec![0.0; n * 4 * h];
+    zeroed(&mut fw.acts_all, n * 4 * h);
     if n > 0 {
         let epi = Epilogue { col_bias: Some(&bias), ..Default::default() };
         sgemm(MatRef::row_major(&fw.emb, n, e), w_emb.t(), &mut fw.acts_all, 4 * h, &epi);
@@ -510,10 +549,10 @@ pub fn attention_forward(
             )
         },
     );
-    fw.att2_all = vec![0.0; n * a];
-    fw.alpha_all = vec![0.0; n * l];
-    fw.z_all = vec![0.0; n * f];
-    fw.gate_all = vec![0.0; n * f];
+    zeroed(&mut fw.att2_all, n * a);
+    zeroed(&mut fw.alpha_all, n * l);
+    zeroed(&mut fw.z_all, n * f);
+    zeroed(&mut fw.gate_all, n * f);
     let (mut att2t, mut gatet, mut zt) = (vec![0.0; a * b], vec![0.0; f * b], vec![0.0; 4 * h * b]);
     let acc = Epilogue { beta: 1.0, ..Default::default() };
     for s in 0..t {
@@ -577,11 +616,11 @@ pub fn attention_forward(
         lstm_gates_forward(z, c_prev, &mut c_out[..bs * h], &mut h_out[..bs * h], bs, h);
     }
     // Output layer over all live rows at once: (N,H) x (H,V).
-    fw.logits = vec![0.0; n * v];
+    zeroed(&mut fw.logits, n * v);
     fw.h_drop = maybe_dropout(&fw.h_all, &mut fw.mask, dropout)?;
     let h_in = fw.h_drop.as_deref().unwrap_or(&fw.h_all);
     linear_forward(&mut fw.logits, h_in, &p.fc_w, Some(&p.fc_b), n, h, v);
-    Ok(fw)
+    Ok(())
 }
 
 /// Attention decoder loss and backward: consumes `fw.logits` (turned into dlogits), accumulates into
@@ -917,4 +956,62 @@ pub fn attention_step(
     let mut logits = vec![0.0; b * v];
     linear_forward(&mut logits, &state.h, &p.fc_w, Some(&p.fc_b), b, h, v);
     Ok((logits, ac.alpha))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `_into` forwards reuse a previous step's buffers: after a step on a bigger batch with
+    /// other lengths, a second step must give exactly (bitwise) what a fresh forward gives, and so
+    /// must the backward from it.
+    #[test]
+    fn forward_into_reuse_matches_fresh() {
+        let d = DecoderDims { vocab: 11, embed: 4, feat: 6, regions: 3, hidden: 5, att: 7 };
+        let mut rng = Rng::new(31);
+        let mut pa = AttentionParams::zeros(&d);
+        pa.named_mut().into_iter().for_each(|(_, v)| rng.fill_uniform(v, -0.3, 0.3));
+        let mut ps = ShowTellParams::zeros(&d);
+        ps.named_mut().into_iter().for_each(|(_, v)| rng.fill_uniform(v, -0.3, 0.3));
+        let mut make = |b: usize, t: usize, lengths: Vec<usize>, feat_len: usize| {
+            let mut feats = vec![0.0; b * feat_len];
+            rng.fill_uniform(&mut feats, 0.0, 1.0);
+            let mut tokens = vec![PAD; b * t];
+            let mut targets = vec![PAD; b * t];
+            for r in 0..b {
+                for s in 0..lengths[r] {
+                    tokens[r * t + s] = 1 + rng.below(10) as u32;
+                    targets[r * t + s] = 1 + rng.below(10) as u32;
+                }
+            }
+            (feats, tokens, targets, lengths, t)
+        };
+        type Owned = (Vec<f32>, Vec<u32>, Vec<u32>, Vec<usize>, usize);
+        fn batch(x: &Owned) -> Batch<'_> {
+            Batch { feats: &x.0, tokens: &x.1, targets: &x.2, lengths: &x.3, steps: x.4 }
+        }
+        let fl = d.regions * d.feat;
+        let (big, small) = (make(4, 5, vec![5, 5, 3, 2], fl), make(3, 4, vec![4, 2, 1], fl));
+        let mut reused = AttentionForward::default();
+        attention_forward_into(&mut reused, &pa, &d, &batch(&big), None).unwrap();
+        attention_forward_into(&mut reused, &pa, &d, &batch(&small), None).unwrap();
+        let mut fresh = attention_forward(&pa, &d, &batch(&small), None).unwrap();
+        assert_eq!(reused.logits, fresh.logits);
+        assert_eq!(reused.alphas, fresh.alphas);
+        let (mut g1, mut g2) = (pa.zeros_like(), pa.zeros_like());
+        let l1 = attention_backward(&pa, &mut g1, &d, &batch(&small), &mut reused, 1.0, 0.1, true).unwrap();
+        let l2 = attention_backward(&pa, &mut g2, &d, &batch(&small), &mut fresh, 1.0, 0.1, true).unwrap();
+        assert_eq!((l1, &g1, &reused.dfeats), (l2, &g2, &fresh.dfeats));
+
+        let (big, small) = (make(4, 5, vec![5, 4, 4, 1], d.feat), make(2, 3, vec![3, 2], d.feat));
+        let mut reused = ShowTellForward::default();
+        show_tell_forward_into(&mut reused, &ps, &d, &batch(&big), None).unwrap();
+        show_tell_forward_into(&mut reused, &ps, &d, &batch(&small), None).unwrap();
+        let mut fresh = show_tell_forward(&ps, &d, &batch(&small), None).unwrap();
+        assert_eq!((&reused.logits, &reused.hs), (&fresh.logits, &fresh.hs));
+        let (mut g1, mut g2) = (ps.zeros_like(), ps.zeros_like());
+        let l1 = show_tell_backward(&ps, &mut g1, &d, &batch(&small), &mut reused, 0.1).unwrap();
+        let l2 = show_tell_backward(&ps, &mut g2, &d, &batch(&small), &mut fresh, 0.1).unwrap();
+        assert_eq!((l1, &g1), (l2, &g2));
+    }
 }
