@@ -66,6 +66,57 @@ pub fn exp_f32(x: f32) -> f32 {
 /// reduction does not vectorise).
 const LANES: usize = 16;
 
+/// row[k] = exp(row[k] - m) (f32), returning their sum in f64 (LANES interleaved partial sums, so
+/// the result is the same for every vector width).
+#[inline(always)]
+fn exp_sum_body(row: &mut [f32], m: f32) -> f64 {
+    let mut se = [0.0f64; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for j in 0..LANES {
+            let e = exp_f32(c[j] - m);
+            c[j] = e;
+            se[j] += e as f64;
+        }
+    }
+    let mut s = se.iter().sum::<f64>();
+    for x in chunks.into_remainder() {
+        *x = exp_f32(*x - m);
+        s += *x as f64;
+    }
+    s
+}
+
+/// `exp_sum_body` compiled for AVX-512F (16 lanes per instruction instead of SSE2's 4).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn exp_sum_avx512(row: &mut [f32], m: f32) -> f64 {
+    exp_sum_body(row, m)
+}
+
+/// `exp_sum_body` compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn exp_sum_avx2(row: &mut [f32], m: f32) -> f64 {
+    exp_sum_body(row, m)
+}
+
+/// The exponential pass of the softmax, on the widest vector unit the GEMM uses (`detect_isa`,
+/// which also honours `CAPGEN_ISA`): it is compute-bound (a row of 8000 floats sits in L1/L2).
+fn exp_sum(row: &mut [f32], m: f32) -> f64 {
+    use crate::cpu::gemm::{detect_isa, Isa};
+    match detect_isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: detect_isa only returns Avx512 when the CPU supports AVX-512F (checked at run
+        // time); the function has no other precondition.
+        Isa::Avx512 => unsafe { exp_sum_avx512(row, m) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, Avx2Fma only when the CPU has AVX2 and FMA.
+        Isa::Avx2Fma => unsafe { exp_sum_avx2(row, m) },
+        _ => exp_sum_body(row, m),
+    }
+}
+
 /// Row loss -sum_k q_k logp_k. The row is scratch: when `grad_scale` is given it is overwritten
 /// with grad_scale * (p - q), otherwise with intermediate values.
 ///
@@ -92,19 +143,7 @@ fn ce_row(row: &mut [f32], y: usize, eps: f32, grad_scale: Option<f32>) -> f64 {
         }
         sum_x = sx.iter().sum::<f64>() + row[tail..].iter().map(|&x| x as f64).sum::<f64>();
     }
-    let mut se = [0.0f64; LANES];
-    for c in row.chunks_exact_mut(LANES) {
-        for j in 0..LANES {
-            let e = exp_f32(c[j] - m);
-            c[j] = e;
-            se[j] += e as f64;
-        }
-    }
-    let mut s = se.iter().sum::<f64>();
-    for x in row[tail..].iter_mut() {
-        *x = exp_f32(*x - m);
-        s += *x as f64;
-    }
+    let s = exp_sum(row, m);
     let lse = m as f64 + s.ln();
     let nll = lse - xy as f64;
     // -mean_k logp_k = lse - mean_k x_k
@@ -249,6 +288,27 @@ mod tests {
         assert_eq!(exp_f32(-100.0), 0.0);
         assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
         assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    /// The AVX2 / AVX-512 builds of the exponential pass do the same operations in the same order
+    /// (explicit lanes, no FMA contraction in Rust): bitwise equal to the portable build.
+    #[test]
+    fn exp_sum_same_on_every_isa() {
+        let mut rng = Rng::new(13);
+        let row: Vec<f32> = (0..8003).map(|_| rng.uniform(-20.0, 5.0)).collect();
+        let mut want = row.clone();
+        let sw = exp_sum_body(&mut want, 5.0);
+        #[cfg(target_arch = "x86_64")]
+        for isa in crate::cpu::gemm::available_isas() {
+            let mut got = row.clone();
+            // SAFETY: available_isas lists only ISAs this CPU supports.
+            let sg = match isa {
+                crate::cpu::gemm::Isa::Avx512 => unsafe { exp_sum_avx512(&mut got, 5.0) },
+                crate::cpu::gemm::Isa::Avx2Fma => unsafe { exp_sum_avx2(&mut got, 5.0) },
+                _ => exp_sum_body(&mut got, 5.0),
+            };
+            assert_eq!((sg, &got), (sw, &want), "{}", isa.name());
+        }
     }
 
     /// The fused row loss/gradient against an f64 evaluation of the formulas in the module comment,

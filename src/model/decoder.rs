@@ -277,6 +277,11 @@ fn zeroed(v: &mut Vec<f32>, n: usize) {
     v.resize(n, 0.0);
 }
 
+/// `v` resized to `n`, old contents kept: only for outputs the caller overwrites entirely.
+fn sized(v: &mut Vec<f32>, n: usize) {
+    v.resize(n, 0.0);
+}
+
 /// Show-tell forward (teacher forcing); `dropout` = (probability, mask stream) for training.
 pub fn show_tell_forward(
     p: &ShowTellParams,
@@ -322,7 +327,7 @@ pub fn show_tell_forward_into(
         &fw.active,
         LstmSize { b, t, i: e, h },
     );
-    zeroed(&mut fw.logits, b * t * v);
+    sized(&mut fw.logits, b * t * v);
     fw.h_drop = maybe_dropout(&fw.hs, &mut fw.mask, dropout)?;
     let h_in = fw.h_drop.as_deref().unwrap_or(&fw.hs);
     linear_forward(&mut fw.logits, h_in, &p.fc_w, Some(&p.fc_b), b * t, h, v);
@@ -616,7 +621,7 @@ pub fn attention_forward_into(
         lstm_gates_forward(z, c_prev, &mut c_out[..bs * h], &mut h_out[..bs * h], bs, h);
     }
     // Output layer over all live rows at once: (N,H) x (H,V).
-    zeroed(&mut fw.logits, n * v);
+    sized(&mut fw.logits, n * v);
     fw.h_drop = maybe_dropout(&fw.h_all, &mut fw.mask, dropout)?;
     let h_in = fw.h_drop.as_deref().unwrap_or(&fw.h_all);
     linear_forward(&mut fw.logits, h_in, &p.fc_w, Some(&p.fc_b), n, h, v);
