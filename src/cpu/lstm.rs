@@ -238,6 +238,7 @@ pub fn lstm_forward(
     // with W_hh packed once as the GEMM's A operand instead of once per step.
     let pk_hh = pack_a(MatRef::row_major(p.w_hh, g4, h)); // (4H,H)
     let mut zt = vec![0.0f32; g4 * b]; // (4H,bs)
+    let mut zr = vec![0.0f32; b * g4]; // (bs,4H) the same, in rows
     for s in 0..t {
         let bs = active[s];
         if bs == 0 {
@@ -250,23 +251,24 @@ pub fn lstm_forward(
             MatRef::row_major_ld(&hs[(s - 1) * h..], bs, h, t * h)
         };
         sgemm_packed_a(&pk_hh, hprev.t(), &mut zt, bs, &Epilogue::default());
-        transpose_into(&mut cache.acts[s * g4..], t * g4, &zt, g4, bs, true);
+        // Transposed into a small contiguous (bs,4H) buffer (stays in cache) and added to the gate
+        // rows by the fused update, which reads those rows anyway: the rows are T*4H floats apart,
+        // so a separate read-modify-write pass over them would miss the cache twice.
+        transpose_into(&mut zr, g4, &zt, g4, bs, false);
         // Fused elementwise update of the live rows.
         cache.acts[..bs * t * g4]
             .par_chunks_mut(t * g4)
             .zip(cache.c[..bs * t * h].par_chunks_mut(t * h))
             .zip(hs[..bs * t * h].par_chunks_mut(t * h))
             .zip(c0.par_chunks(h))
+            .zip(zr.par_chunks(g4))
             .with_min_len(min_rows(h))
-            .for_each(|(((a, c), hrow), c0row)| {
+            .for_each(|((((a, c), hrow), c0row), zrow)| {
                 let (c_before, c_now) = c.split_at_mut(s * h);
                 let c_prev = if s == 0 { c0row } else { &c_before[(s - 1) * h..] };
-                gates_row_forward(
-                    &mut a[s * g4..(s + 1) * g4],
-                    c_prev,
-                    &mut c_now[..h],
-                    &mut hrow[s * h..(s + 1) * h],
-                );
+                let a = &mut a[s * g4..(s + 1) * g4];
+                a.iter_mut().zip(zrow).for_each(|(x, y)| *x += y);
+                gates_row_forward(a, c_prev, &mut c_now[..h], &mut hrow[s * h..(s + 1) * h]);
             });
         // Rows past their length: the projection GEMM filled their gates; clear them so the cache
         // holds no stale values (backward never reads them, but a reader of the cache might).
