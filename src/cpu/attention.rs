@@ -269,10 +269,14 @@ pub fn attention_core_forward(
         }
         None => rows.for_each(|x| row(x, None)),
     }
-    for ((c, g), zz) in ctx.iter_mut().zip(gate.iter_mut()).zip(z.iter()) {
-        *g = sigmoid(*g);
-        *c = *g * zz;
-    }
+    ctx.par_chunks_mut(d).zip(gate.par_chunks_mut(d)).zip(z.par_chunks(d)).with_min_len(8).for_each(
+        |((c, g), z)| {
+            for ((c, g), zz) in c.iter_mut().zip(g.iter_mut()).zip(z) {
+                *g = sigmoid(*g);
+                *c = *g * zz;
+            }
+        },
+    );
 }
 
 /// One batch row of `attention_core_forward`: (((alpha (L), z (D)), att1 (L,A)), att2 (A)), feats (L,D).
@@ -364,11 +368,15 @@ pub fn attention_core_backward(
     assert!(alpha.len() == b * l && z.len() == b * d && gate.len() == b * d, "attention backward: cache");
     // Gate branch: dpre = dctx * z * gate (1 - gate); dz = dctx * gate.
     let mut dz = vec![0.0f32; b * d]; // (B,D)
-    for k in 0..b * d {
-        let gt = gate[k];
-        dpre[k] = dctx[k] * z[k] * gt * (1.0 - gt);
-        dz[k] = dctx[k] * gt;
-    }
+    let rows = dpre.par_chunks_mut(d).zip(dz.par_chunks_mut(d)).zip(dctx.par_chunks(d));
+    rows.zip(z.par_chunks(d)).zip(gate.par_chunks(d)).with_min_len(8).for_each(
+        |((((dp, dzr), dc), zr), gr)| {
+            for ((((dp, dzz), &dc), &zz), &gt) in dp.iter_mut().zip(dzr.iter_mut()).zip(dc).zip(zr).zip(gr) {
+                *dp = dc * zz * gt * (1.0 - gt);
+                *dzz = dc * gt;
+            }
+        },
+    );
     // de (B,L): dalpha = feats[b] dz[b] (+ extra), then the softmax backward
     // de = alpha * (dalpha - sum_l alpha dalpha). Matrix-vector per row: plain loops (see forward).
     let mut de = vec![0.0f32; b * l];

@@ -111,7 +111,8 @@ pub fn transpose_into(dst: &mut [f32], ld: usize, src: &[f32], o: usize, n: usiz
         }
     };
     let dst = &mut dst[..(n - 1) * ld + o];
-    if o * n >= 1 << 18 {
+    // (A (2048, 64) step product, ~130K elements, is ~0.2 ms of work: worth a fork/join.)
+    if o * n >= 1 << 16 {
         dst.par_chunks_mut(BT * ld).enumerate().for_each(block);
     } else {
         dst.chunks_mut(BT * ld).enumerate().for_each(block);
