@@ -481,13 +481,13 @@ pub fn init_state_forward(
     assert_eq!(feats.len(), b * l * d, "init_state: feats is not (B,L,D)");
     assert_eq!(mean.len(), b * d, "init_state: mean is not (B,D)");
     let inv = 1.0 / l as f32;
-    for (m, fb) in mean.chunks_exact_mut(d).zip(feats.chunks_exact(l * d)) {
+    mean.par_chunks_mut(d).zip(feats.par_chunks(l * d)).for_each(|(m, fb)| {
         m.fill(0.0);
         for row in fb.chunks_exact(d) {
             m.iter_mut().zip(row).for_each(|(x, y)| *x += y);
         }
         m.iter_mut().for_each(|x| *x *= inv);
-    }
+    });
     linear_forward(h0, mean, w_h, Some(b_h), b, d, h);
     linear_forward(c0, mean, w_c, Some(b_c), b, d, h);
 }
