@@ -21,11 +21,13 @@
 //!
 //! Structure of the sequence version (batch-first tensors, (B,T,*)):
 //! forward: the input projections of all T steps are ONE GEMM (B*T,I) x (I,4H) written straight into
-//! the gate buffer; then per step one GEMM h_{t-1} W_hh^T accumulated into that step's gate rows
-//! (strided view, leading dimension T*4H) and a fused elementwise gate/cell update that leaves the
-//! gate activations in place for backward. Backward: per step the fused elementwise gate backward and
-//! one GEMM for dh_{t-1}; dW_hh, dW_ih, dx and the biases are single GEMMs / sums over all steps at the
-//! end (dW_hh uses a copy of h shifted by one step).
+//! the gate buffer; then per step one GEMM for the recurrent part and a fused elementwise gate/cell
+//! update that adds it and leaves the gate activations in place for backward. The per-step GEMM has
+//! only B rows, so it is computed transposed, W_hh h_{t-1}^T (4H,B), with W_hh packed ONCE per pass as
+//! the GEMM's A operand (packing it per step cost as much as the product). Backward: per step the
+//! fused elementwise gate backward and one GEMM for dh_{t-1} (W_hh^T packed once likewise); dW_hh,
+//! dW_ih, dx and the biases are single GEMMs / sums over all steps at the end (dW_hh uses a copy of h
+//! shifted by one step).
 //!
 //! Variable lengths: a per-step ACTIVE BATCH SIZE (as PyTorch's packed sequences). The batch must be
 //! sorted by length, longest first; at step t rows 0..active[t] are live. Rows past their length
