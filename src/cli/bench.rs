@@ -25,8 +25,8 @@ use crate::cpu::peak::fma_peak_gflops;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::{DecoderKind, DecoderParams};
 use crate::model::decoder::{
-    attention_backward, attention_forward, show_tell_backward, show_tell_forward, Batch as DecBatch,
-    DecoderDims,
+    attention_backward, attention_forward_into, show_tell_backward, show_tell_forward_into, AttentionForward,
+    Batch as DecBatch, DecoderDims, ShowTellForward,
 };
 use crate::nn::{load_encoder, EncoderKind};
 use crate::rng::Rng;
@@ -269,8 +269,8 @@ pub fn attention_train_flops(d: &DecoderDims, b: usize, t: usize) -> f64 {
 }
 
 /// A decoder training-step fixture: parameters (uniform +-0.05), gradients, Adam state, a batch of
-/// random tokens, every caption T long.
-struct StepFixture {
+/// random tokens, every caption T long. Public for `examples/decoder_perf.rs` (on-CPU timing).
+pub struct StepFixture {
     params: DecoderParams,
     grads: DecoderParams,
     adam: Adam,
@@ -279,10 +279,13 @@ struct StepFixture {
     targets: Vec<u32>,
     lengths: Vec<usize>,
     steps: usize,
+    /// Forward state kept across steps (its buffers are reused, as a training loop would).
+    st_fw: ShowTellForward,
+    att_fw: AttentionForward,
 }
 
 impl StepFixture {
-    fn new(kind: DecoderKind, d: &DecoderDims, b: usize, t: usize, seed: u64) -> Self {
+    pub fn new(kind: DecoderKind, d: &DecoderDims, b: usize, t: usize, seed: u64) -> Self {
         let mut rng = Rng::new(seed);
         let mut params = DecoderParams::zeros(kind, d);
         params.named_mut().into_iter().for_each(|(_, p)| rng.fill_uniform(p, -0.05, 0.05));
@@ -298,11 +301,22 @@ impl StepFixture {
         let mut word = || 4 + rng.below(d.vocab - 4) as u32;
         let tokens: Vec<u32> = (0..b * t).map(|_| word()).collect();
         let targets: Vec<u32> = (0..b * t).map(|_| word()).collect();
-        StepFixture { params, grads, adam, feats, tokens, targets, lengths: vec![t; b], steps: t }
+        StepFixture {
+            params,
+            grads,
+            adam,
+            feats,
+            tokens,
+            targets,
+            lengths: vec![t; b],
+            steps: t,
+            st_fw: ShowTellForward::default(),
+            att_fw: AttentionForward::default(),
+        }
     }
 
     /// Zero gradients, forward, loss + backward, Adam.
-    fn step(&mut self, d: &DecoderDims) -> Result<()> {
+    pub fn step(&mut self, d: &DecoderDims) -> Result<()> {
         self.grads.zero();
         let batch = DecBatch {
             feats: &self.feats,
@@ -313,12 +327,12 @@ impl StepFixture {
         };
         let loss = match (&self.params, &mut self.grads) {
             (DecoderParams::ShowTell(p), DecoderParams::ShowTell(g)) => {
-                let mut fw = show_tell_forward(p, d, &batch, None)?;
-                show_tell_backward(p, g, d, &batch, &mut fw, 0.0)?
+                show_tell_forward_into(&mut self.st_fw, p, d, &batch, None)?;
+                show_tell_backward(p, g, d, &batch, &mut self.st_fw, 0.0)?
             }
             (DecoderParams::Attention(p), DecoderParams::Attention(g)) => {
-                let mut fw = attention_forward(p, d, &batch, None)?;
-                attention_backward(p, g, d, &batch, &mut fw, 1.0, 0.0, false)?
+                attention_forward_into(&mut self.att_fw, p, d, &batch, None)?;
+                attention_backward(p, g, d, &batch, &mut self.att_fw, 1.0, 0.0, false)?
             }
             _ => unreachable!("fixture parameters and gradients are the same kind"),
         };

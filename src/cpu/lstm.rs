@@ -21,11 +21,13 @@
 //!
 //! Structure of the sequence version (batch-first tensors, (B,T,*)):
 //! forward: the input projections of all T steps are ONE GEMM (B*T,I) x (I,4H) written straight into
-//! the gate buffer; then per step one GEMM h_{t-1} W_hh^T accumulated into that step's gate rows
-//! (strided view, leading dimension T*4H) and a fused elementwise gate/cell update that leaves the
-//! gate activations in place for backward. Backward: per step the fused elementwise gate backward and
-//! one GEMM for dh_{t-1}; dW_hh, dW_ih, dx and the biases are single GEMMs / sums over all steps at the
-//! end (dW_hh uses a copy of h shifted by one step).
+//! the gate buffer; then per step one GEMM for the recurrent part and a fused elementwise gate/cell
+//! update that adds it and leaves the gate activations in place for backward. The per-step GEMM has
+//! only B rows, so it is computed transposed, W_hh h_{t-1}^T (4H,B), with W_hh packed ONCE per pass as
+//! the GEMM's A operand (packing it per step cost as much as the product). Backward: per step the
+//! fused elementwise gate backward and one GEMM for dh_{t-1} (W_hh^T packed once likewise); dW_hh,
+//! dW_ih, dx and the biases are single GEMMs / sums over all steps at the end (dW_hh uses a copy of h
+//! shifted by one step).
 //!
 //! Variable lengths: a per-step ACTIVE BATCH SIZE (as PyTorch's packed sequences). The batch must be
 //! sorted by length, longest first; at step t rows 0..active[t] are live. Rows past their length
@@ -34,8 +36,9 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::gemm::{sgemm, Epilogue, MatRef};
-use crate::cpu::linear::colsum_acc;
+use crate::cpu::gemm::{pack_a, sgemm, sgemm_packed_a, Epilogue, MatRef};
+use crate::cpu::linear::{colsum_acc, transpose_into, weight_grad_acc};
+use crate::cpu::loss::exp_f32;
 use crate::error::{Error, Result};
 
 /// Sizes of an LSTM sequence: batch, steps, input features, hidden size.
@@ -109,9 +112,18 @@ fn check_grads(g: &LstmGrads, i: usize, h: usize) {
     assert_eq!(g.b_hh.len(), 4 * h, "lstm: db_hh is not (4H)");
 }
 
-#[inline]
+/// sigmoid(x) = 1 / (1 + e^-x), with the call-free `exp_f32` so the gate loops vectorise.
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp_f32(-x))
+}
+
+/// tanh(x) = 1 - 2 / (1 + e^{2x}) (saturates cleanly to +-1 for large |x|). Near 0 the subtraction
+/// cancels, so the error is absolute, ~1e-7 (a few ulp of 1), not relative: the same size as the
+/// rounding of the values it is combined with in the cell update.
+#[inline(always)]
+fn tanh(x: f32) -> f32 {
+    1.0 - 2.0 / (1.0 + exp_f32(2.0 * x))
 }
 
 /// Rows per rayon task so that each task has a few thousand gate elements.
@@ -127,20 +139,26 @@ fn gates_row_forward(a: &mut [f32], c_prev: &[f32], c: &mut [f32], h: &mut [f32]
     let (ai, rest) = a.split_at_mut(hs);
     let (af, rest) = rest.split_at_mut(hs);
     let (ag, ao) = rest.split_at_mut(hs);
-    for k in 0..hs {
-        let i = sigmoid(ai[k]);
-        let f = sigmoid(af[k]);
-        let g = ag[k].tanh();
-        let o = sigmoid(ao[k]);
-        ai[k] = i;
-        af[k] = f;
-        ag[k] = g;
-        ao[k] = o;
-        let ct = f * c_prev[k] + i * g;
-        c[k] = ct;
-        h[k] = o * ct.tanh();
+    let gates = ai.iter_mut().zip(af.iter_mut()).zip(ag.iter_mut()).zip(ao.iter_mut());
+    for ((((zi, zf), zg), zo), ((cp, ct), ht)) in gates.zip(c_prev.iter().zip(c.iter_mut()).zip(h.iter_mut()))
+    {
+        let i = sigmoid(*zi);
+        let f = sigmoid(*zf);
+        let g = tanh(*zg);
+        let o = sigmoid(*zo);
+        (*zi, *zf, *zg, *zo) = (i, f, g, o);
+        let cn = f * cp + i * g;
+        *ct = cn;
+        *ht = o * tanh(cn);
     }
 }
+
+/// One element of `gates_row_backward`: ((dz_i, dz_f, dz_g, dz_o), (i, f, g, o)), ((c_t, c_{t-1}),
+/// dh_t), dc (nested as the zipped iterators produce them).
+type GateBwd<'a> = (
+    ((((&'a mut f32, &'a mut f32), &'a mut f32), &'a mut f32), (((&'a f32, &'a f32), &'a f32), &'a f32)),
+    (((&'a f32, &'a f32), f32), &'a mut f32),
+);
 
 /// Gate backward of one row. `dh` (+ `dh2` if given) is dL/dh_t; `dc` holds dL/dc_t from the
 /// future on entry and dL/dc_{t-1} on exit; `dz` (4H) receives the pre-activation gradient.
@@ -155,16 +173,29 @@ fn gates_row_backward(
     dc: &mut [f32],
 ) {
     let hs = c.len();
-    for k in 0..hs {
-        let (i, f, g, o) = (a[k], a[hs + k], a[2 * hs + k], a[3 * hs + k]);
-        let dht = dh[k] + dh2.map_or(0.0, |d| d[k]);
-        let tc = c[k].tanh();
-        let dct = dc[k] + dht * o * (1.0 - tc * tc);
-        dz[k] = dct * g * i * (1.0 - i);
-        dz[hs + k] = dct * c_prev[k] * f * (1.0 - f);
-        dz[2 * hs + k] = dct * i * (1.0 - g * g);
-        dz[3 * hs + k] = dht * tc * o * (1.0 - o);
-        dc[k] = dct * f;
+    let (dzi, rest) = dz.split_at_mut(hs);
+    let (dzf, rest) = rest.split_at_mut(hs);
+    let (dzg, dzo) = rest.split_at_mut(hs);
+    let (ai, rest) = a.split_at(hs);
+    let (af, rest) = rest.split_at(hs);
+    let (ag, ao) = rest.split_at(hs);
+    let body = |(((((dzi, dzf), dzg), dzo), (((&i, &f), &g), &o)), (((&ct, &cp), dht), dc)): GateBwd| {
+        let tc = tanh(ct);
+        let dct = *dc + dht * o * (1.0 - tc * tc);
+        *dzi = dct * g * i * (1.0 - i);
+        *dzf = dct * cp * f * (1.0 - f);
+        *dzg = dct * i * (1.0 - g * g);
+        *dzo = dht * tc * o * (1.0 - o);
+        *dc = dct * f;
+    };
+    let d = dzi.iter_mut().zip(dzf.iter_mut()).zip(dzg.iter_mut()).zip(dzo.iter_mut());
+    let acts = ai.iter().zip(af).zip(ag).zip(ao);
+    let st = c.iter().zip(c_prev);
+    match dh2 {
+        Some(d2) => {
+            d.zip(acts).zip(st.zip(dh.iter().zip(d2).map(|(x, y)| x + y)).zip(dc.iter_mut())).for_each(body)
+        }
+        None => d.zip(acts).zip(st.zip(dh.iter().copied()).zip(dc.iter_mut())).for_each(body),
     }
 }
 
@@ -205,35 +236,41 @@ pub fn lstm_forward(
         g4,
         &Epilogue { col_bias: Some(&bias), ..Default::default() },
     );
-    let whh_t = MatRef::row_major(p.w_hh, g4, h).t(); // (H,4H)
+    // The per-step product has only bs <= B rows, so it is computed transposed, W_hh h^T (4H,bs),
+    // with W_hh packed once as the GEMM's A operand instead of once per step.
+    let pk_hh = pack_a(MatRef::row_major(p.w_hh, g4, h)); // (4H,H)
+    let mut zt = vec![0.0f32; g4 * b]; // (4H,bs)
+    let mut zr = vec![0.0f32; b * g4]; // (bs,4H) the same, in rows
     for s in 0..t {
         let bs = active[s];
         if bs == 0 {
             continue;
         }
-        // acts[:bs, s, :] += h_{s-1} (bs,H) x W_hh^T (H,4H)
+        // acts[:bs, s, :] += (W_hh (4H,H) x h_{s-1}^T (H,bs))^T
         let hprev = if s == 0 {
             MatRef::row_major(h0, bs, h)
         } else {
             MatRef::row_major_ld(&hs[(s - 1) * h..], bs, h, t * h)
         };
-        sgemm(hprev, whh_t, &mut cache.acts[s * g4..], t * g4, &Epilogue { beta: 1.0, ..Default::default() });
+        sgemm_packed_a(&pk_hh, hprev.t(), &mut zt, bs, &Epilogue::default());
+        // Transposed into a small contiguous (bs,4H) buffer (stays in cache) and added to the gate
+        // rows by the fused update, which reads those rows anyway: the rows are T*4H floats apart,
+        // so a separate read-modify-write pass over them would miss the cache twice.
+        transpose_into(&mut zr, g4, &zt, g4, bs, false);
         // Fused elementwise update of the live rows.
         cache.acts[..bs * t * g4]
             .par_chunks_mut(t * g4)
             .zip(cache.c[..bs * t * h].par_chunks_mut(t * h))
             .zip(hs[..bs * t * h].par_chunks_mut(t * h))
             .zip(c0.par_chunks(h))
+            .zip(zr.par_chunks(g4))
             .with_min_len(min_rows(h))
-            .for_each(|(((a, c), hrow), c0row)| {
+            .for_each(|((((a, c), hrow), c0row), zrow)| {
                 let (c_before, c_now) = c.split_at_mut(s * h);
                 let c_prev = if s == 0 { c0row } else { &c_before[(s - 1) * h..] };
-                gates_row_forward(
-                    &mut a[s * g4..(s + 1) * g4],
-                    c_prev,
-                    &mut c_now[..h],
-                    &mut hrow[s * h..(s + 1) * h],
-                );
+                let a = &mut a[s * g4..(s + 1) * g4];
+                a.iter_mut().zip(zrow).for_each(|(x, y)| *x += y);
+                gates_row_forward(a, c_prev, &mut c_now[..h], &mut hrow[s * h..(s + 1) * h]);
             });
         // Rows past their length: the projection GEMM filled their gates; clear them so the cache
         // holds no stale values (backward never reads them, but a reader of the cache might).
@@ -270,7 +307,9 @@ pub fn lstm_backward(
     let mut dz = vec![0.0f32; b * t * g4]; // (B,T,4H) pre-activation gradients
     let mut dh_next = vec![0.0f32; b * h]; // (B,H) dL/dh_{s} from step s+1
     let mut dc_next = vec![0.0f32; b * h]; // (B,H) dL/dc_{s} from step s+1
-    let w_hh = MatRef::row_major(p.w_hh, g4, h);
+                                           // dh_{s-1}^T = W_hh^T dz_s^T with W_hh^T packed once (see the forward).
+    let pk_hh_t = pack_a(MatRef::row_major(p.w_hh, g4, h).t()); // (H,4H)
+    let mut dht = vec![0.0f32; h * b]; // (H,bs)
     for s in (0..t).rev() {
         let bs = active[s];
         if bs == 0 {
@@ -298,13 +337,9 @@ pub fn lstm_backward(
                 );
             });
         // dh_{s-1} (bs,H) = dz_s (bs,4H) x W_hh (4H,H). Rows >= bs stay 0: they start at their last step.
-        sgemm(
-            MatRef::row_major_ld(&dz[s * g4..], bs, g4, t * g4),
-            w_hh,
-            &mut dh_next,
-            h,
-            &Epilogue::default(),
-        );
+        let dzt = MatRef::row_major_ld(&dz[s * g4..], bs, g4, t * g4).t(); // (4H,bs)
+        sgemm_packed_a(&pk_hh_t, dzt, &mut dht, bs, &Epilogue::default());
+        transpose_into(&mut dh_next, h, &dht, h, bs, false);
     }
     if let Some(d) = dh0 {
         assert_eq!(d.len(), b * h, "lstm_backward: dh0 is not (B,H)");
@@ -327,9 +362,9 @@ pub fn lstm_backward(
         row[h..].copy_from_slice(&hs[r * t * h..(r * t + t - 1) * h]);
     }
     // dW_hh (4H,H) += dz^T (4H,B*T) x hprev (B*T,H)
-    sgemm(dza.t(), MatRef::row_major(&hprev, b * t, h), grads.w_hh, h, &acc);
+    weight_grad_acc(grads.w_hh, h, &dz, &hprev, b * t, g4, h);
     // dW_ih (4H,I) += dz^T (4H,B*T) x x (B*T,I)
-    sgemm(dza.t(), MatRef::row_major(x, b * t, i), grads.w_ih, i, &acc);
+    weight_grad_acc(grads.w_ih, i, &dz, x, b * t, g4, i);
     if let Some(dx) = dx {
         assert_eq!(dx.len(), b * t * i, "lstm_backward: dx is not (B,T,I)");
         // dx (B*T,I) += dz (B*T,4H) x W_ih (4H,I)
@@ -499,10 +534,8 @@ pub fn lstm_cell_weight_grads(
     check_grads(grads, i, h);
     let g4 = 4 * h;
     assert!(dz.len() == n * g4 && x.len() == n * i && h_prev.len() == n * h, "lstm_cell_weight_grads: sizes");
-    let acc = Epilogue { beta: 1.0, ..Default::default() };
-    let dza = MatRef::row_major(dz, n, g4);
-    sgemm(dza.t(), MatRef::row_major(h_prev, n, h), grads.w_hh, h, &acc);
-    sgemm(dza.t(), MatRef::row_major(x, n, i), grads.w_ih, i, &acc);
+    weight_grad_acc(grads.w_hh, h, dz, h_prev, n, g4, h);
+    weight_grad_acc(grads.w_ih, i, dz, x, n, g4, i);
     colsum_acc(grads.b_ih, dz, n, g4);
     colsum_acc(grads.b_hh, dz, n, g4);
 }

@@ -17,14 +17,15 @@
 //! common Show-Attend-Tell implementation; a seeded inverted-dropout mask (`cpu::dropout`).
 
 use crate::cpu::attention::{
-    attention_encode_backward, attention_encode_forward, attention_step_backward, attention_step_forward,
-    init_state_backward, init_state_forward, AttnCache, AttnGrads, AttnParams, AttnSize,
+    attention_core_backward, attention_core_forward, attention_encode_backward, attention_encode_forward,
+    attention_step_forward, init_state_backward, init_state_forward, AttnCache, AttnGrads, AttnParams,
+    AttnRelu, AttnSize,
 };
 use crate::cpu::dropout::{dropout_backward, dropout_forward};
 use crate::cpu::embedding::{embedding_backward, embedding_forward};
-use crate::cpu::gemm::{sgemm, Epilogue, MatRef};
+use crate::cpu::gemm::{pack_a, sgemm, sgemm_packed_a, Epilogue, MatRef};
 use crate::cpu::linear::colsum_acc;
-use crate::cpu::linear::{linear_backward, linear_forward};
+use crate::cpu::linear::{linear_backward, linear_forward, transpose_into, weight_grad_acc};
 use crate::cpu::loss::{attention_reg, cross_entropy_fused};
 use crate::cpu::lstm::{
     active_from_lengths, lstm_backward, lstm_cell_forward, lstm_forward, lstm_gates_backward,
@@ -93,9 +94,10 @@ macro_rules! param_struct {
             pub fn zeros_like(&self) -> Self {
                 $name { $($field: vec![0.0; self.$field.len()],)* }
             }
-            /// Sets every value to 0.
+            /// Sets every value to 0 (in parallel: a gradient buffer is tens of MB).
             pub fn zero(&mut self) {
-                $(self.$field.fill(0.0);)*
+                use rayon::prelude::*;
+                $(self.$field.par_chunks_mut(1 << 15).for_each(|c| c.fill(0.0));)*
             }
         }
     };
@@ -269,6 +271,17 @@ pub struct ShowTellForward {
     active: Vec<usize>,
 }
 
+/// `v` resized to `n` zeros, keeping its allocation (see `show_tell_forward_into`).
+fn zeroed(v: &mut Vec<f32>, n: usize) {
+    v.clear();
+    v.resize(n, 0.0);
+}
+
+/// `v` resized to `n`, old contents kept: only for outputs the caller overwrites entirely.
+fn sized(v: &mut Vec<f32>, n: usize) {
+    v.resize(n, 0.0);
+}
+
 /// Show-tell forward (teacher forcing); `dropout` = (probability, mask stream) for training.
 pub fn show_tell_forward(
     p: &ShowTellParams,
@@ -276,17 +289,33 @@ pub fn show_tell_forward(
     batch: &Batch,
     dropout: Option<(f32, &mut Rng)>,
 ) -> Result<ShowTellForward> {
+    let mut fw = ShowTellForward::default();
+    show_tell_forward_into(&mut fw, p, d, batch, dropout)?;
+    Ok(fw)
+}
+
+/// `show_tell_forward` into the buffers of a previous step's `fw` (same result): a training loop
+/// that keeps one `ShowTellForward` does not allocate, fault in and free ~60 MB per step (the logits
+/// alone are B*T*V floats; freeing a multi-threaded process's large mappings costs a TLB shootdown
+/// on every core).
+pub fn show_tell_forward_into(
+    fw: &mut ShowTellForward,
+    p: &ShowTellParams,
+    d: &DecoderDims,
+    batch: &Batch,
+    dropout: Option<(f32, &mut Rng)>,
+) -> Result<()> {
     let (b, t, active) = check_batch(batch, d, d.feat)?;
     let (v, e, f, h) = (d.vocab, d.embed, d.feat, d.hidden);
-    let mut fw = ShowTellForward { active, ..Default::default() };
-    fw.h0 = vec![0.0; b * h];
-    fw.c0 = vec![0.0; b * h];
+    fw.active = active;
+    zeroed(&mut fw.h0, b * h);
+    zeroed(&mut fw.c0, b * h);
     linear_forward(&mut fw.h0, batch.feats, &p.w_h, Some(&p.b_h), b, f, h);
     linear_forward(&mut fw.c0, batch.feats, &p.w_c, Some(&p.b_c), b, f, h);
     fw.h0.iter_mut().chain(fw.c0.iter_mut()).for_each(|x| *x = x.tanh());
-    fw.x = vec![0.0; b * t * e];
+    zeroed(&mut fw.x, b * t * e);
     embedding_forward(&mut fw.x, batch.tokens, &p.emb, v, e);
-    fw.hs = vec![0.0; b * t * h];
+    zeroed(&mut fw.hs, b * t * h);
     let lp = LstmParams { w_ih: &p.w_ih, w_hh: &p.w_hh, b_ih: &p.b_ih, b_hh: &p.b_hh };
     lstm_forward(
         &mut fw.hs,
@@ -298,11 +327,11 @@ pub fn show_tell_forward(
         &fw.active,
         LstmSize { b, t, i: e, h },
     );
-    fw.logits = vec![0.0; b * t * v];
+    sized(&mut fw.logits, b * t * v);
     fw.h_drop = maybe_dropout(&fw.hs, &mut fw.mask, dropout)?;
     let h_in = fw.h_drop.as_deref().unwrap_or(&fw.hs);
     linear_forward(&mut fw.logits, h_in, &p.fc_w, Some(&p.fc_b), b * t, h, v);
-    Ok(fw)
+    Ok(())
 }
 
 /// Show-tell loss and backward: consumes `fw.logits` (turned into dlogits), accumulates into `g`.
@@ -386,7 +415,11 @@ pub struct AttentionForward {
     h_all: Vec<f32>,    // (N,H)
     c_all: Vec<f32>,    // (N,H)
     acts_all: Vec<f32>, // (N,4H)
-    attns: Vec<AttnCache>,
+    // The attention steps' saves (r = relu(att1 + att2) is recomputed by the backward).
+    att2_all: Vec<f32>,  // (N,A)
+    alpha_all: Vec<f32>, // (N,L)
+    z_all: Vec<f32>,     // (N,D) raw contexts before the gate
+    gate_all: Vec<f32>,  // (N,D) sigmoid gates
     h_drop: Option<Vec<f32>>,
     mask: Vec<f32>,
 }
@@ -438,15 +471,31 @@ pub fn attention_forward(
     batch: &Batch,
     dropout: Option<(f32, &mut Rng)>,
 ) -> Result<AttentionForward> {
+    let mut fw = AttentionForward::default();
+    attention_forward_into(&mut fw, p, d, batch, dropout)?;
+    Ok(fw)
+}
+
+/// `attention_forward` into the buffers of a previous step's `fw` (same result; see
+/// `show_tell_forward_into`).
+pub fn attention_forward_into(
+    fw: &mut AttentionForward,
+    p: &AttentionParams,
+    d: &DecoderDims,
+    batch: &Batch,
+    dropout: Option<(f32, &mut Rng)>,
+) -> Result<()> {
     let (l, f) = (d.regions, d.feat);
     let (b, t, active) = check_batch(batch, d, l * f)?;
     let (v, e, h, a) = (d.vocab, d.embed, d.hidden, d.att);
     let feats = batch.feats;
     let (offs, n) = packed_offsets(&active);
-    let mut fw = AttentionForward { active, offs, ..Default::default() };
-    fw.mean = vec![0.0; b * f];
-    fw.h0 = vec![0.0; b * h];
-    fw.c0 = vec![0.0; b * h];
+    fw.active = active;
+    fw.offs = offs;
+    fw.dfeats.clear();
+    zeroed(&mut fw.mean, b * f);
+    zeroed(&mut fw.h0, b * h);
+    zeroed(&mut fw.c0, b * h);
     init_state_forward(
         &mut fw.mean,
         &mut fw.h0,
@@ -461,33 +510,61 @@ pub fn attention_forward(
         f,
         h,
     );
-    fw.tok = vec![PAD; n];
+    fw.tok.clear();
+    fw.tok.resize(n, PAD);
     for s in 0..t {
         for r in 0..fw.active[s] {
             fw.tok[fw.offs[s] + r] = batch.tokens[r * t + s];
         }
     }
-    fw.emb = vec![0.0; n * e];
+    zeroed(&mut fw.emb, n * e);
     embedding_forward(&mut fw.emb, &fw.tok, &p.emb, v, e);
-    fw.att1 = vec![0.0; b * l * a];
+    zeroed(&mut fw.att1, b * l * a);
     let ap = p.attn();
     attention_encode_forward(&mut fw.att1, feats, &ap, AttnSize { b, l, d: f, h, a });
-    fw.alphas = vec![0.0; b * t * l];
-    fw.ctx_all = vec![0.0; n * f];
-    fw.h_all = vec![0.0; n * h];
-    fw.c_all = vec![0.0; n * h];
+    zeroed(&mut fw.alphas, b * t * l);
+    zeroed(&mut fw.ctx_all, n * f);
+    zeroed(&mut fw.h_all, n * h);
+    zeroed(&mut fw.c_all, n * h);
     // The LSTM input is [emb, ctx], so z = emb W_ih[:, :E]^T + ctx W_ih[:, E:]^T + h W_hh^T + b.
     // The embedding part is known for all steps under teacher forcing: one GEMM (N,E) x (E,4H).
     let (w_emb, w_ctx, w_hh) = lstm_input_views(p, e, f, h);
     let bias: Vec<f32> = p.b_ih.iter().zip(&p.b_hh).map(|(x, y)| x + y).collect();
-    fw.acts_all = vec![0.0; n * 4 * h];
+    zeroed(&mut fw.acts_all, n * 4 * h);
     if n > 0 {
         let epi = Epilogue { col_bias: Some(&bias), ..Default::default() };
         sgemm(MatRef::row_major(&fw.emb, n, e), w_emb.t(), &mut fw.acts_all, 4 * h, &epi);
     }
+    // Per step, every product with a fixed weight has only bs <= B rows of activations, so it is
+    // computed transposed, y^T = W x^T, with W packed ONCE per forward as the GEMM's A operand
+    // (packing the weight per step would cost as much as the product); `transpose_into` brings
+    // y^T (O,bs) back into row layout.
+    // (Packing is serial inside pack_a: the four run side by side, W_ctx being as big as the rest.)
+    let (pk_ctx, (pk_hh, (pk_dec, pk_beta))) = rayon::join(
+        || pack_a(w_ctx), // (4H,D)
+        || {
+            rayon::join(
+                || pack_a(w_hh), // (4H,H)
+                || {
+                    rayon::join(
+                        || pack_a(MatRef::row_major(&p.w_dec, a, h)),  // (A,H)
+                        || pack_a(MatRef::row_major(&p.w_beta, f, h)), // (D,H)
+                    )
+                },
+            )
+        },
+    );
+    zeroed(&mut fw.att2_all, n * a);
+    zeroed(&mut fw.alpha_all, n * l);
+    zeroed(&mut fw.z_all, n * f);
+    zeroed(&mut fw.gate_all, n * f);
+    let (mut att2t, mut gatet, mut zt) = (vec![0.0; a * b], vec![0.0; f * b], vec![0.0; 4 * h * b]);
     let acc = Epilogue { beta: 1.0, ..Default::default() };
     for s in 0..t {
         let (bs, o) = (fw.active[s], fw.offs[s]);
+        if bs == 0 {
+            continue;
+        }
         let sz = AttnSize { b: bs, l, d: f, h, a };
         let (h_before, h_out) = fw.h_all.split_at_mut(o * h);
         let (c_before, c_out) = fw.c_all.split_at_mut(o * h);
@@ -497,29 +574,58 @@ pub fn attention_forward(
             let po = fw.offs[s - 1] * h;
             (&h_before[po..po + bs * h], &c_before[po..po + bs * h])
         };
-        if bs == 0 {
-            fw.attns.push(AttnCache::default());
-            continue;
-        }
-        let mut ac = AttnCache::default();
+        // att2^T (A,bs) = W_dec h^T + b_dec; gate pre-activation^T (D,bs) = W_beta h^T + b_beta;
+        // z^T (4H,bs) = W_hh h^T (+ W_ctx ctx^T below).
+        let hb = MatRef::row_major(h_prev, bs, h).t(); // (H,bs)
+        sgemm_packed_a(
+            &pk_dec,
+            hb,
+            &mut att2t,
+            bs,
+            &Epilogue { row_bias: Some(&p.b_dec), ..Default::default() },
+        );
+        sgemm_packed_a(
+            &pk_beta,
+            hb,
+            &mut gatet,
+            bs,
+            &Epilogue { row_bias: Some(&p.b_beta), ..Default::default() },
+        );
+        sgemm_packed_a(&pk_hh, hb, &mut zt, bs, &Epilogue::default());
+        let att2 = &mut fw.att2_all[o * a..(o + bs) * a];
+        transpose_into(att2, a, &att2t, a, bs, false);
+        let gate = &mut fw.gate_all[o * f..(o + bs) * f];
+        transpose_into(gate, f, &gatet, f, bs, false);
         let ctx = &mut fw.ctx_all[o * f..(o + bs) * f];
-        attention_step_forward(ctx, &mut ac, &fw.att1[..bs * l * a], &feats[..bs * l * f], h_prev, &ap, sz);
+        let alpha = &mut fw.alpha_all[o * l..(o + bs) * l];
+        attention_core_forward(
+            ctx,
+            alpha,
+            &mut fw.z_all[o * f..(o + bs) * f],
+            gate,
+            None,
+            &fw.att1[..bs * l * a],
+            att2,
+            &feats[..bs * l * f],
+            &p.w_full,
+            p.b_full[0],
+            sz,
+        );
         for r in 0..bs {
-            fw.alphas[(r * t + s) * l..(r * t + s + 1) * l].copy_from_slice(&ac.alpha[r * l..(r + 1) * l]);
+            fw.alphas[(r * t + s) * l..(r * t + s + 1) * l].copy_from_slice(&alpha[r * l..(r + 1) * l]);
         }
-        // z (bs,4H) += ctx W_ih[:, E:]^T + h_prev W_hh^T, then the fused gate/cell update.
+        // z (bs,4H) += (W_ctx ctx^T + W_hh h^T)^T, then the fused gate/cell update.
+        sgemm_packed_a(&pk_ctx, MatRef::row_major(ctx, bs, f).t(), &mut zt, bs, &acc);
         let z = &mut fw.acts_all[o * 4 * h..(o + bs) * 4 * h];
-        sgemm(MatRef::row_major(ctx, bs, f), w_ctx.t(), z, 4 * h, &acc);
-        sgemm(MatRef::row_major(h_prev, bs, h), w_hh.t(), z, 4 * h, &acc);
+        transpose_into(z, 4 * h, &zt, 4 * h, bs, true);
         lstm_gates_forward(z, c_prev, &mut c_out[..bs * h], &mut h_out[..bs * h], bs, h);
-        fw.attns.push(ac);
     }
     // Output layer over all live rows at once: (N,H) x (H,V).
-    fw.logits = vec![0.0; n * v];
+    sized(&mut fw.logits, n * v);
     fw.h_drop = maybe_dropout(&fw.h_all, &mut fw.mask, dropout)?;
     let h_in = fw.h_drop.as_deref().unwrap_or(&fw.h_all);
     linear_forward(&mut fw.logits, h_in, &p.fc_w, Some(&p.fc_b), n, h, v);
-    Ok(fw)
+    Ok(())
 }
 
 /// Attention decoder loss and backward: consumes `fw.logits` (turned into dlogits), accumulates into
@@ -590,57 +696,82 @@ pub fn attention_backward(
         h,
         v,
     );
-    let mut ag = AttnGrads { w_enc, b_enc, w_dec, b_dec, w_full, b_full, w_beta, b_beta };
     let mut dh_next = vec![0.0; b * h]; // (B,H) dL/dh_{s} from step s+1
     let mut dc_next = vec![0.0; b * h]; // (B,H) dL/dc_{s} from step s+1
     let mut datt1 = vec![0.0; b * l * a];
     let mut dfeats = if feats_grad { vec![0.0; b * l * f] } else { Vec::new() }; // (B,L,D)
     let mut dalpha = vec![0.0; b * l];
     let mut dz_all = vec![0.0; n * 4 * h]; // (N,4H)
+    let mut dpre_all = vec![0.0; n * f]; // (N,D) dL/d(gate pre-activation)
+    let mut datt2_all = vec![0.0; n * a]; // (N,A)
+                                          // The transposed weights, packed once (see the forward): dctx^T = W_ctx^T dz^T and
+                                          // dh_prev^T = W_hh^T dz^T + W_beta^T dpre^T + W_dec^T datt2^T per step.
+    let (pk_ctx_t, (pk_hh_t, (pk_beta_t, pk_dec_t))) = rayon::join(
+        || pack_a(w_ctx.t()), // (D,4H)
+        || {
+            rayon::join(
+                || pack_a(w_hh_v.t()), // (H,4H)
+                || {
+                    rayon::join(
+                        || pack_a(MatRef::row_major(&p.w_beta, f, h).t()), // (H,D)
+                        || pack_a(MatRef::row_major(&p.w_dec, a, h).t()),  // (H,A)
+                    )
+                },
+            )
+        },
+    );
+    let (mut dctxt, mut dht, mut dctx) = (vec![0.0; f * b], vec![0.0; h * b], vec![0.0; b * f]);
+    let acc = Epilogue { beta: 1.0, ..Default::default() };
     for s in (0..t).rev() {
         let (bs, o) = (fw.active[s], fw.offs[s]);
         if bs == 0 {
             continue;
         }
         let sz = AttnSize { b: bs, l, d: f, h, a };
-        let (h_prev, c_prev) = if s == 0 {
-            (&fw.h0[..bs * h], &fw.c0[..bs * h])
+        let c_prev = if s == 0 {
+            &fw.c0[..bs * h]
         } else {
             let po = fw.offs[s - 1] * h;
-            (&fw.h_all[po..po + bs * h], &fw.c_all[po..po + bs * h])
+            &fw.c_all[po..po + bs * h]
         };
         for r in 0..bs {
             dalpha[r * l..(r + 1) * l].copy_from_slice(&dalphas[(r * t + s) * l..(r * t + s + 1) * l]);
         }
         // dh_s = dh_next + the output layer's share
-        let mut dh = dh_next[..bs * h].to_vec();
+        let dh = &mut dh_next[..bs * h];
         dh.iter_mut().zip(&dh_all[o * h..(o + bs) * h]).for_each(|(x, y)| *x += y);
-        // Gate backward: dz (bs,4H); dc_prev = dc * f. Then dctx = dz W_ih[:, E:], dh_prev = dz W_hh
+        // Gate backward: dz (bs,4H); dc becomes dc_prev = dc * f (in place). Then dctx = dz W_ih[:, E:]
         // (the embedding part of dx is one GEMM after the loop).
-        let mut dc_prev = dc_next[..bs * h].to_vec();
         let dz = &mut dz_all[o * 4 * h..(o + bs) * 4 * h];
         let (acts, cs) = (&fw.acts_all[o * 4 * h..(o + bs) * 4 * h], &fw.c_all[o * h..(o + bs) * h]);
-        lstm_gates_backward(dz, &mut dc_prev, &dh, acts, cs, c_prev, bs, h);
-        let dza = MatRef::row_major(dz, bs, 4 * h);
-        let mut dctx = vec![0.0; bs * f];
-        sgemm(dza, w_ctx, &mut dctx, f, &Epilogue::default());
-        let mut dh_prev = vec![0.0; bs * h];
-        sgemm(dza, w_hh_v, &mut dh_prev, h, &Epilogue::default());
-        attention_step_backward(
+        lstm_gates_backward(dz, &mut dc_next[..bs * h], dh, acts, cs, c_prev, bs, h);
+        let dzt = MatRef::row_major(dz, bs, 4 * h).t(); // (4H,bs)
+        sgemm_packed_a(&pk_ctx_t, dzt, &mut dctxt, bs, &Epilogue::default());
+        transpose_into(&mut dctx, f, &dctxt, f, bs, false);
+        let dpre = &mut dpre_all[o * f..(o + bs) * f];
+        let datt2 = &mut datt2_all[o * a..(o + bs) * a];
+        attention_core_backward(
             if feats_grad { Some(&mut dfeats[..bs * l * f]) } else { None },
             &mut datt1[..bs * l * a],
-            Some(&mut dh_prev),
-            &mut ag,
-            &dctx,
+            dpre,
+            datt2,
+            w_full,
+            b_full,
+            &dctx[..bs * f],
             Some(&dalpha[..bs * l]),
-            &fw.attns[s],
+            &fw.alpha_all[o * l..(o + bs) * l],
+            &fw.z_all[o * f..(o + bs) * f],
+            &fw.gate_all[o * f..(o + bs) * f],
+            AttnRelu::Recompute(&fw.att1[..bs * l * a], &fw.att2_all[o * a..(o + bs) * a]),
             &feats[..bs * l * f],
-            h_prev,
-            &ap,
+            &p.w_full,
             sz,
         );
-        dh_next[..bs * h].copy_from_slice(&dh_prev);
-        dc_next[..bs * h].copy_from_slice(&dc_prev);
+        // dh_{s-1}^T (H,bs) = W_hh^T dz^T + W_beta^T dpre^T + W_dec^T datt2^T
+        sgemm_packed_a(&pk_hh_t, dzt, &mut dht, bs, &Epilogue::default());
+        sgemm_packed_a(&pk_beta_t, MatRef::row_major(dpre, bs, f).t(), &mut dht, bs, &acc);
+        sgemm_packed_a(&pk_dec_t, MatRef::row_major(datt2, bs, a).t(), &mut dht, bs, &acc);
+        transpose_into(&mut dh_next[..bs * h], h, &dht, h, bs, false);
     }
     // LSTM weight gradients over all rows at once; h_prev stacked in the same packed order.
     let mut hprev_all = vec![0.0; n * h];
@@ -654,15 +785,21 @@ pub fn attention_backward(
     // dW_ih[:, E:] += dz^T ctx (column blocks of the (4H, E+D) matrix, ldc = E+D), dW_hh += dz^T h_prev.
     let mut demb = vec![0.0; n * e]; // (N,E)
     if n > 0 {
-        let acc = Epilogue { beta: 1.0, ..Default::default() };
         let dza = MatRef::row_major(&dz_all, n, 4 * h);
-        sgemm(dza.t(), MatRef::row_major(&fw.emb, n, e), &mut w_ih[..], xi, &acc);
-        sgemm(dza.t(), MatRef::row_major(&fw.ctx_all, n, f), &mut w_ih[e..], xi, &acc);
-        sgemm(dza.t(), MatRef::row_major(&hprev_all, n, h), w_hh, h, &acc);
+        weight_grad_acc(&mut w_ih[..], xi, &dz_all, &fw.emb, n, 4 * h, e);
+        weight_grad_acc(&mut w_ih[e..], xi, &dz_all, &fw.ctx_all, n, 4 * h, f);
+        weight_grad_acc(w_hh, h, &dz_all, &hprev_all, n, 4 * h, h);
         colsum_acc(b_ih, &dz_all, n, 4 * h);
         colsum_acc(b_hh, &dz_all, n, 4 * h);
         sgemm(dza, w_emb, &mut demb, e, &Epilogue::default());
+        // The h projections of the attention, also over all N rows: dW_beta (D,H) += dpre^T h_prev,
+        // dW_dec (A,H) += datt2^T h_prev, and their biases.
+        weight_grad_acc(&mut w_beta[..], h, &dpre_all, &hprev_all, n, f, h);
+        weight_grad_acc(&mut w_dec[..], h, &datt2_all, &hprev_all, n, a, h);
+        colsum_acc(b_beta, &dpre_all, n, f);
+        colsum_acc(b_dec, &datt2_all, n, a);
     }
+    let mut ag = AttnGrads { w_enc, b_enc, w_dec, b_dec, w_full, b_full, w_beta, b_beta };
     attention_encode_backward(
         feats_grad.then_some(&mut dfeats[..]),
         &mut ag,
@@ -824,4 +961,62 @@ pub fn attention_step(
     let mut logits = vec![0.0; b * v];
     linear_forward(&mut logits, &state.h, &p.fc_w, Some(&p.fc_b), b, h, v);
     Ok((logits, ac.alpha))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `_into` forwards reuse a previous step's buffers: after a step on a bigger batch with
+    /// other lengths, a second step must give exactly (bitwise) what a fresh forward gives, and so
+    /// must the backward from it.
+    #[test]
+    fn forward_into_reuse_matches_fresh() {
+        let d = DecoderDims { vocab: 11, embed: 4, feat: 6, regions: 3, hidden: 5, att: 7 };
+        let mut rng = Rng::new(31);
+        let mut pa = AttentionParams::zeros(&d);
+        pa.named_mut().into_iter().for_each(|(_, v)| rng.fill_uniform(v, -0.3, 0.3));
+        let mut ps = ShowTellParams::zeros(&d);
+        ps.named_mut().into_iter().for_each(|(_, v)| rng.fill_uniform(v, -0.3, 0.3));
+        let mut make = |b: usize, t: usize, lengths: Vec<usize>, feat_len: usize| {
+            let mut feats = vec![0.0; b * feat_len];
+            rng.fill_uniform(&mut feats, 0.0, 1.0);
+            let mut tokens = vec![PAD; b * t];
+            let mut targets = vec![PAD; b * t];
+            for r in 0..b {
+                for s in 0..lengths[r] {
+                    tokens[r * t + s] = 1 + rng.below(10) as u32;
+                    targets[r * t + s] = 1 + rng.below(10) as u32;
+                }
+            }
+            (feats, tokens, targets, lengths, t)
+        };
+        type Owned = (Vec<f32>, Vec<u32>, Vec<u32>, Vec<usize>, usize);
+        fn batch(x: &Owned) -> Batch<'_> {
+            Batch { feats: &x.0, tokens: &x.1, targets: &x.2, lengths: &x.3, steps: x.4 }
+        }
+        let fl = d.regions * d.feat;
+        let (big, small) = (make(4, 5, vec![5, 5, 3, 2], fl), make(3, 4, vec![4, 2, 1], fl));
+        let mut reused = AttentionForward::default();
+        attention_forward_into(&mut reused, &pa, &d, &batch(&big), None).unwrap();
+        attention_forward_into(&mut reused, &pa, &d, &batch(&small), None).unwrap();
+        let mut fresh = attention_forward(&pa, &d, &batch(&small), None).unwrap();
+        assert_eq!(reused.logits, fresh.logits);
+        assert_eq!(reused.alphas, fresh.alphas);
+        let (mut g1, mut g2) = (pa.zeros_like(), pa.zeros_like());
+        let l1 = attention_backward(&pa, &mut g1, &d, &batch(&small), &mut reused, 1.0, 0.1, true).unwrap();
+        let l2 = attention_backward(&pa, &mut g2, &d, &batch(&small), &mut fresh, 1.0, 0.1, true).unwrap();
+        assert_eq!((l1, &g1, &reused.dfeats), (l2, &g2, &fresh.dfeats));
+
+        let (big, small) = (make(4, 5, vec![5, 4, 4, 1], d.feat), make(2, 3, vec![3, 2], d.feat));
+        let mut reused = ShowTellForward::default();
+        show_tell_forward_into(&mut reused, &ps, &d, &batch(&big), None).unwrap();
+        show_tell_forward_into(&mut reused, &ps, &d, &batch(&small), None).unwrap();
+        let mut fresh = show_tell_forward(&ps, &d, &batch(&small), None).unwrap();
+        assert_eq!((&reused.logits, &reused.hs), (&fresh.logits, &fresh.hs));
+        let (mut g1, mut g2) = (ps.zeros_like(), ps.zeros_like());
+        let l1 = show_tell_backward(&ps, &mut g1, &d, &batch(&small), &mut reused, 0.1).unwrap();
+        let l2 = show_tell_backward(&ps, &mut g2, &d, &batch(&small), &mut fresh, 0.1).unwrap();
+        assert_eq!((l1, &g1), (l2, &g2));
+    }
 }
