@@ -111,6 +111,13 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         return Err(Error::msg("--beam 0: use a beam width of at least 1"));
     }
     let model = Captioner::load(&args.model)?;
+    if model.hyper.get("fine_tuned_encoder").is_some() {
+        eprintln!(
+            "warning: {} has a fine-tuned encoder: --features must come from that encoder (`capgen caption` \
+             uses it directly); features of the original weights give lower scores",
+            args.model.display()
+        );
+    }
     let (captions, report) = read_captions(&args.captions, None)?;
     for w in report.warnings() {
         eprintln!("warning: {w}");

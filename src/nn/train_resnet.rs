@@ -20,7 +20,12 @@
 //! Freezing (`--fine-tune` trains only the last blocks): the network is a chain of "pieces" —
 //! the stem, then every block in order. `freeze_all_but_last(k)` keeps the last k pieces trainable.
 //! Frozen pieces run batch-norm in eval mode (running statistics, which they do not update) and the
-//! backward stops at the first frozen piece (nothing before it needs a gradient).
+//! backward stops at the first frozen piece (nothing before it needs a gradient). The training
+//! forward keeps no activations of frozen pieces beyond the input of the first trainable one.
+//!
+//! `set_bn_frozen(true)` (encoder fine-tuning with small batches) also runs the trainable pieces'
+//! batch-norm in eval mode: running statistics used and left alone, gamma and beta still trained.
+//! Its backward is then the plain affine one (see `batchnorm_eval_backward`).
 
 use crate::cpu::batchnorm::{
     batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward, relu_backward, BnShape, BN_EPS,
@@ -84,6 +89,8 @@ pub struct TrainResNet {
     blocks: Vec<Block>,
     /// Pieces (stem = 0, block b = b + 1) with index >= this are trainable.
     first_trainable: usize,
+    /// Batch-norm of trainable pieces in eval mode too (`set_bn_frozen`).
+    bn_frozen: bool,
 }
 
 /// What one unit's training forward keeps for the backward.
@@ -97,6 +104,8 @@ struct UnitCache {
     /// Spatial size of the unit's input and output.
     in_hw: (usize, usize),
     out_hw: (usize, usize),
+    /// BN ran in eval mode: `mean` and `rstd` are the running statistics, constants of the forward.
+    eval: bool,
 }
 
 #[derive(Default)]
@@ -142,6 +151,7 @@ impl TrainResNet {
             },
             blocks: Vec::new(),
             first_trainable: 0,
+            bn_frozen: false,
         };
         let add_unit = |net: &mut TrainResNet, conv: &str, bn: &str, dims: [usize; 4], p: ConvParams| {
             let param = |net: &mut TrainResNet, name: String, d: Vec<usize>| -> Result<usize> {
@@ -241,8 +251,34 @@ impl TrainResNet {
         self.first_trainable = self.num_pieces().saturating_sub(k);
     }
 
+    /// The first trainable piece (0 = the stem, b + 1 = block b); `num_pieces()` when all are frozen.
+    pub fn first_trainable_piece(&self) -> usize {
+        self.first_trainable
+    }
+
+    /// Batch-norm in eval mode in the trainable pieces too (running statistics, not updated; gamma
+    /// and beta still trained), or back to batch statistics (the default).
+    pub fn set_bn_frozen(&mut self, frozen: bool) {
+        self.bn_frozen = frozen;
+    }
+
+    /// The input of the first trainable piece as kept by `forward_train` — (N, C, H, W) values and
+    /// (H, W) — or None when the stem is trainable (its input is the image batch).
+    pub fn trainable_input<'a>(&self, cache: &'a TrainCache) -> Option<(&'a [f32], (usize, usize))> {
+        let f = self.first_trainable;
+        if f == 0 || f > cache.acts.len() {
+            return None;
+        }
+        Some((&cache.acts[f - 1], cache.acts_hw[f - 1]))
+    }
+
     fn piece_trainable(&self, piece: usize) -> bool {
         piece >= self.first_trainable
+    }
+
+    /// Whether the piece's batch-norm uses batch statistics in the training forward.
+    fn bn_batch_stats(&self, piece: usize) -> bool {
+        self.piece_trainable(piece) && !self.bn_frozen
     }
 
     fn units_of_piece(&self, piece: usize) -> Vec<&Unit> {
@@ -268,6 +304,20 @@ impl TrainResNet {
             .zip(train)
             .filter(|(_, t)| *t)
             .map(|(p, _)| (p.name.as_str(), &mut p.data[..], &p.grad[..]))
+            .collect()
+    }
+
+    /// (name, param, grad) of every trainable parameter, gradients mutable too (for clipping).
+    pub fn trainable_params_mut(&mut self) -> Vec<(&str, &mut [f32], &mut [f32])> {
+        let keep: Vec<bool> = {
+            let names: Vec<String> = self.trainable_params().iter().map(|(n, _, _)| n.to_string()).collect();
+            self.params.iter().map(|p| names.contains(&p.name)).collect()
+        };
+        self.params
+            .iter_mut()
+            .zip(keep)
+            .filter(|(_, t)| *t)
+            .map(|(p, _)| (p.name.as_str(), &mut p.data[..], &mut p.grad[..]))
             .collect()
     }
 
@@ -409,6 +459,7 @@ impl TrainResNet {
         let mut y = vec![0.0f32; z.len()];
         let (mut mean, mut rstd) = (vec![0.0f32; k], vec![0.0f32; k]);
         let (gamma, beta) = (&self.params[u.gamma].data, &self.params[u.beta].data);
+        let mut eval = false;
         match running {
             Some(stats) => {
                 let (a, b) = stats.split_at_mut(u.running + 1);
@@ -430,9 +481,12 @@ impl TrainResNet {
             None => {
                 let (rm, rv) = (&self.stats[u.running].1, &self.stats[u.running + 1].1);
                 batchnorm_eval_forward(&z, &g, gamma, beta, rm, rv, BN_EPS, &mut y);
+                mean.copy_from_slice(rm);
+                rstd.iter_mut().zip(rv).for_each(|(r, &v)| *r = 1.0 / (v + BN_EPS).sqrt());
+                eval = true;
             }
         }
-        (y, UnitCache { z, mean, rstd, in_hw: hw, out_hw: (oh, ow) })
+        (y, UnitCache { z, mean, rstd, in_hw: hw, out_hw: (oh, ow), eval })
     }
 
     fn forward(
@@ -448,7 +502,7 @@ impl TrainResNet {
         // Stem: conv1 -> bn1 -> relu -> maxpool.
         let stem = &self.stem;
         let (mut a, stem_cache) =
-            self.unit_forward(stem, x, n, (h, w), reborrow_if(self.piece_trainable(0), &mut running));
+            self.unit_forward(stem, x, n, (h, w), reborrow_if(self.bn_batch_stats(0), &mut running));
         relu(&mut a);
         let mp = PoolParams::new(3, 2, 1);
         let (sh, sw) = stem_cache.out_hw;
@@ -468,6 +522,13 @@ impl TrainResNet {
             acts_hw: vec![(ph, pw)],
             blocks: Vec::new(),
         };
+        if !self.piece_trainable(0) {
+            // A frozen stem is never differentiated: keep none of its activations.
+            cache.x = Vec::new();
+            cache.stem = UnitCache::default();
+            cache.stem_act = Vec::new();
+            cache.argmax = Vec::new();
+        }
         for bi in 0..self.blocks.len() {
             let block = &self.blocks[bi];
             let xin = cache.acts.last().expect("at least the stem");
@@ -480,7 +541,7 @@ impl TrainResNet {
                         xin,
                         n,
                         hw,
-                        reborrow_if(self.piece_trainable(bi + 1), &mut running),
+                        reborrow_if(self.bn_batch_stats(bi + 1), &mut running),
                     );
                     bc.downsample = Some(uc);
                     Some(y)
@@ -497,7 +558,7 @@ impl TrainResNet {
                     input,
                     n,
                     cur_hw,
-                    reborrow_if(self.piece_trainable(bi + 1), &mut running),
+                    reborrow_if(self.bn_batch_stats(bi + 1), &mut running),
                 );
                 cur_hw = uc.out_hw;
                 bc.units.push(uc);
@@ -510,6 +571,12 @@ impl TrainResNet {
                     relu(&mut y);
                     bc.inner.push(y);
                 }
+            }
+            if !self.piece_trainable(bi + 1) {
+                // Frozen block: forward only. Its input is no longer needed (the next trainable
+                // block needs only this block's output), nor are its inner activations.
+                cache.acts[bi] = Vec::new();
+                bc = BlockCache::default();
             }
             cache.acts.push(out);
             cache.acts_hw.push(cur_hw);
@@ -559,17 +626,8 @@ impl TrainResNet {
         // gamma comes before beta in `params` (pushed in that order).
         let (a, b) = self.params.split_at_mut(u.beta);
         let gp = &mut a[u.gamma];
-        batchnorm_backward(
-            &uc.z,
-            &g,
-            &gp.data,
-            &uc.mean,
-            &uc.rstd,
-            dy,
-            &mut dz,
-            &mut gp.grad,
-            &mut b[0].grad,
-        );
+        let bn_backward = if uc.eval { batchnorm_eval_backward } else { batchnorm_backward };
+        bn_backward(&uc.z, &g, &gp.data, &uc.mean, &uc.rstd, dy, &mut dz, &mut gp.grad, &mut b[0].grad);
         let shape = ConvShape { n, c, h: uc.in_hw.0, w: uc.in_hw.1, k, r, s };
         let p = &mut self.params[u.weight];
         conv2d_backward(x, &p.data, &shape, &u.conv, &dz, dx, &mut p.grad, None);
@@ -691,6 +749,45 @@ impl TrainResNet {
         let mut dx = vec![0.0f32; if want_dx { cache.x.len() } else { 0 }];
         self.unit_backward(&stem, &cache.stem, &cache.x, n, &dy, want_dx.then_some(&mut dx[..]));
         Ok(want_dx.then_some(dx))
+    }
+}
+
+/// Eval-mode batch-norm backward: with mean and rstd constants (the running statistics), the layer
+/// is the per-channel affine map y = gamma * xhat + beta, xhat = (x - mean) * rstd, so
+/// `dbeta += sum dy`, `dgamma += sum dy * xhat`, `dx += gamma * rstd * dy` (overwrites nothing).
+/// x, dy, dx (N, C, HW); gamma, mean, rstd, dgamma, dbeta (C). Same signature as
+/// `batchnorm_backward`, so a unit picks either.
+#[allow(clippy::too_many_arguments)]
+fn batchnorm_eval_backward(
+    x: &[f32],
+    g: &BnShape,
+    gamma: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let (c, hw) = (g.c, g.hw);
+    assert!(x.len() == g.n * c * hw && dy.len() == x.len() && dx.len() == x.len(), "batchnorm sizes");
+    // Per-channel sums in f64, as the training-mode backward does.
+    let (mut sdy, mut sdyx) = (vec![0.0f64; c], vec![0.0f64; c]);
+    for (i, (xp, dp)) in x.chunks(hw).zip(dy.chunks(hw)).enumerate() {
+        let ch = i % c;
+        let (mu, rs) = (mean[ch], rstd[ch]);
+        for (&v, &d) in xp.iter().zip(dp) {
+            sdy[ch] += d as f64;
+            sdyx[ch] += d as f64 * ((v - mu) * rs) as f64;
+        }
+    }
+    for ch in 0..c {
+        dbeta[ch] += sdy[ch] as f32;
+        dgamma[ch] += sdyx[ch] as f32;
+    }
+    for (i, (op, dp)) in dx.chunks_mut(hw).zip(dy.chunks(hw)).enumerate() {
+        let k = gamma[i % c] * rstd[i % c];
+        op.iter_mut().zip(dp).for_each(|(o, &d)| *o += k * d);
     }
 }
 
