@@ -311,7 +311,7 @@ fn bad_input_gives_one_line_errors() {
     assert!(err.trim_end().lines().last().unwrap().contains("none of the"), "{err}");
     // caption without --weights for a model that holds no encoder.
     let plain = dir.join("plain.safetensors");
-    let vocab = capgen::data::vocab::Vocab::from_captions(["a b"].into_iter(), 1);
+    let vocab = capgen::data::vocab::Vocab::from_captions(["a b"], 1);
     let d = capgen::model::decoder::DecoderDims {
         vocab: vocab.len(),
         embed: 2,
@@ -562,7 +562,7 @@ fn joint_case(frozen_bn: bool) {
     let k = cfg.feature_dim();
     let l = feats.len() / (n * k);
     // Decoder: 7 words (4 specials + 3), rows sorted longest first, image 0 used twice.
-    let vocab = Vocab::from_captions(["a b c"].into_iter(), 1);
+    let vocab = Vocab::from_captions(["a b c"], 1);
     let dims = DecoderDims { vocab: vocab.len(), embed: 3, feat: k, regions: l, hidden: 5, att: 4 };
     let model = Captioner::init(DecoderKind::Attention, dims, vocab, 5, 3).unwrap();
     let (lengths, image, steps) = (vec![4usize, 3, 2], vec![0usize, 1, 0], 4usize);
