@@ -150,6 +150,23 @@ fn fine_tuning_learns_freezes_the_rest_and_captions() {
     assert_eq!(rc, 0, "{err}");
     assert!(err.contains("fine-tuned encoder"), "{err}");
     assert_eq!(stdout, stdout2);
+
+    // --init: a second stage starts from the trained decoder (its vocabulary and sizes), so its
+    // first epoch is already far below the fresh run's first epoch.
+    let mut second = config(&dir.join("second.safetensors"));
+    second.epochs = 1;
+    second.batch = 16;
+    second.init = Some(cfg.out.clone());
+    second.embed = 99; // ignored: the sizes come from the model
+    let s2 = train(&second).unwrap();
+    let m2 = Captioner::load(&second.out).unwrap();
+    assert_eq!((m2.vocab.clone(), m2.dims), (model.vocab.clone(), model.dims));
+    assert!(
+        s2.history[0].train_loss < 0.8 * h[0].train_loss,
+        "{} vs {}",
+        s2.history[0].train_loss,
+        h[0].train_loss
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
