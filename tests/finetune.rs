@@ -211,6 +211,23 @@ fn resume_after_interruption_gives_the_same_weights() {
 }
 
 #[test]
+fn dropout_is_applied_and_seeded() {
+    // Same seed: dropout 0.3 twice gives identical weights; dropout 0 differs from both.
+    let dir = tmp("finetune-dropout");
+    let run = |name: &str, p: f32| {
+        let mut c = config(&dir.join(name));
+        c.epochs = 1;
+        c.dropout = p;
+        train(&c).unwrap();
+        tensors(&dir.join(name))
+    };
+    let (a, b, off) = (run("a.safetensors", 0.3), run("b.safetensors", 0.3), run("c.safetensors", 0.0));
+    assert_eq!(a, b);
+    assert_ne!(a, off);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn missing_images_are_skipped_with_a_count() {
     let dir = tmp("finetune-missing");
     // A copy of the image directory without 5 of the images.

@@ -899,6 +899,34 @@ mod tests {
     }
 
     #[test]
+    fn frozen_pieces_keep_no_activations() {
+        // Fine-tuning memory: with only layer4.0 trainable, the cache holds the input of layer4.0 and
+        // what its backward needs, nothing of the stem or the frozen blocks.
+        let c = ResNetConfig { block: BlockKind::Basic, layers: [1, 1, 1, 1], width: 4, num_classes: 2 };
+        let mut net = TrainResNet::random(&c, 3);
+        net.freeze_all_but_last(1);
+        net.set_bn_frozen(true);
+        let (n, h, w) = (2, 64, 64);
+        let x = uniform_vec(4, "x", n * 3 * h * w, -2.0, 2.0);
+        let stats = net.stats.clone();
+        let (_, cache) = net.forward_train(&x, n, h, w, FeatureLayer::Grid).unwrap();
+        assert!(cache.x.is_empty() && cache.stem_act.is_empty() && cache.argmax.is_empty());
+        assert!(cache.stem.z.is_empty());
+        let f = net.first_trainable_piece();
+        assert_eq!(f, 4);
+        for (i, a) in cache.acts.iter().enumerate() {
+            // acts[i] is the output of piece i: kept only for the input of piece f and after.
+            assert_eq!(a.is_empty(), i + 1 < f, "acts[{i}]");
+        }
+        for (b, bc) in cache.blocks.iter().enumerate() {
+            assert_eq!(bc.units.is_empty(), b + 1 < f, "block {b}");
+        }
+        assert_eq!(net.trainable_input(&cache).unwrap().0.len(), n * 16 * 4 * 4);
+        // Frozen statistics: nothing updated, even in the trainable block.
+        assert_eq!(net.stats, stats);
+    }
+
+    #[test]
     fn state_dict_round_trips_through_safetensors() {
         let c = cfg(BlockKind::Basic);
         let net = TrainResNet::random(&c, 6);
