@@ -37,7 +37,7 @@ use crate::cpu::pool::{
     global_avg_pool, global_avg_pool_backward, max_pool2d_backward, max_pool2d_with_argmax,
 };
 use crate::error::{Error, Result};
-use crate::nn::conv::ParamFn;
+use crate::nn::conv::{fold_batchnorm, BatchNorm, ParamFn};
 use crate::nn::encoder::FeatureLayer;
 use crate::nn::resnet::{state_dict_shapes, BlockKind, ResNet, ResNetConfig};
 use crate::tensor::Tensor;
@@ -91,6 +91,9 @@ pub struct TrainResNet {
     first_trainable: usize,
     /// Batch-norm of trainable pieces in eval mode too (`set_bn_frozen`).
     bn_frozen: bool,
+    /// `fold_frozen`'s inference convs of the frozen units (BN folded, weights packed), keyed by
+    /// the unit's weight index in `params`; empty until asked for.
+    folded: BTreeMap<usize, ConvWeights>,
 }
 
 /// What one unit's training forward keeps for the backward.
@@ -152,6 +155,7 @@ impl TrainResNet {
             blocks: Vec::new(),
             first_trainable: 0,
             bn_frozen: false,
+            folded: BTreeMap::new(),
         };
         let add_unit = |net: &mut TrainResNet, conv: &str, bn: &str, dims: [usize; 4], p: ConvParams| {
             let param = |net: &mut TrainResNet, name: String, d: Vec<usize>| -> Result<usize> {
@@ -249,6 +253,69 @@ impl TrainResNet {
     /// `k >= num_pieces()` makes everything trainable.
     pub fn freeze_all_but_last(&mut self, k: usize) {
         self.first_trainable = self.num_pieces().saturating_sub(k);
+        self.folded.clear();
+    }
+
+    /// Speeds up the frozen pieces' forward (training and eval): each frozen conv + batch-norm
+    /// becomes one inference conv with the BN folded in, its weights packed once, bias, residual and
+    /// ReLU fused (as `nn::resnet`), instead of conv (weights re-packed every call) then BN then
+    /// ReLU passes. A snapshot: call it after loading weights and freezing (frozen weights and
+    /// statistics never change in training); `freeze_all_but_last` drops it.
+    pub fn fold_frozen(&mut self) {
+        let mut folded = BTreeMap::new();
+        for piece in 0..self.first_trainable {
+            for u in self.units_of_piece(piece) {
+                let bn = BatchNorm {
+                    gamma: self.params[u.gamma].data.clone(),
+                    beta: self.params[u.beta].data.clone(),
+                    mean: self.stats[u.running].1.clone(),
+                    var: self.stats[u.running + 1].1.clone(),
+                    eps: BN_EPS,
+                };
+                let (w, b) = fold_batchnorm(&self.params[u.weight].data, None, &bn);
+                let [k, c, r, s] = u.dims;
+                folded.insert(u.weight, ConvWeights::new(w, Some(b), k, c, r, s));
+            }
+        }
+        self.folded = folded;
+    }
+
+    /// A folded unit: conv + bias (+ residual) (+ ReLU) in one pass. x (N, C, H, W) -> (N, K, P, Q).
+    fn folded_forward(
+        &self,
+        u: &Unit,
+        x: &[f32],
+        n: usize,
+        hw: (usize, usize),
+        residual: Option<&[f32]>,
+        relu: bool,
+    ) -> (Vec<f32>, (usize, usize)) {
+        let cw = &self.folded[&u.weight];
+        let (oh, ow) = u.conv.out_hw(hw.0, hw.1, u.dims[2], u.dims[3]).expect("checked in check_input");
+        let mut y = vec![0.0f32; n * u.dims[0] * oh * ow];
+        conv2d_forward(x, n, hw.0, hw.1, cw, &u.conv, residual, relu, &mut y);
+        (y, (oh, ow))
+    }
+
+    /// A frozen block through its folded convs: out = relu(conv_last(...) + id(x)).
+    fn folded_block_forward(
+        &self,
+        b: &Block,
+        x: &[f32],
+        n: usize,
+        hw: (usize, usize),
+    ) -> (Vec<f32>, (usize, usize)) {
+        let identity = b.downsample.as_ref().map(|d| self.folded_forward(d, x, n, hw, None, false).0);
+        let (mut cur, mut cur_hw) = (None::<Vec<f32>>, hw);
+        let last = b.units.len() - 1;
+        for (i, u) in b.units.iter().enumerate() {
+            let input: &[f32] = cur.as_deref().unwrap_or(x);
+            let res = if i == last { Some(identity.as_deref().unwrap_or(x)) } else { None };
+            let (y, ohw) = self.folded_forward(u, input, n, cur_hw, res, true);
+            cur = Some(y);
+            cur_hw = ohw;
+        }
+        (cur.expect("a block has units"), cur_hw)
     }
 
     /// The first trainable piece (0 = the stem, b + 1 = block b); `num_pieces()` when all are frozen.
@@ -501,9 +568,15 @@ impl TrainResNet {
         // BN of a trainable piece in training mode updates `running`; any other BN is eval-mode.
         // Stem: conv1 -> bn1 -> relu -> maxpool.
         let stem = &self.stem;
-        let (mut a, stem_cache) =
-            self.unit_forward(stem, x, n, (h, w), reborrow_if(self.bn_batch_stats(0), &mut running));
-        relu(&mut a);
+        let (a, stem_cache) = if self.folded.contains_key(&stem.weight) {
+            let (a, out_hw) = self.folded_forward(stem, x, n, (h, w), None, true);
+            (a, UnitCache { in_hw: (h, w), out_hw, eval: true, ..Default::default() })
+        } else {
+            let (mut a, c) =
+                self.unit_forward(stem, x, n, (h, w), reborrow_if(self.bn_batch_stats(0), &mut running));
+            relu(&mut a);
+            (a, c)
+        };
         let mp = PoolParams::new(3, 2, 1);
         let (sh, sw) = stem_cache.out_hw;
         let (ph, pw) = mp.out_hw(sh, sw).expect("checked in check_input");
@@ -533,6 +606,15 @@ impl TrainResNet {
             let block = &self.blocks[bi];
             let xin = cache.acts.last().expect("at least the stem");
             let hw = *cache.acts_hw.last().expect("at least the stem");
+            if self.folded.contains_key(&block.units[0].weight) {
+                // Frozen and folded: forward only, nothing kept but the output.
+                let (out, out_hw) = self.folded_block_forward(block, xin, n, hw);
+                cache.acts[bi] = Vec::new();
+                cache.acts.push(out);
+                cache.acts_hw.push(out_hw);
+                cache.blocks.push(BlockCache::default());
+                continue;
+            }
             let mut bc = BlockCache::default();
             let identity = match &block.downsample {
                 Some(d) => {
@@ -924,6 +1006,34 @@ mod tests {
         assert_eq!(net.trainable_input(&cache).unwrap().0.len(), n * 16 * 4 * 4);
         // Frozen statistics: nothing updated, even in the trainable block.
         assert_eq!(net.stats, stats);
+
+        // The folded fast path of the frozen pieces computes the same function (BN folded into the
+        // convs changes only the rounding, f32 over ~8 layers: 1e-5), and keeps nothing either.
+        let mut fast = net.clone();
+        fast.fold_frozen();
+        let (g_ref, c_ref) = net.forward_train(&x, n, h, w, FeatureLayer::Grid).unwrap();
+        let (g_fast, c_fast) = fast.forward_train(&x, n, h, w, FeatureLayer::Grid).unwrap();
+        let e = rel_l2(&g_fast, &g_ref);
+        assert!(e < 1e-5, "folded frozen forward: rel L2 {e:.2e}");
+        assert!(c_fast.acts[..f - 1].iter().all(|a| a.is_empty()) && c_fast.x.is_empty());
+        let r = uniform_vec(4, "r", g_ref.len(), -1.0, 1.0);
+        net.zero_grad();
+        net.backward(&c_ref, &r).unwrap();
+        fast.backward(&c_fast, &r).unwrap();
+        for (a, b) in fast.params.iter().zip(&net.params) {
+            if b.grad.iter().any(|&v| v != 0.0) {
+                let e = rel_l2(&a.grad, &b.grad);
+                assert!(e < 1e-5, "{}: {e:.2e}", a.name);
+            }
+        }
+        let e = rel_l2(
+            &fast.forward_eval(&x, n, h, w, FeatureLayer::Pooled).unwrap(),
+            &net.forward_eval(&x, n, h, w, FeatureLayer::Pooled).unwrap(),
+        );
+        assert!(e < 1e-5, "folded eval forward: {e:.2e}");
+        // Re-freezing drops the snapshot.
+        fast.freeze_all_but_last(2);
+        assert!(fast.folded.is_empty());
     }
 
     #[test]
