@@ -211,6 +211,69 @@ fn resume_after_interruption_gives_the_same_weights() {
 }
 
 #[test]
+fn cli_fine_tune_writes_every_file() {
+    let f = fixture();
+    let dir = tmp("finetune-cli");
+    let out = dir.join("m.safetensors");
+    let (caps, split) = (f.data.join(synth::CAPTIONS_FILE), f.data.join(synth::SPLIT_FILE));
+    let imgs = f.data.join(synth::IMAGES_DIR);
+    let (rc, stdout, err) = capgen(&[
+        "train",
+        "--fine-tune-encoder",
+        "--images",
+        s(&imgs),
+        "--weights",
+        s(&f.weights),
+        "--encoder",
+        ENCODER,
+        "--image-size",
+        "64",
+        "--fine-tune-blocks",
+        "2",
+        "--encoder-lr",
+        "3e-4",
+        "--dropout",
+        "0.2",
+        "--captions",
+        s(&caps),
+        "--split",
+        s(&split),
+        "--out",
+        s(&out),
+        "--epochs",
+        "1",
+        "--batch",
+        "32",
+        "--embed",
+        "8",
+        "--hidden",
+        "16",
+        "--att-dim",
+        "8",
+        "--min-count",
+        "1",
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(stdout.contains("best val BLEU-4"), "{stdout}");
+    assert!(err.contains("the last 2 of 5 pieces"), "{err}");
+    for p in [out.clone(), capgen::train::last_path(&out), state_path(&out), capgen::train::curve_path(&out)]
+    {
+        assert!(p.is_file(), "{} missing", p.display());
+    }
+    // K = 2: layer3.0 and layer4.0 moved, layer2 did not.
+    let file = TensorFile::load(&out).unwrap();
+    let tuned = Captioner::embedded_encoder(&file).unwrap();
+    let start = TensorFile::load(&f.weights).unwrap();
+    for (name, moved) in
+        [("layer3.0.conv1.weight", true), ("layer4.0.bn2.bias", true), ("layer2.0.conv1.weight", false)]
+    {
+        let (a, b) = (tuned.get(name).unwrap().to_f32_vec(), start.get(name).unwrap().to_f32_vec());
+        assert_eq!(a != b, moved, "{name}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn dropout_is_applied_and_seeded() {
     // Same seed: dropout 0.3 twice gives identical weights; dropout 0 differs from both.
     let dir = tmp("finetune-dropout");

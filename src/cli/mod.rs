@@ -37,7 +37,7 @@ pub enum Command {
     Extract(ExtractArgs),
     /// Classify an image with a ResNet-50 (ImageNet classes).
     Classify(ClassifyArgs),
-    /// Train a caption decoder on extracted features.
+    /// Train a caption decoder on extracted features (or, with --fine-tune-encoder, with the encoder on images).
     Train(TrainArgs),
     /// Caption a split with a trained model and score it.
     Evaluate(EvaluateArgs),

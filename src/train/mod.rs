@@ -15,6 +15,12 @@
 //! point (even kill -9 mid-epoch) and resumed with `--resume` gives the same weights as a run that
 //! never stopped. A non-finite loss stops training with an error naming the epoch and step; the files
 //! of the last finished epoch are left untouched.
+//!
+//! Options on top: `dropout` (on the LSTM output; its mask stream `drop_rng` is in the state as
+//! `dropout_rng`, so resume stays exact); `init` (start the decoder, vocabulary and sizes from a
+//! model); `fine_tune` (`finetune`: features come from a trainable ResNet run on the images, whose
+//! last blocks train with their own Adam; the state then also holds `enc.NAME` weights and
+//! `enc_adam_{m,v}.NAME` moments, and each model file the encoder as `encoder.NAME`).
 
 pub mod e2e;
 pub mod finetune;
