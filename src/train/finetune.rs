@@ -153,6 +153,7 @@ impl ImageEncoder {
         }
         net.freeze_all_but_last(blocks);
         net.set_bn_frozen(true);
+        net.set_deterministic(true);
         net.fold_frozen();
         let sizes: Vec<usize> = net.trainable_params().iter().map(|(_, p, _)| p.len()).collect();
         let adam = Adam::new(AdamConfig { lr: cfg.lr, ..AdamConfig::default() }, &sizes);
@@ -261,6 +262,7 @@ impl ImageEncoder {
         let mut net = TrainResNet::from_tensor_file(&self.net.cfg, &f)?;
         net.freeze_all_but_last(self.blocks);
         net.set_bn_frozen(true);
+        net.set_deterministic(true);
         net.fold_frozen();
         self.net = net;
         let names: Vec<(String, Vec<usize>)> =
