@@ -173,15 +173,19 @@ fn fine_tuning_learns_freezes_the_rest_and_captions() {
 #[test]
 fn resume_after_interruption_gives_the_same_weights() {
     let dir = tmp("finetune-resume");
-    // Dropout on: its mask stream must be restored exactly too.
-    let mut a = config(&dir.join("a.safetensors"));
-    a.epochs = 2;
-    a.dropout = 0.3;
+    // Dropout on: its mask stream must be restored exactly too. Three blocks trained: layer2's 8x8
+    // grid makes the conv weight gradients span several chunks of images (the deterministic order).
+    let setup = |name: &str| {
+        let mut c = config(&dir.join(name));
+        c.epochs = 2;
+        c.dropout = 0.3;
+        c.fine_tune.as_mut().unwrap().blocks = Some(3);
+        c
+    };
+    let a = setup("a.safetensors");
     train(&a).unwrap();
 
-    let mut b = config(&dir.join("b.safetensors"));
-    b.epochs = 2;
-    b.dropout = 0.3;
+    let mut b = setup("b.safetensors");
     // 400 training captions / 32 = 13 steps an epoch (the synth split has ~80 training images):
     // abort in the middle of epoch 2, after epoch 1's state was written.
     let per_epoch = train(&TrainConfig { epochs: 1, out: dir.join("probe.safetensors"), ..b.clone() })
