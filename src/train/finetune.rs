@@ -151,10 +151,7 @@ impl ImageEncoder {
                 net.num_pieces()
             )));
         }
-        net.freeze_all_but_last(blocks);
-        net.set_bn_frozen(true);
-        net.set_deterministic(true);
-        net.fold_frozen();
+        prepare(&mut net, blocks);
         let sizes: Vec<usize> = net.trainable_params().iter().map(|(_, p, _)| p.len()).collect();
         let adam = Adam::new(AdamConfig { lr: cfg.lr, ..AdamConfig::default() }, &sizes);
         let available: BTreeSet<String> =
@@ -259,15 +256,10 @@ impl ImageEncoder {
             sd.insert(name.clone(), file.require(&format!("enc.{name}"), t.dims())?.clone());
         }
         let f = TensorFile { path: file.path.clone(), tensors: sd, metadata: BTreeMap::new() };
-        let mut net = TrainResNet::from_tensor_file(&self.net.cfg, &f)?;
-        net.freeze_all_but_last(self.blocks);
-        net.set_bn_frozen(true);
-        net.set_deterministic(true);
-        net.fold_frozen();
-        self.net = net;
-        let names: Vec<(String, Vec<usize>)> =
-            self.net.trainable_params().iter().map(|(n, p, _)| (n.to_string(), vec![p.len()])).collect();
-        for (k, (name, _)) in names.iter().enumerate() {
+        self.net = TrainResNet::from_tensor_file(&self.net.cfg, &f)?;
+        prepare(&mut self.net, self.blocks);
+        let names: Vec<String> = self.net.trainable_params().iter().map(|(n, _, _)| n.to_string()).collect();
+        for (k, name) in names.iter().enumerate() {
             let dims = self.net.param(name).expect("a trainable parameter").dims.clone();
             self.adam.m[k] = file.require_f32(&format!("enc_adam_m.{name}"), &dims)?;
             self.adam.v[k] = file.require_f32(&format!("enc_adam_v.{name}"), &dims)?;
@@ -275,6 +267,15 @@ impl ImageEncoder {
         self.adam.t = step;
         Ok(())
     }
+}
+
+/// The fine-tuning setup of a freshly loaded net: the last `blocks` pieces trainable, BN statistics
+/// frozen, reproducible gradients (exact resume), frozen pieces folded for speed.
+fn prepare(net: &mut TrainResNet, blocks: usize) {
+    net.freeze_all_but_last(blocks);
+    net.set_bn_frozen(true);
+    net.set_deterministic(true);
+    net.fold_frozen();
 }
 
 /// Image names of `rows` deduplicated in first-seen order, and each row's index into them.
