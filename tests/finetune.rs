@@ -151,6 +151,25 @@ fn fine_tuning_learns_freezes_the_rest_and_captions() {
     assert!(err.contains("fine-tuned encoder"), "{err}");
     assert_eq!(stdout, stdout2);
 
+    // `capgen evaluate --images` runs the same encoder over the test split.
+    let (caps, split) = (fixture().data.join(synth::CAPTIONS_FILE), fixture().data.join(synth::SPLIT_FILE));
+    let (rc, stdout, err) = capgen(&[
+        "evaluate",
+        "--model",
+        s(&cfg.out),
+        "--images",
+        s(&imgs),
+        "--captions",
+        s(&caps),
+        "--split",
+        s(&split),
+        "--json",
+    ]);
+    assert_eq!(rc, 0, "evaluate failed: {err}");
+    let scores: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    let b1 = scores["BLEU-1"].as_f64().unwrap();
+    assert!(b1 > 0.0 && b1 <= 1.0, "{scores}");
+
     // --init: a second stage starts from the trained decoder (its vocabulary and sizes), so its
     // first epoch is already far below the fresh run's first epoch.
     let mut second = config(&dir.join("second.safetensors"));
@@ -427,6 +446,18 @@ fn bad_input_gives_one_line_errors() {
         .unwrap();
     let img = std::fs::read_dir(&imgs).unwrap().next().unwrap().unwrap().path();
     assert_one_line_error(&["caption", "--model", s(&plain), "--image", s(&img)], &["--weights"]);
+    // evaluate --images needs an encoder inside the model; --features or --images, exactly one.
+    let ev = ["evaluate", "--model", s(&plain), "--captions", s(&caps), "--split", s(&split)];
+    let ev_with = |extra: &[&str]| -> Vec<String> { ev.iter().chain(extra).map(|x| x.to_string()).collect() };
+    for (extra, needle) in [
+        (vec!["--images", s(&imgs)], "no fine-tuned encoder"),
+        (vec![], "--features"),
+        (vec!["--images", s(&imgs), "--features", s(&f.weights)], "not both"),
+    ] {
+        let args = ev_with(&extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_one_line_error(&refs, &[needle]);
+    }
     assert!(!out.exists(), "nothing written on bad input");
     std::fs::remove_dir_all(&dir).ok();
 }

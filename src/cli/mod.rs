@@ -209,8 +209,12 @@ pub struct TrainArgs {
 pub struct EvaluateArgs {
     #[arg(long)]
     pub model: PathBuf,
+    /// extracted features of the images
     #[arg(long)]
-    pub features: PathBuf,
+    pub features: Option<PathBuf>,
+    /// instead of --features: the images, run through the fine-tuned encoder inside the model
+    #[arg(long)]
+    pub images: Option<PathBuf>,
     #[arg(long)]
     pub captions: PathBuf,
     #[arg(long)]
