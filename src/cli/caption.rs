@@ -4,6 +4,10 @@
 //! the layer its decoder reads (pooled for show-tell, grid for attention), decodes, and prints
 //! `file: caption` per image.
 //!
+//! A model trained with `capgen train --fine-tune-encoder` carries its fine-tuned encoder (the
+//! checkpoint's `encoder.*` tensors, with config and preprocessing in `hyper`): that encoder is used
+//! and `--weights` is not needed (if given, a note says it is not used).
+//!
 //! `--attention-map OUT.png` (attention decoder only) writes the panel grid of
 //! `model::attention_map` for each image: OUT.png for one image; with several, OUT-1.png, OUT-2.png, ...
 //! in the order of the images (the number before the extension).
@@ -47,7 +51,10 @@ pub fn run(args: &CaptionArgs) -> Result<()> {
     if args.beam == 0 {
         return Err(Error::msg("--beam 0: use a beam width of at least 1"));
     }
-    let model = Captioner::load(&args.model)?;
+    let file = TensorFile::load(&args.model)?;
+    let model = Captioner::from_file(&file)?;
+    let embedded = Captioner::embedded_encoder(&file);
+    drop(file);
     if args.attention_map.is_some() && model.kind() != DecoderKind::Attention {
         return Err(Error::msg(format!(
             "--attention-map needs an attention model, but {} is a {} model",
@@ -70,7 +77,26 @@ pub fn run(args: &CaptionArgs) -> Result<()> {
     if paths.is_empty() {
         return Err(Error::msg("no image given"));
     }
+    if embedded.is_some() && demo.is_none() {
+        return Err(Error::format(&args.model, "holds encoder weights but no encoder config in `hyper`"));
+    }
+    if args.weights.is_empty() && embedded.is_none() {
+        return Err(Error::msg(format!(
+            "--weights W.safetensors is required: {} holds no fine-tuned encoder",
+            args.model.display()
+        )));
+    }
+    if embedded.is_some() && !args.weights.is_empty() {
+        eprintln!(
+            "note: using the fine-tuned encoder inside {} (--weights {} not used)",
+            args.model.display(),
+            args.weights
+        );
+    }
     let encoder: Box<dyn Encoder> = match &demo {
+        Some(pp) if embedded.is_some() => {
+            Box::new(ResNet::from_tensor_file(&pp.encoder, embedded.as_ref().expect("checked"))?)
+        }
         Some(pp) if args.weights == "random" => Box::new(ResNet::random(&pp.encoder, 0)),
         Some(pp) => {
             Box::new(ResNet::from_tensor_file(&pp.encoder, &TensorFile::load(Path::new(&args.weights))?)?)
@@ -78,6 +104,9 @@ pub fn run(args: &CaptionArgs) -> Result<()> {
         None => load_encoder(kind, &args.weights, 0)?,
     };
     let want = feature_dims(&model);
+    // Shorter side before the centre crop: recorded by fine-tuning (e.g. 256 for 224); the demo's
+    // models crop at the size they resize to.
+    let resize = |s: usize| model.hyper["preprocess"]["resize"].as_u64().map_or(s, |r| (r as usize).max(s));
     let cfg = search_config(&model, args.beam);
     let pb = bar(paths.len(), "captioning");
     for (c, chunk) in paths.chunks(BATCH).enumerate() {
@@ -85,7 +114,7 @@ pub fn run(args: &CaptionArgs) -> Result<()> {
         let (crops, x) = match &demo {
             Some(pp) => {
                 let s = pp.image_size;
-                let crops: Vec<_> = imgs.iter().map(|i| resize_center_crop(i, s, s)).collect();
+                let crops: Vec<_> = imgs.iter().map(|i| resize_center_crop(i, resize(s), s)).collect();
                 let data: Vec<f32> = crops.iter().flat_map(|c| normalize(c, pp.mean, pp.std)).collect();
                 let x = Tensor::from_vec(data, &[crops.len(), 3, s, s])?;
                 (crops, x)

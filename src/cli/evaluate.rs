@@ -2,9 +2,15 @@
 //! [--json]`: captions the test images (every captioned image when no split is given) from their
 //! features, writes the predictions in the COCO results format (atomically), and scores them
 //! against the references with `metrics::score` (COCO BLEU, CIDEr-D, ROUGE-L).
+//!
+//! A model with a fine-tuned encoder inside (`capgen train --fine-tune-encoder`) is evaluated with
+//! `--images DIR` instead of `--features`: that encoder runs on the images, preprocessed as the model
+//! records (`features_from_images`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
+
+use rayon::prelude::*;
 
 use crate::cli::progress::bar;
 use crate::cli::EvaluateArgs;
@@ -106,11 +112,88 @@ pub fn caption_all(m: &Captioner, feats: &[f32], n: usize, beam: usize) -> Resul
     Ok(out)
 }
 
+/// Grid or pooled features (N, per-image) of the images `names` under `dir` from the fine-tuned
+/// encoder inside the model file, preprocessed as its `hyper` records; images without a file are
+/// skipped with a warning (count). Returns the names kept and their features.
+pub fn features_from_images(
+    m: &Captioner,
+    model_path: &Path,
+    model_file: &TensorFile,
+    dir: &Path,
+    names: &[String],
+) -> Result<(Vec<String>, Vec<f32>)> {
+    use crate::cli::demo::Preprocess;
+    use crate::data::image::{load_rgb, resize_center_crop};
+    use crate::nn::{Encoder, FeatureLayer};
+    let (Some(pp), Some(enc)) =
+        (Preprocess::from_hyper(&m.hyper, model_path)?, Captioner::embedded_encoder(model_file))
+    else {
+        return Err(Error::format(
+            model_path,
+            "holds no fine-tuned encoder: evaluate it with --features (extracted features)",
+        ));
+    };
+    let net = crate::nn::resnet::ResNet::from_tensor_file(&pp.encoder, &enc)?;
+    let s = pp.image_size;
+    let resize = m.hyper["preprocess"]["resize"].as_u64().map_or(s, |r| (r as usize).max(s));
+    let kept: Vec<String> = names.iter().filter(|n| dir.join(n).is_file()).cloned().collect();
+    if kept.len() < names.len() {
+        eprintln!(
+            "warning: {}: {} of {} images have no file (skipped)",
+            dir.display(),
+            names.len() - kept.len(),
+            names.len()
+        );
+    }
+    if kept.is_empty() {
+        return Err(Error::format(dir, format!("none of the {} images to evaluate is there", names.len())));
+    }
+    let layer = match m.params {
+        DecoderParams::ShowTell(_) => FeatureLayer::Pooled,
+        DecoderParams::Attention(_) => FeatureLayer::Grid,
+    };
+    let want = feature_dims(m);
+    let pb = bar(kept.len(), "encoding");
+    let mut out = Vec::with_capacity(kept.len() * want.iter().product::<usize>());
+    for chunk in kept.chunks(16) {
+        let imgs: Vec<Vec<f32>> = chunk
+            .par_iter()
+            .map(|n| {
+                let img = load_rgb(&dir.join(n))?;
+                Ok(crate::train::e2e::normalize(&resize_center_crop(&img, resize, s), pp.mean, pp.std))
+            })
+            .collect::<Result<_>>()?;
+        let x = crate::tensor::Tensor::from_vec(imgs.concat(), &[chunk.len(), 3, s, s])?;
+        let f = net.features(&x, layer)?;
+        if f.dims()[1..] != want[..] {
+            return Err(Error::format(
+                model_path,
+                format!("the decoder expects features {want:?} but its encoder gives {:?}", &f.dims()[1..]),
+            ));
+        }
+        out.extend(f.to_f32_vec());
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    Ok((kept, out))
+}
+
 pub fn run(args: &EvaluateArgs) -> Result<()> {
     if args.beam == 0 {
         return Err(Error::msg("--beam 0: use a beam width of at least 1"));
     }
-    let model = Captioner::load(&args.model)?;
+    let model_file = TensorFile::load(&args.model)?;
+    let model = Captioner::from_file(&model_file)?;
+    match (&args.features, &args.images) {
+        (Some(_), Some(_)) => return Err(Error::msg("give --features or --images, not both")),
+        (None, None) => return Err(Error::msg("--features FEATS.safetensors is required (or --images DIR for a model with a fine-tuned encoder)")),
+        (Some(_), None) if model.hyper.get("fine_tuned_encoder").is_some() => eprintln!(
+            "warning: {} has a fine-tuned encoder: --features must come from that encoder; \
+             --images DIR runs it directly",
+            args.model.display()
+        ),
+        _ => {}
+    }
     let (captions, report) = read_captions(&args.captions, None)?;
     for w in report.warnings() {
         eprintln!("warning: {w}");
@@ -140,9 +223,19 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     if names.is_empty() {
         return Err(Error::msg("no image to evaluate (no test image has captions)"));
     }
-    let feats_file = TensorFile::load(&args.features)?;
-    let feats = gather_features(&model, &args.model, &feats_file, &names)?;
-    drop(feats_file);
+    let feats = match (&args.features, &args.images) {
+        (Some(f), _) => {
+            let feats_file = TensorFile::load(f)?;
+            gather_features(&model, &args.model, &feats_file, &names)?
+        }
+        (None, Some(dir)) => {
+            let (kept, feats) = features_from_images(&model, &args.model, &model_file, dir, &names)?;
+            names = kept;
+            feats
+        }
+        (None, None) => unreachable!("checked above"),
+    };
+    drop(model_file);
     let preds = caption_all(&model, &feats, names.len(), args.beam)?;
 
     let hyps: BTreeMap<String, String> = names.iter().cloned().zip(preds.iter().cloned()).collect();

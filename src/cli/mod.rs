@@ -25,6 +25,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of the largest variant (train's options) does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Synthetic world, end to end, no download.
@@ -35,7 +37,7 @@ pub enum Command {
     Extract(ExtractArgs),
     /// Classify an image with a ResNet-50 (ImageNet classes).
     Classify(ClassifyArgs),
-    /// Train a caption decoder on extracted features.
+    /// Train a caption decoder on extracted features (or, with --fine-tune-encoder, with the encoder on images).
     Train(TrainArgs),
     /// Caption a split with a trained model and score it.
     Evaluate(EvaluateArgs),
@@ -127,8 +129,9 @@ pub struct ClassifyArgs {
 pub struct TrainArgs {
     #[arg(long)]
     pub captions: PathBuf,
+    /// extracted features (not with --fine-tune-encoder, which reads --images)
     #[arg(long)]
-    pub features: PathBuf,
+    pub features: Option<PathBuf>,
     #[arg(long)]
     pub split: Option<PathBuf>,
     #[arg(long)]
@@ -173,14 +176,45 @@ pub struct TrainArgs {
     /// testing aid: abort without writing anything after N optimiser steps (as if killed)
     #[arg(long, hide = true)]
     pub abort_after_steps: Option<u64>,
+    /// dropout probability on the LSTM output before the output layer (0: off; 0.5 in Show-Attend-Tell)
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f32,
+    /// start the decoder (and its vocabulary and sizes) from this trained model
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// also train the encoder's last blocks, from --images with --weights (attention decoder)
+    #[arg(long)]
+    pub fine_tune_encoder: bool,
+    /// directory of the caption file's images (with --fine-tune-encoder)
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// torchvision-named encoder weights to fine-tune (with --fine-tune-encoder)
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// encoder to fine-tune: resnet18..resnet152, or basic|bottleneck:L1,L2,L3,L4:WIDTH
+    #[arg(long, default_value = "resnet50")]
+    pub encoder: String,
+    /// encoder learning rate (with --fine-tune-encoder)
+    #[arg(long, default_value_t = 1e-4)]
+    pub encoder_lr: f32,
+    /// residual blocks of the encoder trained, from the end (default: the last stage)
+    #[arg(long)]
+    pub fine_tune_blocks: Option<usize>,
+    /// square image side for --fine-tune-encoder (resized shorter side: side * 256/224, then centre crop)
+    #[arg(long, default_value_t = 224)]
+    pub image_size: usize,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct EvaluateArgs {
     #[arg(long)]
     pub model: PathBuf,
+    /// extracted features of the images
     #[arg(long)]
-    pub features: PathBuf,
+    pub features: Option<PathBuf>,
+    /// instead of --features: the images, run through the fine-tuned encoder inside the model
+    #[arg(long)]
+    pub images: Option<PathBuf>,
     #[arg(long)]
     pub captions: PathBuf,
     #[arg(long)]
@@ -197,7 +231,8 @@ pub struct EvaluateArgs {
 pub struct CaptionArgs {
     #[arg(long)]
     pub model: PathBuf,
-    #[arg(long)]
+    /// encoder weights (not needed for a model with a fine-tuned encoder inside)
+    #[arg(long, default_value = "")]
     pub weights: String,
     #[arg(long, num_args = 1.., required = true)]
     pub image: Vec<PathBuf>,

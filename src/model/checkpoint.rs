@@ -15,6 +15,10 @@
 //! hyper     JSON object of the training hyper-parameters (informational only)
 //! ```
 //!
+//! A model whose encoder was fine-tuned (`capgen train --fine-tune-encoder`) also holds the
+//! encoder's torchvision state dict under `encoder.NAME` (see [`ENCODER_PREFIX`]), and its `hyper`
+//! records the encoder config and preprocessing, so the file still describes the whole captioner.
+//!
 //! The training state (Adam moments, step, epoch, RNG, history) lives in a separate resume file
 //! (`train::state`), so a model file holds nothing but the model.
 
@@ -29,6 +33,9 @@ use crate::model::decoder::{AttentionParams, DecoderDims, ShowTellParams};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use crate::weights::{save_safetensors, TensorFile};
+
+/// Prefix of the fine-tuned encoder's tensors in a model checkpoint.
+pub const ENCODER_PREFIX: &str = "encoder.";
 
 /// The `format` metadata value of a model checkpoint.
 pub const FORMAT: &str = "capgen-captioner";
@@ -259,6 +266,31 @@ impl Captioner {
         save_safetensors(path, &refs, &self.metadata())
     }
 
+    /// Writes the checkpoint with a fine-tuned encoder's state dict (torchvision names) stored as
+    /// `encoder.NAME`, atomically.
+    pub fn save_with_encoder(&self, path: &Path, encoder: &[(String, Tensor)]) -> Result<()> {
+        let tensors = self.tensors()?;
+        let names: Vec<String> = encoder.iter().map(|(n, _)| format!("{ENCODER_PREFIX}{n}")).collect();
+        let mut refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+        refs.extend(names.iter().zip(encoder).map(|(n, (_, t))| (n.as_str(), t)));
+        save_safetensors(path, &refs, &self.metadata())
+    }
+
+    /// The fine-tuned encoder stored in a checkpoint file (names without the prefix), if any; its
+    /// `path` is the checkpoint's, so weight errors name that file.
+    pub fn embedded_encoder(file: &TensorFile) -> Option<TensorFile> {
+        let tensors: BTreeMap<String, Tensor> = file
+            .tensors
+            .iter()
+            .filter_map(|(n, t)| n.strip_prefix(ENCODER_PREFIX).map(|k| (k.to_string(), t.clone())))
+            .collect();
+        (!tensors.is_empty()).then(|| TensorFile {
+            path: file.path.clone(),
+            tensors,
+            metadata: BTreeMap::new(),
+        })
+    }
+
     /// Reads a checkpoint. Errors name the file: not a capgen checkpoint, unknown version or decoder,
     /// bad dims/vocab JSON, a missing, unexpected or misshapen tensor.
     pub fn load(path: &Path) -> Result<Captioner> {
@@ -323,8 +355,15 @@ impl Captioner {
             None => json!({}),
         };
         let shapes = param_shapes(kind, &dims);
-        let expected: Vec<(String, Vec<usize>)> =
+        let mut expected: Vec<(String, Vec<usize>)> =
             shapes.iter().map(|(n, s)| (n.to_string(), s.clone())).collect();
+        // A fine-tuned encoder's tensors are checked when the encoder is built (`embedded_encoder`).
+        expected.extend(
+            file.tensors
+                .iter()
+                .filter(|(n, _)| n.starts_with(ENCODER_PREFIX))
+                .map(|(n, t)| (n.clone(), t.dims().to_vec())),
+        );
         file.check_exact(&expected, &format!("a {} decoder with dims {}", kind.name(), dims_json))?;
         let mut params = DecoderParams::zeros(kind, &dims);
         for ((name, p), (_, shape)) in params.named_mut().into_iter().zip(&shapes) {

@@ -20,7 +20,12 @@
 //! Freezing (`--fine-tune` trains only the last blocks): the network is a chain of "pieces" —
 //! the stem, then every block in order. `freeze_all_but_last(k)` keeps the last k pieces trainable.
 //! Frozen pieces run batch-norm in eval mode (running statistics, which they do not update) and the
-//! backward stops at the first frozen piece (nothing before it needs a gradient).
+//! backward stops at the first frozen piece (nothing before it needs a gradient). The training
+//! forward keeps no activations of frozen pieces beyond the input of the first trainable one.
+//!
+//! `set_bn_frozen(true)` (encoder fine-tuning with small batches) also runs the trainable pieces'
+//! batch-norm in eval mode: running statistics used and left alone, gamma and beta still trained.
+//! Its backward is then the plain affine one (see `batchnorm_eval_backward`).
 
 use crate::cpu::batchnorm::{
     batchnorm_backward, batchnorm_eval_forward, batchnorm_train_forward, relu_backward, BnShape, BN_EPS,
@@ -32,7 +37,7 @@ use crate::cpu::pool::{
     global_avg_pool, global_avg_pool_backward, max_pool2d_backward, max_pool2d_with_argmax,
 };
 use crate::error::{Error, Result};
-use crate::nn::conv::ParamFn;
+use crate::nn::conv::{fold_batchnorm, BatchNorm, ParamFn};
 use crate::nn::encoder::FeatureLayer;
 use crate::nn::resnet::{state_dict_shapes, BlockKind, ResNet, ResNetConfig};
 use crate::tensor::Tensor;
@@ -84,6 +89,13 @@ pub struct TrainResNet {
     blocks: Vec<Block>,
     /// Pieces (stem = 0, block b = b + 1) with index >= this are trainable.
     first_trainable: usize,
+    /// Batch-norm of trainable pieces in eval mode too (`set_bn_frozen`).
+    bn_frozen: bool,
+    /// Weight gradients summed in a fixed order (`set_deterministic`).
+    deterministic: bool,
+    /// `fold_frozen`'s inference convs of the frozen units (BN folded, weights packed), keyed by
+    /// the unit's weight index in `params`; empty until asked for.
+    folded: BTreeMap<usize, ConvWeights>,
 }
 
 /// What one unit's training forward keeps for the backward.
@@ -97,6 +109,8 @@ struct UnitCache {
     /// Spatial size of the unit's input and output.
     in_hw: (usize, usize),
     out_hw: (usize, usize),
+    /// BN ran in eval mode: `mean` and `rstd` are the running statistics, constants of the forward.
+    eval: bool,
 }
 
 #[derive(Default)]
@@ -142,6 +156,9 @@ impl TrainResNet {
             },
             blocks: Vec::new(),
             first_trainable: 0,
+            bn_frozen: false,
+            deterministic: false,
+            folded: BTreeMap::new(),
         };
         let add_unit = |net: &mut TrainResNet, conv: &str, bn: &str, dims: [usize; 4], p: ConvParams| {
             let param = |net: &mut TrainResNet, name: String, d: Vec<usize>| -> Result<usize> {
@@ -239,10 +256,107 @@ impl TrainResNet {
     /// `k >= num_pieces()` makes everything trainable.
     pub fn freeze_all_but_last(&mut self, k: usize) {
         self.first_trainable = self.num_pieces().saturating_sub(k);
+        self.folded.clear();
+    }
+
+    /// Bit-reproducible gradients (for an exact `--resume`): `conv2d_backward` sums the weight
+    /// gradients of its image chunks in parallel, in an order that depends on thread scheduling;
+    /// with this on, each call gets one chunk's worth of images (its chunk size, 256 / (P*Q) images)
+    /// and the calls' sums are added in image order. The GEMMs inside stay parallel.
+    pub fn set_deterministic(&mut self, on: bool) {
+        self.deterministic = on;
+    }
+
+    /// Speeds up the frozen pieces' forward (training and eval): each frozen conv + batch-norm
+    /// becomes one inference conv with the BN folded in, its weights packed once, bias, residual and
+    /// ReLU fused (as `nn::resnet`), instead of conv (weights re-packed every call) then BN then
+    /// ReLU passes. A snapshot: call it after loading weights and freezing (frozen weights and
+    /// statistics never change in training); `freeze_all_but_last` drops it.
+    pub fn fold_frozen(&mut self) {
+        let mut folded = BTreeMap::new();
+        for piece in 0..self.first_trainable {
+            for u in self.units_of_piece(piece) {
+                let bn = BatchNorm {
+                    gamma: self.params[u.gamma].data.clone(),
+                    beta: self.params[u.beta].data.clone(),
+                    mean: self.stats[u.running].1.clone(),
+                    var: self.stats[u.running + 1].1.clone(),
+                    eps: BN_EPS,
+                };
+                let (w, b) = fold_batchnorm(&self.params[u.weight].data, None, &bn);
+                let [k, c, r, s] = u.dims;
+                folded.insert(u.weight, ConvWeights::new(w, Some(b), k, c, r, s));
+            }
+        }
+        self.folded = folded;
+    }
+
+    /// A folded unit: conv + bias (+ residual) (+ ReLU) in one pass. x (N, C, H, W) -> (N, K, P, Q).
+    fn folded_forward(
+        &self,
+        u: &Unit,
+        x: &[f32],
+        n: usize,
+        hw: (usize, usize),
+        residual: Option<&[f32]>,
+        relu: bool,
+    ) -> (Vec<f32>, (usize, usize)) {
+        let cw = &self.folded[&u.weight];
+        let (oh, ow) = u.conv.out_hw(hw.0, hw.1, u.dims[2], u.dims[3]).expect("checked in check_input");
+        let mut y = vec![0.0f32; n * u.dims[0] * oh * ow];
+        conv2d_forward(x, n, hw.0, hw.1, cw, &u.conv, residual, relu, &mut y);
+        (y, (oh, ow))
+    }
+
+    /// A frozen block through its folded convs: out = relu(conv_last(...) + id(x)).
+    fn folded_block_forward(
+        &self,
+        b: &Block,
+        x: &[f32],
+        n: usize,
+        hw: (usize, usize),
+    ) -> (Vec<f32>, (usize, usize)) {
+        let identity = b.downsample.as_ref().map(|d| self.folded_forward(d, x, n, hw, None, false).0);
+        let (mut cur, mut cur_hw) = (None::<Vec<f32>>, hw);
+        let last = b.units.len() - 1;
+        for (i, u) in b.units.iter().enumerate() {
+            let input: &[f32] = cur.as_deref().unwrap_or(x);
+            let res = if i == last { Some(identity.as_deref().unwrap_or(x)) } else { None };
+            let (y, ohw) = self.folded_forward(u, input, n, cur_hw, res, true);
+            cur = Some(y);
+            cur_hw = ohw;
+        }
+        (cur.expect("a block has units"), cur_hw)
+    }
+
+    /// The first trainable piece (0 = the stem, b + 1 = block b); `num_pieces()` when all are frozen.
+    pub fn first_trainable_piece(&self) -> usize {
+        self.first_trainable
+    }
+
+    /// Batch-norm in eval mode in the trainable pieces too (running statistics, not updated; gamma
+    /// and beta still trained), or back to batch statistics (the default).
+    pub fn set_bn_frozen(&mut self, frozen: bool) {
+        self.bn_frozen = frozen;
+    }
+
+    /// The input of the first trainable piece as kept by `forward_train` — (N, C, H, W) values and
+    /// (H, W) — or None when the stem is trainable (its input is the image batch).
+    pub fn trainable_input<'a>(&self, cache: &'a TrainCache) -> Option<(&'a [f32], (usize, usize))> {
+        let f = self.first_trainable;
+        if f == 0 || f > cache.acts.len() {
+            return None;
+        }
+        Some((&cache.acts[f - 1], cache.acts_hw[f - 1]))
     }
 
     fn piece_trainable(&self, piece: usize) -> bool {
         piece >= self.first_trainable
+    }
+
+    /// Whether the piece's batch-norm uses batch statistics in the training forward.
+    fn bn_batch_stats(&self, piece: usize) -> bool {
+        self.piece_trainable(piece) && !self.bn_frozen
     }
 
     fn units_of_piece(&self, piece: usize) -> Vec<&Unit> {
@@ -268,6 +382,20 @@ impl TrainResNet {
             .zip(train)
             .filter(|(_, t)| *t)
             .map(|(p, _)| (p.name.as_str(), &mut p.data[..], &p.grad[..]))
+            .collect()
+    }
+
+    /// (name, param, grad) of every trainable parameter, gradients mutable too (for clipping).
+    pub fn trainable_params_mut(&mut self) -> Vec<(&str, &mut [f32], &mut [f32])> {
+        let keep: Vec<bool> = {
+            let names: Vec<String> = self.trainable_params().iter().map(|(n, _, _)| n.to_string()).collect();
+            self.params.iter().map(|p| names.contains(&p.name)).collect()
+        };
+        self.params
+            .iter_mut()
+            .zip(keep)
+            .filter(|(_, t)| *t)
+            .map(|(p, _)| (p.name.as_str(), &mut p.data[..], &mut p.grad[..]))
             .collect()
     }
 
@@ -409,6 +537,7 @@ impl TrainResNet {
         let mut y = vec![0.0f32; z.len()];
         let (mut mean, mut rstd) = (vec![0.0f32; k], vec![0.0f32; k]);
         let (gamma, beta) = (&self.params[u.gamma].data, &self.params[u.beta].data);
+        let mut eval = false;
         match running {
             Some(stats) => {
                 let (a, b) = stats.split_at_mut(u.running + 1);
@@ -430,9 +559,12 @@ impl TrainResNet {
             None => {
                 let (rm, rv) = (&self.stats[u.running].1, &self.stats[u.running + 1].1);
                 batchnorm_eval_forward(&z, &g, gamma, beta, rm, rv, BN_EPS, &mut y);
+                mean.copy_from_slice(rm);
+                rstd.iter_mut().zip(rv).for_each(|(r, &v)| *r = 1.0 / (v + BN_EPS).sqrt());
+                eval = true;
             }
         }
-        (y, UnitCache { z, mean, rstd, in_hw: hw, out_hw: (oh, ow) })
+        (y, UnitCache { z, mean, rstd, in_hw: hw, out_hw: (oh, ow), eval })
     }
 
     fn forward(
@@ -447,9 +579,15 @@ impl TrainResNet {
         // BN of a trainable piece in training mode updates `running`; any other BN is eval-mode.
         // Stem: conv1 -> bn1 -> relu -> maxpool.
         let stem = &self.stem;
-        let (mut a, stem_cache) =
-            self.unit_forward(stem, x, n, (h, w), reborrow_if(self.piece_trainable(0), &mut running));
-        relu(&mut a);
+        let (a, stem_cache) = if self.folded.contains_key(&stem.weight) {
+            let (a, out_hw) = self.folded_forward(stem, x, n, (h, w), None, true);
+            (a, UnitCache { in_hw: (h, w), out_hw, eval: true, ..Default::default() })
+        } else {
+            let (mut a, c) =
+                self.unit_forward(stem, x, n, (h, w), reborrow_if(self.bn_batch_stats(0), &mut running));
+            relu(&mut a);
+            (a, c)
+        };
         let mp = PoolParams::new(3, 2, 1);
         let (sh, sw) = stem_cache.out_hw;
         let (ph, pw) = mp.out_hw(sh, sw).expect("checked in check_input");
@@ -468,10 +606,26 @@ impl TrainResNet {
             acts_hw: vec![(ph, pw)],
             blocks: Vec::new(),
         };
+        if !self.piece_trainable(0) {
+            // A frozen stem is never differentiated: keep none of its activations.
+            cache.x = Vec::new();
+            cache.stem = UnitCache::default();
+            cache.stem_act = Vec::new();
+            cache.argmax = Vec::new();
+        }
         for bi in 0..self.blocks.len() {
             let block = &self.blocks[bi];
             let xin = cache.acts.last().expect("at least the stem");
             let hw = *cache.acts_hw.last().expect("at least the stem");
+            if self.folded.contains_key(&block.units[0].weight) {
+                // Frozen and folded: forward only, nothing kept but the output.
+                let (out, out_hw) = self.folded_block_forward(block, xin, n, hw);
+                cache.acts[bi] = Vec::new();
+                cache.acts.push(out);
+                cache.acts_hw.push(out_hw);
+                cache.blocks.push(BlockCache::default());
+                continue;
+            }
             let mut bc = BlockCache::default();
             let identity = match &block.downsample {
                 Some(d) => {
@@ -480,7 +634,7 @@ impl TrainResNet {
                         xin,
                         n,
                         hw,
-                        reborrow_if(self.piece_trainable(bi + 1), &mut running),
+                        reborrow_if(self.bn_batch_stats(bi + 1), &mut running),
                     );
                     bc.downsample = Some(uc);
                     Some(y)
@@ -497,7 +651,7 @@ impl TrainResNet {
                     input,
                     n,
                     cur_hw,
-                    reborrow_if(self.piece_trainable(bi + 1), &mut running),
+                    reborrow_if(self.bn_batch_stats(bi + 1), &mut running),
                 );
                 cur_hw = uc.out_hw;
                 bc.units.push(uc);
@@ -510,6 +664,12 @@ impl TrainResNet {
                     relu(&mut y);
                     bc.inner.push(y);
                 }
+            }
+            if !self.piece_trainable(bi + 1) {
+                // Frozen block: forward only. Its input is no longer needed (the next trainable
+                // block needs only this block's output), nor are its inner activations.
+                cache.acts[bi] = Vec::new();
+                bc = BlockCache::default();
             }
             cache.acts.push(out);
             cache.acts_hw.push(cur_hw);
@@ -559,20 +719,27 @@ impl TrainResNet {
         // gamma comes before beta in `params` (pushed in that order).
         let (a, b) = self.params.split_at_mut(u.beta);
         let gp = &mut a[u.gamma];
-        batchnorm_backward(
-            &uc.z,
-            &g,
-            &gp.data,
-            &uc.mean,
-            &uc.rstd,
-            dy,
-            &mut dz,
-            &mut gp.grad,
-            &mut b[0].grad,
-        );
+        let bn_backward = if uc.eval { batchnorm_eval_backward } else { batchnorm_backward };
+        bn_backward(&uc.z, &g, &gp.data, &uc.mean, &uc.rstd, dy, &mut dz, &mut gp.grad, &mut b[0].grad);
         let shape = ConvShape { n, c, h: uc.in_hw.0, w: uc.in_hw.1, k, r, s };
         let p = &mut self.params[u.weight];
-        conv2d_backward(x, &p.data, &shape, &u.conv, &dz, dx, &mut p.grad, None);
+        if !self.deterministic {
+            conv2d_backward(x, &p.data, &shape, &u.conv, &dz, dx, &mut p.grad, None);
+            return;
+        }
+        // Groups of images small enough to be one chunk of conv2d_backward, in order.
+        let pq = uc.out_hw.0 * uc.out_hw.1;
+        let group = 256usize.div_ceil(pq).max(1);
+        let (chw, kpq) = (c * uc.in_hw.0 * uc.in_hw.1, k * pq);
+        let mut dx = dx;
+        for b0 in (0..n).step_by(group) {
+            let m = group.min(n - b0);
+            let g = ConvShape { n: m, ..shape };
+            let xs = &x[b0 * chw..(b0 + m) * chw];
+            let dzs = &dz[b0 * kpq..(b0 + m) * kpq];
+            let dxs = dx.as_deref_mut().map(|d| &mut d[b0 * chw..(b0 + m) * chw]);
+            conv2d_backward(xs, &p.data, &g, &u.conv, dzs, dxs, &mut p.grad, None);
+        }
     }
 
     /// Backward from the gradient of the features `forward_train` returned (same shape);
@@ -694,6 +861,45 @@ impl TrainResNet {
     }
 }
 
+/// Eval-mode batch-norm backward: with mean and rstd constants (the running statistics), the layer
+/// is the per-channel affine map y = gamma * xhat + beta, xhat = (x - mean) * rstd, so
+/// `dbeta += sum dy`, `dgamma += sum dy * xhat`, `dx += gamma * rstd * dy` (overwrites nothing).
+/// x, dy, dx (N, C, HW); gamma, mean, rstd, dgamma, dbeta (C). Same signature as
+/// `batchnorm_backward`, so a unit picks either.
+#[allow(clippy::too_many_arguments)]
+fn batchnorm_eval_backward(
+    x: &[f32],
+    g: &BnShape,
+    gamma: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let (c, hw) = (g.c, g.hw);
+    assert!(x.len() == g.n * c * hw && dy.len() == x.len() && dx.len() == x.len(), "batchnorm sizes");
+    // Per-channel sums in f64, as the training-mode backward does.
+    let (mut sdy, mut sdyx) = (vec![0.0f64; c], vec![0.0f64; c]);
+    for (i, (xp, dp)) in x.chunks(hw).zip(dy.chunks(hw)).enumerate() {
+        let ch = i % c;
+        let (mu, rs) = (mean[ch], rstd[ch]);
+        for (&v, &d) in xp.iter().zip(dp) {
+            sdy[ch] += d as f64;
+            sdyx[ch] += d as f64 * ((v - mu) * rs) as f64;
+        }
+    }
+    for ch in 0..c {
+        dbeta[ch] += sdy[ch] as f32;
+        dgamma[ch] += sdyx[ch] as f32;
+    }
+    for (i, (op, dp)) in dx.chunks_mut(hw).zip(dy.chunks(hw)).enumerate() {
+        let k = gamma[i % c] * rstd[i % c];
+        op.iter_mut().zip(dp).for_each(|(o, &d)| *o += k * d);
+    }
+}
+
 /// BN running statistics: (name, values) pairs.
 type Stats = Vec<(String, Vec<f32>)>;
 
@@ -799,6 +1005,92 @@ mod tests {
         assert!(net.backward_with_input_grad(&cache, &r).is_err());
         net.zero_grad();
         assert!(net.params.iter().all(|p| p.grad.iter().all(|&v| v == 0.0)));
+    }
+
+    #[test]
+    fn frozen_pieces_keep_no_activations() {
+        // Fine-tuning memory: with only layer4.0 trainable, the cache holds the input of layer4.0 and
+        // what its backward needs, nothing of the stem or the frozen blocks.
+        let c = ResNetConfig { block: BlockKind::Basic, layers: [1, 1, 1, 1], width: 4, num_classes: 2 };
+        let mut net = TrainResNet::random(&c, 3);
+        net.freeze_all_but_last(1);
+        net.set_bn_frozen(true);
+        let (n, h, w) = (2, 64, 64);
+        let x = uniform_vec(4, "x", n * 3 * h * w, -2.0, 2.0);
+        let stats = net.stats.clone();
+        let (_, cache) = net.forward_train(&x, n, h, w, FeatureLayer::Grid).unwrap();
+        assert!(cache.x.is_empty() && cache.stem_act.is_empty() && cache.argmax.is_empty());
+        assert!(cache.stem.z.is_empty());
+        let f = net.first_trainable_piece();
+        assert_eq!(f, 4);
+        for (i, a) in cache.acts.iter().enumerate() {
+            // acts[i] is the output of piece i: kept only for the input of piece f and after.
+            assert_eq!(a.is_empty(), i + 1 < f, "acts[{i}]");
+        }
+        for (b, bc) in cache.blocks.iter().enumerate() {
+            assert_eq!(bc.units.is_empty(), b + 1 < f, "block {b}");
+        }
+        assert_eq!(net.trainable_input(&cache).unwrap().0.len(), n * 16 * 4 * 4);
+        // Frozen statistics: nothing updated, even in the trainable block.
+        assert_eq!(net.stats, stats);
+
+        // The folded fast path of the frozen pieces computes the same function (BN folded into the
+        // convs changes only the rounding, f32 over ~8 layers: 1e-5), and keeps nothing either.
+        let mut fast = net.clone();
+        fast.fold_frozen();
+        let (g_ref, c_ref) = net.forward_train(&x, n, h, w, FeatureLayer::Grid).unwrap();
+        let (g_fast, c_fast) = fast.forward_train(&x, n, h, w, FeatureLayer::Grid).unwrap();
+        let e = rel_l2(&g_fast, &g_ref);
+        assert!(e < 1e-5, "folded frozen forward: rel L2 {e:.2e}");
+        assert!(c_fast.acts[..f - 1].iter().all(|a| a.is_empty()) && c_fast.x.is_empty());
+        let r = uniform_vec(4, "r", g_ref.len(), -1.0, 1.0);
+        net.zero_grad();
+        net.backward(&c_ref, &r).unwrap();
+        fast.backward(&c_fast, &r).unwrap();
+        for (a, b) in fast.params.iter().zip(&net.params) {
+            if b.grad.iter().any(|&v| v != 0.0) {
+                let e = rel_l2(&a.grad, &b.grad);
+                assert!(e < 1e-5, "{}: {e:.2e}", a.name);
+            }
+        }
+        let e = rel_l2(
+            &fast.forward_eval(&x, n, h, w, FeatureLayer::Pooled).unwrap(),
+            &net.forward_eval(&x, n, h, w, FeatureLayer::Pooled).unwrap(),
+        );
+        assert!(e < 1e-5, "folded eval forward: {e:.2e}");
+        // Re-freezing drops the snapshot.
+        fast.freeze_all_but_last(2);
+        assert!(fast.folded.is_empty());
+    }
+
+    #[test]
+    fn deterministic_backward_is_bit_reproducible() {
+        // 48 images with an 8x8 grid after layer1: conv2d_backward splits them into several chunks,
+        // whose parallel sum is scheduling-dependent; the deterministic mode must give the same bits
+        // on every run, and the same gradients as the default mode up to rounding (1e-6: f32 sums
+        // of the same terms in another order).
+        let c = ResNetConfig { block: BlockKind::Basic, layers: [1, 1, 1, 1], width: 4, num_classes: 2 };
+        let mut net = TrainResNet::random(&c, 1);
+        let (n, h) = (48, 64);
+        let x = uniform_vec(2, "x", n * 3 * h * h, -2.0, 2.0);
+        let grads = |det: bool| {
+            let mut a = net.clone();
+            a.set_deterministic(det);
+            let (f, cache) = a.forward_train(&x, n, h, h, FeatureLayer::Grid).unwrap();
+            a.backward(&cache, &f).unwrap();
+            a.params.iter().map(|p| p.grad.clone()).collect::<Vec<_>>()
+        };
+        let first = grads(true);
+        for _ in 0..4 {
+            let again = grads(true);
+            for (a, b) in again.iter().zip(&first) {
+                assert!(a.iter().zip(b).all(|(u, v)| u.to_bits() == v.to_bits()), "not reproducible");
+            }
+        }
+        for (a, b) in grads(false).iter().zip(&first) {
+            assert!(rel_l2(a, b) < 1e-6);
+        }
+        net.zero_grad();
     }
 
     #[test]

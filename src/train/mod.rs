@@ -15,8 +15,15 @@
 //! point (even kill -9 mid-epoch) and resumed with `--resume` gives the same weights as a run that
 //! never stopped. A non-finite loss stops training with an error naming the epoch and step; the files
 //! of the last finished epoch are left untouched.
+//!
+//! Options on top: `dropout` (on the LSTM output; its mask stream `drop_rng` is in the state as
+//! `dropout_rng`, so resume stays exact); `init` (start the decoder, vocabulary and sizes from a
+//! model); `fine_tune` (`finetune`: features come from a trainable ResNet run on the images, whose
+//! last blocks train with their own Adam; the state then also holds `enc.NAME` weights and
+//! `enc_adam_{m,v}.NAME` moments, and each model file the encoder as `encoder.NAME`).
 
 pub mod e2e;
+pub mod finetune;
 pub mod plot;
 
 use std::collections::BTreeMap;
@@ -38,7 +45,9 @@ use crate::model::decoder::{
     attention_backward, attention_forward, attention_init, attention_step, show_tell_backward,
     show_tell_forward, show_tell_init, show_tell_step, Batch, DecoderDims,
 };
+use crate::rng::Rng;
 use crate::tensor::Tensor;
+use crate::train::finetune::{distinct, FineTuneConfig, ImageEncoder};
 use crate::weights::{save_safetensors, TensorFile};
 
 /// The `format` metadata of a resume state file.
@@ -75,6 +84,12 @@ pub struct TrainConfig {
     pub progress: bool,
     /// Abort (as if killed, writing nothing) after this many optimiser steps of this run; for tests.
     pub abort_after_steps: Option<u64>,
+    /// Dropout probability on the LSTM output before the output layer (0: off).
+    pub dropout: f32,
+    /// Start the decoder (and take its vocabulary and sizes) from this model checkpoint.
+    pub init: Option<PathBuf>,
+    /// Train the encoder's last blocks too, from images (`features` is then unused).
+    pub fine_tune: Option<FineTuneConfig>,
 }
 
 impl TrainConfig {
@@ -102,6 +117,9 @@ impl TrainConfig {
             att: 512,
             progress: false,
             abort_after_steps: None,
+            dropout: 0.0,
+            init: None,
+            fine_tune: None,
         }
     }
 }
@@ -256,6 +274,11 @@ struct StepBatch {
 
 impl StepBatch {
     fn new(b: &crate::data::loader::Batch, features: &Features) -> StepBatch {
+        StepBatch::with_feats(b, features.gather(&b.images))
+    }
+
+    /// `feats`: the rows' features, (B,D) or (B,L,D).
+    fn with_feats(b: &crate::data::loader::Batch, feats: Vec<f32>) -> StepBatch {
         let steps = b.time.saturating_sub(1);
         let mut tokens = vec![PAD; b.batch * steps];
         let mut targets = vec![PAD; b.batch * steps];
@@ -267,7 +290,7 @@ impl StepBatch {
                 targets[r * steps + t] = row[t + 1];
             }
         }
-        StepBatch { feats: features.gather(&b.images), tokens, targets, lengths, steps }
+        StepBatch { feats, tokens, targets, lengths, steps }
     }
 
     fn view(&self) -> Batch<'_> {
@@ -283,25 +306,72 @@ impl StepBatch {
 
 /// One teacher-forced forward + backward; gradients accumulate into `grads` (zeroed by the caller).
 /// Returns the cross-entropy, the attention regulariser and the number of target tokens.
+/// With `dropout` = (p, mask stream) the decoder drops its LSTM output. With `enc`, the rows'
+/// features come from the trainable encoder (forward on the batch's distinct images) and the
+/// encoder's gradients are computed too (its `zero_grad` is done here).
 fn train_step(
     model: &Captioner,
     grads: &mut DecoderParams,
-    batch: &Batch,
+    b: &crate::data::loader::Batch,
+    features: Option<&Features>,
+    enc: Option<&mut ImageEncoder>,
     alpha_c: f32,
+    dropout: Option<(f32, &mut Rng)>,
 ) -> Result<(f32, f32, usize)> {
     let d = &model.dims;
-    let loss = match (&model.params, grads) {
-        (DecoderParams::ShowTell(p), DecoderParams::ShowTell(g)) => {
-            let mut fw = show_tell_forward(p, d, batch, None)?;
-            show_tell_backward(p, g, d, batch, &mut fw, 0.0)?
-        }
-        (DecoderParams::Attention(p), DecoderParams::Attention(g)) => {
-            let mut fw = attention_forward(p, d, batch, None)?;
-            attention_backward(p, g, d, batch, &mut fw, alpha_c, 0.0, false)?
-        }
-        _ => unreachable!("gradients are built with zeros_like of the parameters"),
+    let Some(enc) = enc else {
+        let sb = StepBatch::new(b, features.expect("features without an encoder"));
+        let batch = sb.view();
+        let loss = match (&model.params, grads) {
+            (DecoderParams::ShowTell(p), DecoderParams::ShowTell(g)) => {
+                let mut fw = show_tell_forward(p, d, &batch, dropout)?;
+                show_tell_backward(p, g, d, &batch, &mut fw, 0.0)?
+            }
+            (DecoderParams::Attention(p), DecoderParams::Attention(g)) => {
+                let mut fw = attention_forward(p, d, &batch, dropout)?;
+                attention_backward(p, g, d, &batch, &mut fw, alpha_c, 0.0, false)?
+            }
+            _ => unreachable!("gradients are built with zeros_like of the parameters"),
+        };
+        return Ok((loss.ce, loss.reg, loss.tokens));
     };
+    let (DecoderParams::Attention(p), DecoderParams::Attention(g)) = (&model.params, grads) else {
+        unreachable!("fine-tuning is refused for show-tell before training starts")
+    };
+    // Each distinct image once through the encoder: (U,L*C); rows repeat their image's features.
+    let (names, of_row) = distinct(&b.images);
+    let (f, cache) = enc.forward_train(&names)?;
+    let per = d.regions * d.feat;
+    let mut rows = Vec::with_capacity(of_row.len() * per);
+    for &i in &of_row {
+        rows.extend_from_slice(&f[i * per..(i + 1) * per]);
+    }
+    let sb = StepBatch::with_feats(b, rows);
+    let batch = sb.view();
+    let mut fw = attention_forward(p, d, &batch, dropout)?;
+    let loss = attention_backward(p, g, d, &batch, &mut fw, alpha_c, 0.0, true)?;
+    // dL/dfeats of the rows (R,L,C) summed into their images (U,L,C).
+    let mut df = vec![0.0f32; f.len()];
+    for (r, &i) in of_row.iter().enumerate() {
+        let src = &fw.dfeats[r * per..(r + 1) * per];
+        df[i * per..(i + 1) * per].iter_mut().zip(src).for_each(|(a, &v)| *a += v);
+    }
+    enc.net.zero_grad();
+    enc.net.backward(&cache, &df)?;
     Ok((loss.ce, loss.reg, loss.tokens))
+}
+
+/// Grid features of `names` from the encoder in eval mode, as a `Features` (for validation).
+fn encode_features(enc: &ImageEncoder, names: &[String], regions: usize, feat: usize) -> Result<Features> {
+    let mut data = Vec::with_capacity(names.len() * regions * feat);
+    let mut index = BTreeMap::new();
+    for chunk in names.chunks(32) {
+        data.extend(enc.features_eval(chunk)?);
+        for n in chunk {
+            index.insert(n.clone(), index.len());
+        }
+    }
+    Ok(Features { index, data, per_image: regions * feat, regions, feat, encoder: enc.net.cfg.name() })
 }
 
 /// Teacher-forced cross-entropy without backward (validation): (loss, tokens). The attention
@@ -417,9 +487,25 @@ struct RunState {
     best_epoch: usize,
     bad_epochs: usize,
     history: Vec<EpochRecord>,
+    /// The dropout mask stream (advanced only when dropout is on).
+    drop_rng: Rng,
 }
 
-fn save_state(path: &Path, model: &Captioner, st: &RunState, seed: u64, data_fp: &str) -> Result<()> {
+/// The dropout stream a fresh run starts from.
+fn dropout_rng(seed: u64) -> Rng {
+    Rng::for_name(seed, "train/dropout")
+}
+
+/// Writes the resume state; with an encoder (fine-tuning), also its weights, running statistics
+/// and Adam moments (`finetune::ImageEncoder::state_tensors`) and its setup (`finetune` metadata).
+fn save_state(
+    path: &Path,
+    model: &Captioner,
+    st: &RunState,
+    seed: u64,
+    data_fp: &str,
+    enc: Option<&mut ImageEncoder>,
+) -> Result<()> {
     let shapes = param_shapes(model.kind(), &model.dims);
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (k, ((name, p), (_, shape))) in model.params.named().into_iter().zip(&shapes).enumerate() {
@@ -427,9 +513,13 @@ fn save_state(path: &Path, model: &Captioner, st: &RunState, seed: u64, data_fp:
         tensors.push((format!("adam_m.{name}"), Tensor::from_vec(st.adam.m[k].clone(), shape)?));
         tensors.push((format!("adam_v.{name}"), Tensor::from_vec(st.adam.v[k].clone(), shape)?));
     }
+    let mut m = BTreeMap::new();
+    if let Some(enc) = enc {
+        tensors.extend(enc.state_tensors()?);
+        m.insert("finetune".to_string(), enc.describe());
+    }
     let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let d = &model.dims;
-    let mut m = BTreeMap::new();
     m.insert("format".to_string(), STATE_FORMAT.to_string());
     m.insert("decoder".into(), model.kind().name().into());
     m.insert("dims".into(), json!([d.vocab, d.embed, d.feat, d.regions, d.hidden, d.att]).to_string());
@@ -442,6 +532,7 @@ fn save_state(path: &Path, model: &Captioner, st: &RunState, seed: u64, data_fp:
     m.insert("best_bleu4".into(), json!(st.best_bleu4).to_string());
     m.insert("best_epoch".into(), st.best_epoch.to_string());
     m.insert("bad_epochs".into(), st.bad_epochs.to_string());
+    m.insert("dropout_rng".into(), st.drop_rng.state().to_string());
     m.insert(
         "history".into(),
         Value::Array(st.history.iter().map(EpochRecord::to_json).collect()).to_string(),
@@ -456,6 +547,7 @@ fn load_state(
     adam_cfg: AdamConfig,
     seed: u64,
     data_fp: &str,
+    enc: Option<&mut ImageEncoder>,
 ) -> Result<RunState> {
     let file = TensorFile::load(path)?;
     let src = &file.path;
@@ -501,6 +593,11 @@ fn load_state(
     let int = |k: &str| -> Result<u64> {
         meta(k)?.parse::<u64>().map_err(|_| Error::format(src, format!("`{k}` is not an integer")))
     };
+    let theirs = file.metadata.get("finetune").map(String::as_str).unwrap_or("none");
+    let ours = enc.as_ref().map(|e| e.describe()).unwrap_or_else(|| "none".into());
+    if theirs != ours {
+        return Err(mismatch("encoder fine-tuning setup", theirs, &ours));
+    }
     let shapes = param_shapes(model.kind(), &model.dims);
     let mut expected = Vec::new();
     for (name, shape) in &shapes {
@@ -508,7 +605,21 @@ fn load_state(
             expected.push((format!("{pre}.{name}"), shape.clone()));
         }
     }
+    let mut enc = enc;
+    if let Some(e) = enc.as_deref_mut() {
+        expected.extend(e.state_shapes());
+    }
     file.check_exact(&expected, "this run's model (resume state)")?;
+    if let Some(e) = enc {
+        e.restore(&file, int("adam_step")?)?;
+    }
+    // States written before dropout existed carry no stream: they were trained without dropout.
+    let drop_rng = match file.metadata.get("dropout_rng") {
+        Some(v) => {
+            Rng::new(v.parse::<u64>().map_err(|_| Error::format(src, "`dropout_rng` is not an integer"))?)
+        }
+        None => dropout_rng(seed),
+    };
     let mut adam = Adam::new(adam_cfg, &shapes.iter().map(|(_, s)| s.iter().product()).collect::<Vec<_>>());
     for (k, ((name, p), (_, shape))) in model.params.named_mut().into_iter().zip(&shapes).enumerate() {
         p.copy_from_slice(&file.require_f32(&format!("param.{name}"), shape)?);
@@ -531,6 +642,7 @@ fn load_state(
         best_epoch: int("best_epoch")? as usize,
         bad_epochs: int("bad_epochs")? as usize,
         history,
+        drop_rng,
     })
 }
 
@@ -551,6 +663,17 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     if cfg.embed == 0 || cfg.hidden == 0 || cfg.att == 0 {
         return Err(Error::msg("--embed, --hidden and --att-dim must be at least 1"));
     }
+    if !(cfg.dropout.is_finite() && (0.0..1.0).contains(&cfg.dropout)) {
+        return Err(Error::msg(format!("--dropout {}: must be in [0, 1)", cfg.dropout)));
+    }
+    // A decoder to start from: its kind, sizes and vocabulary win over the options.
+    let init = cfg.init.as_deref().map(Captioner::load).transpose()?;
+    let kind = init.as_ref().map_or(cfg.decoder, |m| m.kind());
+    if cfg.fine_tune.is_some() && kind != DecoderKind::Attention {
+        return Err(Error::msg(
+            "--fine-tune-encoder trains through the attention decoder's feature gradient: use              --decoder attention (or an attention model with --init)",
+        ));
+    }
     // Captions, split, features.
     let (captions, report) = read_captions(&cfg.captions, cfg.caption_format)?;
     for w in report.warnings() {
@@ -560,38 +683,62 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
     for w in warnings {
         say(format!("warning: {w}"));
     }
-    let features = load_features(&cfg.features, cfg.decoder)?;
-    let fname = cfg.features.display().to_string();
+    // Where each image's features come from: the features file, or the encoder fine-tuned on images.
+    let (features, mut enc) = match &cfg.fine_tune {
+        None => (Some(load_features(&cfg.features, kind)?), None),
+        Some(ft) => {
+            let names: std::collections::BTreeSet<String> =
+                split.train.iter().chain(&split.val).cloned().collect();
+            (None, Some(ImageEncoder::new(ft, &names)?))
+        }
+    };
+    let source = match &cfg.fine_tune {
+        None => cfg.features.clone(),
+        Some(ft) => ft.images.clone(),
+    };
+    let fname = source.display().to_string();
+    let has = |n: &String| match (&features, &enc) {
+        (Some(f), _) => f.get(n).is_some(),
+        (None, Some(e)) => e.available.contains(n),
+        (None, None) => unreachable!("one source"),
+    };
     let keep = |part: &[String], what: &str, say: &mut dyn FnMut(String)| -> Vec<String> {
         let kept: Vec<String> =
-            part.iter().filter(|n| features.get(n).is_some() && captions.contains_key(*n)).cloned().collect();
-        let missing = part.iter().filter(|n| features.get(n).is_none()).count();
+            part.iter().filter(|n| has(n) && captions.contains_key(*n)).cloned().collect();
+        let missing = part.iter().filter(|n| !has(n)).count();
         if missing > 0 {
-            say(format!(
-                "warning: {fname}: {missing} of {} {what} images have no features (skipped)",
-                part.len()
-            ));
+            let lacks = if enc.is_some() { "have no image file" } else { "have no features" };
+            say(format!("warning: {fname}: {missing} of {} {what} images {lacks} (skipped)", part.len()));
         }
         kept
     };
     let train_imgs = keep(&split.train, "training", &mut say);
     let val_imgs = keep(&split.val, "validation", &mut say);
+    let what = if enc.is_some() { "an image file" } else { "features" };
     if train_imgs.is_empty() {
         return Err(Error::format(
-            &cfg.features,
+            &source,
             format!(
-                "none of the {} training images has both features and captions: was it extracted from these images?",
-                split.train.len()
+                "none of the {} training images has both {what} and captions: {}",
+                split.train.len(),
+                if enc.is_some() {
+                    "are these the caption file's images?"
+                } else {
+                    "was it extracted from these images?"
+                }
             ),
         ));
     }
     if val_imgs.is_empty() {
         return Err(Error::format(
-            &cfg.features,
-            format!("none of the {} validation images has both features and captions", split.val.len()),
+            &source,
+            format!("none of the {} validation images has both {what} and captions", split.val.len()),
         ));
     }
-    let vocab = Vocab::from_caption_map(&captions, &train_imgs, cfg.min_count);
+    let vocab = match &init {
+        Some(m) => m.vocab.clone(),
+        None => Vocab::from_caption_map(&captions, &train_imgs, cfg.min_count),
+    };
     let lcfg = LoaderConfig::new(cfg.batch, cfg.seed, cfg.max_len);
     let (loader, lrep) = BatchLoader::new(&captions, &train_imgs, &vocab, lcfg)?;
     let (val_loader, _) = BatchLoader::new(&captions, &val_imgs, &vocab, lcfg)?;
@@ -607,13 +754,33 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         vocab.len(),
         cfg.min_count
     ));
-    let dims = DecoderDims {
-        vocab: vocab.len(),
-        embed: cfg.embed,
-        feat: features.feat,
-        regions: features.regions,
-        hidden: cfg.hidden,
-        att: cfg.att,
+    let (regions, feat) = match (&features, &enc) {
+        (Some(f), _) => (f.regions, f.feat),
+        (None, Some(e)) => e.grid_dims()?,
+        (None, None) => unreachable!("one source"),
+    };
+    let dims = match &init {
+        Some(m) => {
+            if (m.dims.regions, m.dims.feat) != (regions, feat) {
+                return Err(Error::format(
+                    cfg.init.as_deref().expect("init"),
+                    format!(
+                        "was trained on features ({}, {}) but {fname} gives ({regions}, {feat}) \
+                         (regions, channels): another encoder or image size",
+                        m.dims.regions, m.dims.feat
+                    ),
+                ));
+            }
+            m.dims
+        }
+        None => DecoderDims {
+            vocab: vocab.len(),
+            embed: cfg.embed,
+            feat,
+            regions,
+            hidden: cfg.hidden,
+            att: cfg.att,
+        },
     };
     let data_fp = fingerprint(&[
         &vocab.to_json_string(),
@@ -621,8 +788,18 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         &val_imgs.join("\n"),
         &format!("{} {} {}", loader.num_pairs(), cfg.max_len, cfg.batch),
     ]);
-    let mut model = Captioner::init(cfg.decoder, dims, vocab, cfg.max_len, cfg.seed)?;
-    model.encoder = features.encoder.clone();
+    let mut model = match init {
+        Some(mut m) => {
+            m.max_len = cfg.max_len;
+            m
+        }
+        None => Captioner::init(kind, dims, vocab, cfg.max_len, cfg.seed)?,
+    };
+    model.encoder = match (&features, &enc) {
+        (Some(f), _) => f.encoder.clone(),
+        (_, Some(e)) => e.net.cfg.name(),
+        (None, None) => unreachable!("one source"),
+    };
     let adam_cfg = AdamConfig { lr: cfg.lr, ..AdamConfig::default() };
     let sizes: Vec<usize> = model.params.named().iter().map(|(_, p)| p.len()).collect();
     let sp = state_path(&cfg.out);
@@ -633,7 +810,7 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                 sp.display()
             )));
         }
-        let st = load_state(&sp, &mut model, adam_cfg, cfg.seed, &data_fp)?;
+        let st = load_state(&sp, &mut model, adam_cfg, cfg.seed, &data_fp, enc.as_mut())?;
         say(format!("resuming after epoch {} (step {})", st.epochs_done, st.adam.t));
         st
     } else {
@@ -644,8 +821,21 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             best_epoch: 0,
             bad_epochs: 0,
             history: Vec::new(),
+            drop_rng: dropout_rng(cfg.seed),
         }
     };
+    if let Some(e) = &enc {
+        say(format!(
+            "fine-tuning {}: the last {} of {} pieces (stem + blocks) trained, batch-norm statistics \
+             frozen, encoder lr {}, images {}x{}",
+            e.net.cfg.name(),
+            e.blocks,
+            e.net.num_pieces(),
+            e.adam.cfg.lr,
+            e.size,
+            e.size
+        ));
+    }
     let mut grads = model.params.zeros_like();
     let mut steps_this_run = 0u64;
     let mut stopped_early = cfg.patience > 0 && st.bad_epochs >= cfg.patience;
@@ -665,11 +855,23 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
                     "aborted after {steps_this_run} steps (--abort-after-steps)"
                 )));
             }
-            let sb = StepBatch::new(&b, &features);
             grads.zero();
-            let (ce, reg, ntok) = train_step(&model, &mut grads, &sb.view(), cfg.alpha_c)?;
+            let drop = (cfg.dropout > 0.0).then_some((cfg.dropout, &mut st.drop_rng));
+            let (ce, reg, ntok) =
+                train_step(&model, &mut grads, &b, features.as_ref(), enc.as_mut(), cfg.alpha_c, drop)?;
             let loss = ce + reg;
             let mut gviews: Vec<&mut [f32]> = grads.named_mut().into_iter().map(|(_, g)| g).collect();
+            // One global norm over the decoder's and the encoder's gradients; each has its own Adam.
+            let n_dec = gviews.len();
+            let mut enc_params: Vec<&mut [f32]> = Vec::new();
+            let mut enc_adam = None;
+            if let Some(e) = enc.as_mut() {
+                for (_, p, g) in e.net.trainable_params_mut() {
+                    enc_params.push(p);
+                    gviews.push(g);
+                }
+                enc_adam = Some(&mut e.adam);
+            }
             let norm = if cfg.clip > 0.0 {
                 clip_grad_norm(&mut gviews, cfg.clip)
             } else {
@@ -696,7 +898,10 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             }
             let gref: Vec<&[f32]> = gviews.iter().map(|g| &**g).collect();
             let mut pviews: Vec<&mut [f32]> = model.params.named_mut().into_iter().map(|(_, p)| p).collect();
-            st.adam.step(&mut pviews, &gref);
+            st.adam.step(&mut pviews, &gref[..n_dec]);
+            if let Some(a) = enc_adam {
+                a.step(&mut enc_params, &gref[n_dec..]);
+            }
             steps_this_run += 1;
             loss_sum += ce as f64 * ntok as f64;
             tok_sum += ntok;
@@ -711,7 +916,14 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
         pb.finish_and_clear();
         let train_loss = loss_sum / tok_sum.max(1) as f64;
         let train_secs = t0.elapsed().as_secs_f64();
-        let (val_loss, bleu4) = validate(&model, &val_loader, &captions, &features)?;
+        let (val_loss, bleu4) = match (&features, &enc) {
+            (Some(f), _) => validate(&model, &val_loader, &captions, f)?,
+            (None, Some(e)) => {
+                let vf = encode_features(e, val_loader.images(), model.dims.regions, model.dims.feat)?;
+                validate(&model, &val_loader, &captions, &vf)?
+            }
+            (None, None) => unreachable!("one source"),
+        };
         if !val_loss.is_finite() {
             return Err(Error::msg(format!(
                 "non-finite validation loss after epoch {epoch} (step {}): stopping; {}",
@@ -735,18 +947,39 @@ pub fn train(cfg: &TrainConfig) -> Result<TrainSummary> {
             st.bad_epochs += 1;
         }
         model.hyper = json!({
-            "decoder": cfg.decoder.name(), "epochs": epoch, "batch": cfg.batch, "lr": cfg.lr,
+            "decoder": kind.name(), "epochs": epoch, "batch": cfg.batch, "lr": cfg.lr,
             "seed": cfg.seed, "max_len": cfg.max_len, "min_count": cfg.min_count, "clip": cfg.clip,
             "alpha_c": cfg.alpha_c, "epoch": epoch, "val_bleu4": bleu4, "val_loss": val_loss,
-            "features": cfg.features.display().to_string(), "captions": cfg.captions.display().to_string(),
+            "dropout": cfg.dropout, "captions": cfg.captions.display().to_string(),
         });
+        match &enc {
+            None => model.hyper["features"] = json!(cfg.features.display().to_string()),
+            Some(e) => {
+                model.hyper["images"] = json!(fname);
+                // The encoder config and preprocessing `capgen caption` honours (as for the demo).
+                if let Value::Object(extra) = e.hyper() {
+                    for (k, v) in extra {
+                        model.hyper[k] = v;
+                    }
+                }
+            }
+        }
+        if let Some(p) = &cfg.init {
+            model.hyper["init"] = json!(p.display().to_string());
+        }
         // Order: last model, then (if better) the best, then the resume state, then the curve. A kill
         // between them leaves an older but consistent state: resume redoes this epoch identically.
-        model.save(&last_path(&cfg.out))?;
+        // A fine-tuned model carries its encoder's weights (`model::checkpoint::ENCODER_PREFIX`).
+        let enc_sd = enc.as_ref().map(|e| e.net.state_dict());
+        let save_model = |path: &Path| match &enc_sd {
+            Some(sd) => model.save_with_encoder(path, sd),
+            None => model.save(path),
+        };
+        save_model(&last_path(&cfg.out))?;
         if improved {
-            model.save(&cfg.out)?;
+            save_model(&cfg.out)?;
         }
-        save_state(&sp, &model, &st, cfg.seed, &data_fp)?;
+        save_state(&sp, &model, &st, cfg.seed, &data_fp, enc.as_mut())?;
         plot::write_curve(&curve_path(&cfg.out), &st.history)?;
         say(format!(
             "epoch {epoch}: train loss {train_loss:.4}, val loss {val_loss:.4}, val BLEU-4 {:.2}{} \
