@@ -16,6 +16,8 @@ pub struct ActivationPool {
     free: Vec<Tensor>,
     /// Buffers allocated over the pool's life (for tests and diagnostics).
     pub allocations: usize,
+    /// Scratch for the Winograd convs (grows to the largest layer's need, then is reused).
+    pub workspace: Vec<f32>,
 }
 
 impl ActivationPool {
