@@ -2,8 +2,7 @@
 //! blocks) trainable and batch-norm statistics frozen, as `capgen train --fine-tune-encoder` runs it.
 //! Per round, for the frozen pieces unfolded (conv, then BN and ReLU passes, weights re-packed each
 //! call) and folded (`TrainResNet::fold_frozen`: BN folded, weights packed once, epilogue fused):
-//! the training forward (grid features) and the layer4 backward; and folded with the deterministic
-//! backward (`set_deterministic`, what fine-tuning uses for an exact resume).
+//! the training forward (grid features) and the layer4 backward.
 //!
 //! `RAYON_NUM_THREADS=1 cargo run --release --example finetune_perf [images] [rounds]` (default 2, 3).
 
@@ -30,13 +29,11 @@ fn main() {
     unfolded.set_bn_frozen(true);
     let mut folded = unfolded.clone();
     folded.fold_frozen();
-    let mut det = folded.clone();
-    det.set_deterministic(true);
     let x = uniform_vec(1, "x", n * 3 * 224 * 224, -2.0, 2.0);
     println!("resnet50 224, {n} images, layer4 trainable, {} threads", rayon::current_num_threads());
     for round in 0..rounds {
         // Interleaved, so both see the same machine load.
-        for (name, net) in [("unfolded", &mut unfolded), ("folded", &mut folded), ("fold+det", &mut det)] {
+        for (name, net) in [("unfolded", &mut unfolded), ("folded", &mut folded)] {
             let (c0, t0) = (cpu_ns(), Instant::now());
             let (f, cache) = net.forward_train(&x, n, 224, 224, FeatureLayer::Grid).expect("forward");
             let (c1, t1) = (cpu_ns(), Instant::now());

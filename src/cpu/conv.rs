@@ -769,12 +769,17 @@ pub fn conv2d_backward(
         }
     };
 
-    // dW (K, CRS) += dY_chunk (K, m*PQ) . cols_chunk^T (m*PQ, CRS), per worker, summed at the end.
-    let partial = (0..nchunks)
+    // dW (K, CRS) += dY_chunk (K, m*PQ) . cols_chunk^T (m*PQ, CRS). The chunks are split into at most
+    // DW_GROUPS contiguous groups; each group sums its chunks in order into its own partial, and the
+    // partials are added in group order, so the result does not depend on thread timing (an exact
+    // training resume needs the same bits every run).
+    const DW_GROUPS: usize = 8;
+    let groups = nchunks.min(DW_GROUPS);
+    let partials: Vec<Vec<f32>> = (0..groups)
         .into_par_iter()
-        .fold(
-            || (vec![0.0f32; k * crs], Vec::new(), Vec::new()),
-            |(mut acc_w, mut cols, mut dyb), ci| {
+        .map(|gi| {
+            let (mut acc_w, mut cols, mut dyb) = (vec![0.0f32; k * crs], Vec::new(), Vec::new());
+            for ci in gi * nchunks / groups..(gi + 1) * nchunks / groups {
                 let (b0, mc) = (ci * m, m.min(n - ci * m));
                 let ld = mc * pq;
                 let cols_ref: &[f32] = if direct && mc == 1 {
@@ -795,14 +800,14 @@ pub fn conv2d_backward(
                 };
                 let a = MatRef::row_major(dy_ref, k, ld);
                 sgemm(a, MatRef::row_major(cols_ref, crs, ld).t(), &mut acc_w, crs, &acc);
-                (acc_w, cols, dyb)
-            },
-        )
-        .map(|(a, _, _)| a)
-        .reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(u, v)| *u += v);
-            a
-        });
+            }
+            acc_w
+        })
+        .collect();
+    let partial = partials.into_iter().reduce(|mut a, b| {
+        a.iter_mut().zip(&b).for_each(|(u, v)| *u += v);
+        a
+    });
     if let Some(pw) = partial {
         dw.iter_mut().zip(&pw).for_each(|(u, v)| *u += v);
     }

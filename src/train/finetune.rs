@@ -270,11 +270,10 @@ impl ImageEncoder {
 }
 
 /// The fine-tuning setup of a freshly loaded net: the last `blocks` pieces trainable, BN statistics
-/// frozen, reproducible gradients (exact resume), frozen pieces folded for speed.
+/// frozen, frozen pieces folded for speed.
 fn prepare(net: &mut TrainResNet, blocks: usize) {
     net.freeze_all_but_last(blocks);
     net.set_bn_frozen(true);
-    net.set_deterministic(true);
     net.fold_frozen();
 }
 
