@@ -11,16 +11,8 @@
 //! spinning while they wait count as busy, so with 2 threads this errs high. Median of the reps.
 
 use capgen::cli::bench::{StepFixture, DECODER_BENCH, DECODER_BENCH_DIMS};
+use capgen::cpu::peak::process_cpu_ns as cpu_ns;
 use capgen::model::checkpoint::DecoderKind;
-
-/// Nanoseconds all of this process's threads have spent on a CPU (Linux schedstat; 0 elsewhere).
-fn cpu_ns() -> u64 {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return 0 };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
-        .sum()
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

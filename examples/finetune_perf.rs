@@ -6,20 +6,12 @@
 //!
 //! `RAYON_NUM_THREADS=1 cargo run --release --example finetune_perf [images] [rounds]` (default 2, 3).
 
+use capgen::cpu::peak::process_cpu_ns as cpu_ns;
 use capgen::nn::resnet::ResNetConfig;
 use capgen::nn::train_resnet::TrainResNet;
 use capgen::nn::FeatureLayer;
 use capgen::rng::uniform_vec;
 use std::time::Instant;
-
-/// Nanoseconds all of this process's threads have spent on a CPU (Linux schedstat; 0 elsewhere).
-fn cpu_ns() -> u64 {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return 0 };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
-        .sum()
-}
 
 fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|s| s.parse().ok()).collect();

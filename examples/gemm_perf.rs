@@ -4,21 +4,9 @@
 //! in benches, never in tests.)
 use capgen::cpu::conv::{conv2d_forward, resnet50_conv_cases, ConvParams, ConvWeights};
 use capgen::cpu::gemm::{sgemm, Epilogue, MatRef};
-use capgen::cpu::peak::{fma_peak_gflops, isa_name};
+use capgen::cpu::peak::{fma_peak_gflops, isa_name, process_cpu_ns as cpu_ns};
 use capgen::rng::Rng;
 use std::time::Instant;
-
-/// Nanoseconds all of this process's threads have spent on a CPU (Linux schedstat; 0 elsewhere).
-/// On a machine shared with other busy processes, FLOPs per on-CPU second per thread shows what the
-/// kernel does when it runs, independent of how often it is descheduled. Rayon workers that spin
-/// while waiting count as busy, so this errs low.
-fn cpu_ns() -> u64 {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return 0 };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
-        .sum()
-}
 
 fn stats(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());

@@ -4,19 +4,11 @@
 //! /proc/self/task/*/schedstat divided by the thread count), and GFLOP/s from each. One warm-up
 //! forward fills the activation pool first. (Timings belong here and in benches, never in tests.)
 use capgen::cli::bench::resnet50_flops_per_image;
+use capgen::cpu::peak::process_cpu_ns as cpu_ns;
 use capgen::nn::{load_encoder, EncoderKind};
 use capgen::rng::Rng;
 use capgen::tensor::Tensor;
 use std::time::Instant;
-
-/// Nanoseconds all of this process's threads have spent on a CPU (Linux schedstat; 0 elsewhere).
-fn cpu_ns() -> u64 {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return 0 };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
-        .sum()
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

@@ -10,6 +10,7 @@
 //! same numerator for both methods, so the ratio is the speed-up); "on-cpu" = the same FLOPs / the
 //! CPU time our threads spent, per thread (see docs/PERF.md).
 use capgen::cpu::conv::{conv2d_forward, resnet50_conv_cases, ConvParams, ConvWeights};
+use capgen::cpu::peak::process_cpu_ns as cpu_ns;
 use capgen::cpu::pool::{global_avg_pool, max_pool2d, PoolParams};
 use capgen::cpu::winograd::{winograd_applicable, winograd_forward_nchw, workspace_len, WinogradWeights};
 use capgen::nn::conv::Conv2d;
@@ -19,15 +20,6 @@ use capgen::rng::Rng;
 use capgen::tensor::Tensor;
 use capgen::weights::random::init_tensor;
 use std::time::Instant;
-
-/// Nanoseconds all of this process's threads have spent on a CPU (Linux schedstat; 0 elsewhere).
-fn cpu_ns() -> u64 {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return 0 };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
-        .sum()
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());

@@ -114,6 +114,18 @@ mod x86 {
     }
 }
 
+/// Nanoseconds all of this process's threads have spent on a CPU (Linux schedstat; 0 elsewhere).
+/// The "on-CPU" timing of docs/PERF.md: on a machine shared with other busy processes, FLOPs per
+/// on-CPU second per thread shows what a kernel does when it runs, independent of how often it is
+/// descheduled. Rayon workers that spin while waiting count as busy, so it errs low.
+pub fn process_cpu_ns() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return 0 };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
