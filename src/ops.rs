@@ -94,6 +94,44 @@ pub fn conv2d_into(
     Ok(())
 }
 
+/// Output shape of `conv2d_cn_into`: channel-major (C, N, H, W) -> (K, N, P, Q).
+pub fn conv2d_cn_out_dims(x: &[usize], w: &ConvWeights, p: &ConvParams) -> Result<Vec<usize>> {
+    let &[c, n, h, wd] = x else {
+        return Err(Error::shape(format!("conv2d: expected a (C, N, H, W) input, got {x:?}")));
+    };
+    // Same checks and output size as the NCHW case with the two leading axes swapped.
+    let d = conv2d_out_dims(&[n, c, h, wd], w, p)?;
+    Ok(vec![d[1], d[0], d[2], d[3]])
+}
+
+/// `conv2d_into` on channel-major activations: x (C, N, H, W) -> out (K, N, P, Q), residual like
+/// out; the whole batch is one GEMM (`cpu::conv::conv2d_forward_cn`).
+pub fn conv2d_cn_into(
+    x: &Tensor,
+    w: &ConvWeights,
+    p: &ConvParams,
+    residual: Option<&Tensor>,
+    relu: bool,
+    out: &mut Tensor,
+) -> Result<()> {
+    let od = conv2d_cn_out_dims(x.dims(), w, p)?;
+    check_out(out, "conv2d", &od)?;
+    if let Some(r) = residual {
+        if r.dims() != od.as_slice() {
+            return Err(Error::shape(format!("conv2d: residual is {:?}, output is {:?}", r.dims(), od)));
+        }
+    }
+    let (_, n, h, wd) = dims4(x, "conv2d")?;
+    match x.device() {
+        Device::Cpu => {
+            let xs = input(x)?;
+            let rs = residual.map(input).transpose()?;
+            cpu::conv::conv2d_forward_cn(&xs, n, h, wd, w, p, rs.as_deref(), relu, out.as_f32_slice_mut()?);
+        }
+    }
+    Ok(())
+}
+
 /// Output shape of `max_pool2d`.
 pub fn max_pool2d_out_dims(x: &[usize], p: &PoolParams) -> Result<Vec<usize>> {
     let [n, c, h, w] = *x else {

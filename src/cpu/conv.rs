@@ -432,31 +432,17 @@ pub fn conv2d_forward(
 ) {
     let (oh, ow) = p.out_hw(h, w, wt.r, wt.s).expect("conv output is empty");
     let (c, k) = (wt.c, wt.k);
-    let (chw, pq, crs) = (c * h * w, oh * ow, c * wt.r * wt.s);
+    let (chw, pq) = (c * h * w, oh * ow);
     assert_eq!(x.len(), n * chw, "conv input size");
     assert_eq!(y.len(), n * k * pq, "conv output size");
     if let Some(r) = residual {
         assert_eq!(r.len(), y.len(), "conv residual size");
     }
-    let a = ASrc::Packed(&wt.packed);
-    let isa = wt.packed.isa();
+    // Per image, (K, P*Q) = (K, C*R*S) x (C*R*S, P*Q): the channel-major path at N = 1.
     for b in 0..n {
-        let xi = &x[b * chw..(b + 1) * chw];
+        let res = residual.map(|r| &r[b * k * pq..(b + 1) * k * pq]);
         let yi = &mut y[b * k * pq..(b + 1) * k * pq];
-        // (K, P*Q) = (K, C*R*S) x (C*R*S, P*Q), then + bias[k] + residual, ReLU.
-        let epi = Epilogue {
-            row_bias: Some(&wt.bias),
-            residual: residual.map(|r| (&r[b * k * pq..(b + 1) * k * pq], pq)),
-            relu,
-            ..Default::default()
-        };
-        if wt.r == 1 && wt.s == 1 && p.stride == (1, 1) && p.pad == (0, 0) {
-            // 1x1 stride 1: B is the image itself, (C, H*W) row-major.
-            gemm_driver(isa, k, pq, crs, &a, &MatRef::row_major(xi, c, h * w), yi, pq, &epi);
-        } else {
-            let im = Im2col { x: xi, n: 1, h, w, r: wt.r, s: wt.s, p: *p, oh, ow, isa };
-            gemm_driver(isa, k, pq, crs, &a, &im, yi, pq, &epi);
-        }
+        conv2d_forward_cn(&x[b * chw..(b + 1) * chw], 1, h, w, wt, p, res, relu, yi);
     }
 }
 

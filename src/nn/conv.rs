@@ -11,10 +11,10 @@
 //!
 //! The folded weights go into a `cpu::conv::ConvWeights`, built once (its constructor may pre-pack).
 
-use crate::cpu::conv::{conv2d_forward_cn, ConvParams, ConvWeights};
-use crate::error::{Error, Result};
+use crate::cpu::conv::{ConvParams, ConvWeights};
+use crate::error::Result;
 use crate::ops;
-use crate::tensor::{Device, Tensor};
+use crate::tensor::Tensor;
 
 /// Where a layer's parameters come from: a named, shaped tensor as f32 (a file or a seeded init).
 pub type ParamFn<'a> = &'a dyn Fn(&str, &[usize]) -> Result<Vec<f32>>;
@@ -145,12 +145,7 @@ impl Conv2d {
 impl Conv2d {
     /// Output dims for a channel-major input (C, N, H, W): (K, N, P, Q).
     pub fn out_dims_cn(&self, x: &[usize]) -> Result<Vec<usize>> {
-        let &[c, n, h, w] = x else {
-            return Err(Error::shape(format!("conv2d: expected a (C, N, H, W) input, got {x:?}")));
-        };
-        // Same checks and output size as the NCHW case with the two leading axes swapped.
-        let d = ops::conv2d_out_dims(&[n, c, h, w], &self.weights, &self.params)?;
-        Ok(vec![d[1], d[0], d[2], d[3]])
+        ops::conv2d_cn_out_dims(x, &self.weights, &self.params)
     }
 
     /// y = act(conv(x) + bias + residual) on channel-major activations: x (C, N, H, W) ->
@@ -163,33 +158,7 @@ impl Conv2d {
         relu: bool,
         out: &mut Tensor,
     ) -> Result<()> {
-        let od = self.out_dims_cn(x.dims())?;
-        if out.dims() != od.as_slice() {
-            return Err(Error::shape(format!("conv2d: output is {:?}, expected {od:?}", out.dims())));
-        }
-        if let Some(r) = residual {
-            if r.dims() != od.as_slice() {
-                return Err(Error::shape(format!("conv2d: residual is {:?}, output is {od:?}", r.dims())));
-            }
-        }
-        let (n, h, w) = (x.dims()[1], x.dims()[2], x.dims()[3]);
-        match x.device() {
-            Device::Cpu => {
-                let rs = residual.map(|r| r.as_f32_slice()).transpose()?;
-                conv2d_forward_cn(
-                    x.as_f32_slice()?,
-                    n,
-                    h,
-                    w,
-                    &self.weights,
-                    &self.params,
-                    rs,
-                    relu,
-                    out.as_f32_slice_mut()?,
-                );
-            }
-        }
-        Ok(())
+        ops::conv2d_cn_into(x, &self.weights, &self.params, residual, relu, out)
     }
 }
 
