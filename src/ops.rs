@@ -256,6 +256,32 @@ pub fn linear_into(x: &Tensor, w: &Tensor, b: Option<&Tensor>, relu: bool, out: 
     Ok(())
 }
 
+/// `linear_into` with the weights packed once for inference (`cpu::linear::PackedLinear`):
+/// out (N, O) = act(x (N, I) W^T + b).
+pub fn linear_packed_into(
+    x: &Tensor,
+    w: &cpu::linear::PackedLinear,
+    relu: bool,
+    out: &mut Tensor,
+) -> Result<()> {
+    let (n, i) = match *x.dims() {
+        [n, i] if i == w.in_features() => (n, i),
+        _ => {
+            return Err(Error::shape(format!(
+                "linear: x is {:?} but the layer takes {} inputs",
+                x.dims(),
+                w.in_features()
+            )))
+        }
+    };
+    check_out(out, "linear", &[n, w.out_features()])?;
+    debug_assert_eq!(x.numel(), n * i);
+    match x.device() {
+        Device::Cpu => cpu::linear::linear_forward_packed(out.as_f32_slice_mut()?, &input(x)?, w, n, relu),
+    }
+    Ok(())
+}
+
 /// max(x, 0), any shape.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
     let mut out = x.contiguous().to_dtype(crate::tensor::DType::F32);

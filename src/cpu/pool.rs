@@ -33,32 +33,76 @@ impl PoolParams {
 ///
 /// where positions outside the image count as -inf (PyTorch's padding), so they never win. With
 /// pad <= kernel/2 (which `ops` enforces, as PyTorch does) every window holds at least one real pixel.
+/// A NaN anywhere in a window makes that output NaN, as in PyTorch.
+///
+/// The max is separable, so each output row is computed in two passes: the element-wise max of the
+/// window's input rows over the whole width (`colmax`, contiguous: it vectorises), then the max of
+/// each output's `kw` columns of that row. Branch-free (`nan_max` is a compare and a select), which
+/// is what keeps the stem pool of ResNet at memory speed.
 pub fn max_pool2d(x: &[f32], n: usize, c: usize, h: usize, w: usize, p: &PoolParams, y: &mut [f32]) {
     let (oh, ow) = p.out_hw(h, w).expect("max_pool2d: empty output");
     assert_eq!(x.len(), n * c * h * w, "max_pool2d input size");
     assert_eq!(y.len(), n * c * oh * ow, "max_pool2d output size");
-    y.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(yp, xp)| {
-        for py in 0..oh {
-            // Clip the window to the image once per row / column.
-            let y0 = (py * p.stride.0) as isize - p.pad.0 as isize;
-            let (r0, r1) = (y0.max(0) as usize, ((y0 + p.kernel.0 as isize).min(h as isize)).max(0) as usize);
-            for px in 0..ow {
-                let x0 = (px * p.stride.1) as isize - p.pad.1 as isize;
-                let (s0, s1) =
-                    (x0.max(0) as usize, ((x0 + p.kernel.1 as isize).min(w as isize)).max(0) as usize);
-                let mut m = f32::NEG_INFINITY;
-                for r in r0..r1 {
-                    for &v in &xp[r * w + s0..r * w + s1] {
-                        // `v > m` alone would skip NaN; propagate NaN like PyTorch does.
-                        if v > m || v.is_nan() {
-                            m = v;
-                        }
+    y.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each_init(
+        || vec![0.0f32; w],
+        |colmax, (yp, xp)| {
+            for (py, yrow) in yp.chunks_exact_mut(ow).enumerate() {
+                // Clip the window to the image once per row.
+                let y0 = (py * p.stride.0) as isize - p.pad.0 as isize;
+                let (r0, r1) =
+                    (y0.max(0) as usize, ((y0 + p.kernel.0 as isize).min(h as isize)).max(0) as usize);
+                colmax.copy_from_slice(&xp[r0 * w..(r0 + 1) * w]);
+                for r in r0 + 1..r1 {
+                    for (m, &v) in colmax.iter_mut().zip(&xp[r * w..(r + 1) * w]) {
+                        *m = nan_max(*m, v);
                     }
                 }
-                yp[py * ow + px] = m;
+                row_window_max(colmax, yrow, p);
             }
+        },
+    );
+}
+
+/// yrow[q] = max of `colmax` over the q-th window of the row (clipped to the row at its ends).
+fn row_window_max(colmax: &[f32], yrow: &mut [f32], p: &PoolParams) {
+    let (k, st, pad, w) = (p.kernel.1, p.stride.1, p.pad.1, colmax.len());
+    let clipped = |px: usize| {
+        let x0 = (px * st) as isize - pad as isize;
+        let (s0, s1) = (x0.max(0) as usize, ((x0 + k as isize).min(w as isize)).max(0) as usize);
+        colmax[s0 + 1..s1].iter().fold(colmax[s0], |m, &v| nan_max(m, v))
+    };
+    // Outputs whose window lies wholly inside the row: px*st >= pad and px*st - pad + k <= w.
+    let lo = pad.div_ceil(st).min(yrow.len());
+    let hi = if w + pad >= k { ((w + pad - k) / st + 1).clamp(lo, yrow.len()) } else { lo };
+    for (px, out) in yrow.iter_mut().enumerate().take(lo) {
+        *out = clipped(px);
+    }
+    if (k, st) == (3, 2) {
+        // ResNet's stem pool: constant stride and width, so the loop vectorises (interleaved loads).
+        let base = lo * 2 - pad;
+        for (i, out) in yrow[lo..hi].iter_mut().enumerate() {
+            let b = base + 2 * i;
+            *out = nan_max(nan_max(colmax[b], colmax[b + 1]), colmax[b + 2]);
         }
-    });
+    } else {
+        for (px, out) in yrow.iter_mut().enumerate().take(hi).skip(lo) {
+            let b = px * st - pad;
+            *out = colmax[b + 1..b + k].iter().fold(colmax[b], |m, &v| nan_max(m, v));
+        }
+    }
+    for (px, out) in yrow.iter_mut().enumerate().skip(hi) {
+        *out = clipped(px);
+    }
+}
+
+/// max(a, b) that returns NaN if either is NaN (`f32::max` would drop it), without a branch.
+#[inline(always)]
+fn nan_max(a: f32, b: f32) -> f32 {
+    if a > b || a.is_nan() {
+        a
+    } else {
+        b
+    }
 }
 
 /// Global average pool. x (N, C, H, W) -> y (N, C): y[n,c] = mean over h, w of x[n,c,h,w].
@@ -275,6 +319,25 @@ mod tests {
                         assert_eq!(y[b * oh * ow + i * ow + j], m, "{p:?} at {b},{i},{j}");
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn max_pool_propagates_nan_and_handles_wide_rows() {
+        // A NaN poisons exactly the windows that contain it (stem pool geometry, 11x13 plane).
+        let (h, w) = (11, 13);
+        let p = PoolParams::new(3, 2, 1);
+        let (oh, ow) = p.out_hw(h, w).unwrap();
+        let mut x = uniform_vec(8, "nan", h * w, -1.0, 1.0);
+        x[4 * w + 7] = f32::NAN; // row 4, column 7
+        let mut y = vec![0.0; oh * ow];
+        max_pool2d(&x, 1, 1, h, w, &p, &mut y);
+        for i in 0..oh {
+            for j in 0..ow {
+                // Output (i, j) covers rows 2i-1..=2i+1 and columns 2j-1..=2j+1.
+                let covers = (2 * i).abs_diff(4) <= 1 && (2 * j).abs_diff(7) <= 1;
+                assert_eq!(y[i * ow + j].is_nan(), covers, "at {i},{j}");
             }
         }
     }

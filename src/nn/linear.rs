@@ -1,5 +1,6 @@
 //! Fully connected layer: y = x W^T + b, x (N, I), W (O, I), b (O) -> (N, O) (PyTorch `nn.Linear`).
 
+use crate::cpu::linear::PackedLinear;
 use crate::error::Result;
 use crate::ops;
 use crate::tensor::Tensor;
@@ -50,5 +51,35 @@ impl Linear {
 
     pub fn forward_into(&self, x: &Tensor, relu: bool, out: &mut Tensor) -> Result<()> {
         ops::linear_into(x, &self.weight, self.bias.as_ref(), relu, out)
+    }
+}
+
+/// A `Linear` frozen for inference: the weights packed once (see `cpu::linear::PackedLinear`), the
+/// raw copy dropped. The encoders' classifier layers use it; training keeps `Linear`.
+#[derive(Clone, Debug)]
+pub struct FrozenLinear {
+    w: PackedLinear,
+}
+
+impl FrozenLinear {
+    /// W (O, I) and bias (O) as f32 vectors, row-major.
+    pub fn new(w: &[f32], out: usize, inp: usize, bias: Option<Vec<f32>>) -> Self {
+        FrozenLinear { w: PackedLinear::new(w, out, inp, bias) }
+    }
+    pub fn in_features(&self) -> usize {
+        self.w.in_features()
+    }
+    pub fn out_features(&self) -> usize {
+        self.w.out_features()
+    }
+
+    pub fn forward(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        let mut out = Tensor::zeros(&[x.dims().first().copied().unwrap_or(0), self.out_features()]);
+        self.forward_into(x, relu, &mut out)?;
+        Ok(out)
+    }
+
+    pub fn forward_into(&self, x: &Tensor, relu: bool, out: &mut Tensor) -> Result<()> {
+        ops::linear_packed_into(x, &self.w, relu, out)
     }
 }

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::nn::buffers::ActivationPool;
 use crate::nn::conv::{Conv2d, ParamFn};
 use crate::nn::encoder::{Encoder, EncoderKind, FeatureLayer};
-use crate::nn::linear::Linear;
+use crate::nn::linear::FrozenLinear;
 use crate::ops;
 use crate::tensor::Tensor;
 use crate::weights::TensorFile;
@@ -212,7 +212,7 @@ pub struct ResNet {
     stem: NetConv,
     /// Blocks of each of the four stages.
     stages: Vec<Vec<Block>>,
-    fc: Linear,
+    fc: FrozenLinear,
     /// Reused activation buffers (see `nn::buffers`).
     pool: Mutex<ActivationPool>,
 }
@@ -262,12 +262,12 @@ impl ResNet {
                 stage[bi].convs.push(conv);
             }
         }
-        let fc = Linear::new(
-            Tensor::from_vec(
-                get("fc.weight", &[cfg.num_classes, cfg.feature_dim()])?,
-                &[cfg.num_classes, cfg.feature_dim()],
-            )?,
-            Some(Tensor::from_vec(get("fc.bias", &[cfg.num_classes])?, &[cfg.num_classes])?),
+        let (classes, dim) = (cfg.num_classes, cfg.feature_dim());
+        let fc = FrozenLinear::new(
+            &get("fc.weight", &[classes, dim])?,
+            classes,
+            dim,
+            Some(get("fc.bias", &[classes])?),
         );
         let stem = stem.expect("conv1 is always first");
         Ok(ResNet { cfg: cfg.clone(), stem, stages, fc, pool: Mutex::new(ActivationPool::new()) })

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::nn::buffers::ActivationPool;
 use crate::nn::conv::{Conv2d, ParamFn};
 use crate::nn::encoder::{Encoder, EncoderKind, FeatureLayer};
-use crate::nn::linear::Linear;
+use crate::nn::linear::FrozenLinear;
 use crate::nn::resnet::{emit, to_grid, Tap};
 use crate::ops;
 use crate::tensor::Tensor;
@@ -140,9 +140,9 @@ enum Stage {
 pub struct Vgg {
     pub cfg: VggConfig,
     features: Vec<Stage>,
-    fc6: Linear,
-    fc7: Linear,
-    fc8: Linear,
+    fc6: FrozenLinear,
+    fc7: FrozenLinear,
+    fc8: FrozenLinear,
     pool: Mutex<ActivationPool>,
 }
 
@@ -173,10 +173,10 @@ impl Vgg {
                 VggLayer::Pool => Stage::Pool(i),
             });
         }
-        let lin = |(i, o, inp): (usize, usize, usize)| -> Result<Linear> {
+        let lin = |(i, o, inp): (usize, usize, usize)| -> Result<FrozenLinear> {
             let w = get(&format!("classifier.{i}.weight"), &[o, inp])?;
             let b = get(&format!("classifier.{i}.bias"), &[o])?;
-            Ok(Linear::new(Tensor::from_vec(w, &[o, inp])?, Some(Tensor::from_vec(b, &[o])?)))
+            Ok(FrozenLinear::new(&w, o, inp, Some(b)))
         };
         let [c0, c3, c6] = cfg.classifier();
         Ok(Vgg {
