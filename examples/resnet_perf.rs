@@ -11,6 +11,11 @@ use capgen::tensor::Tensor;
 use std::time::Instant;
 
 fn main() {
+    // Run on a pool worker, as the `capgen` binary does (see `capgen::cli::main`).
+    rayon::ThreadPoolBuilder::new().build().expect("thread pool").install(run)
+}
+
+fn run() {
     let args: Vec<String> = std::env::args().collect();
     let batch: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1);
     let reps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);

@@ -297,9 +297,18 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 /// Parses arguments, runs, prints any error as one line; returns the process exit code.
+///
+/// The command runs ON a rayon worker (`install`), not on the main thread: every parallel kernel
+/// called from outside the pool would otherwise hand its work over and put the caller to sleep
+/// until it is done, a wake-up per call (ResNet-50 batch 1 forward on 2 cores: 54 -> 45 ms).
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    match run(cli) {
+    let result = match rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build() {
+        Ok(pool) => pool.install(|| run(cli)),
+        // No pool (e.g. threads cannot be spawned): run on this thread with the global one.
+        Err(_) => run(cli),
+    };
+    match result {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e}");
