@@ -513,6 +513,8 @@ thread_local! {
     static A_BUF: Cell<AlignedBuf> = Cell::new(AlignedBuf::default());
     static B_BUF: Cell<AlignedBuf> = Cell::new(AlignedBuf::default());
     static S_BUF: Cell<AlignedBuf> = Cell::new(AlignedBuf::default());
+    // Whether the driver may take the column-split order (tests turn it off to compare orders).
+    static COLUMN_SPLIT: Cell<bool> = const { Cell::new(true) };
 }
 
 /// C's base pointer, shared by the tasks, which write disjoint tiles.
@@ -541,6 +543,11 @@ pub(crate) enum ASrc<'a> {
 /// ~1-2 MFLOP of work at these speeds.
 const PARALLEL_MIN_FLOPS: usize = 4 << 20;
 
+/// Pre-packed A and at least this many NR panels of B per thread: the column-split order.
+const COL_SPLIT_MIN_PANELS: usize = 4;
+/// ... and at most this many rows, unless B is much wider than a column group.
+const COL_SPLIT_MAX_ROWS: usize = 320;
+
 /// How to split the (MR panels) x (NR panels) of one B block among threads: returns the number of
 /// row chunks and of column chunks. The driver hands out panels evenly (chunk i of t gets panels
 /// `i*p/t .. (i+1)*p/t`), so with 74 panels and 4 chunks each of 2 threads gets 37, not 38 and 36.
@@ -557,6 +564,129 @@ fn task_grid(mp: usize, np: usize, mc_panels: usize, threads: usize) -> (usize, 
         let mt = mp.div_ceil(mc_panels.min(mp));
         (mt, (2 * threads).div_ceil(mt).min(np).max(1))
     }
+}
+
+/// Runs the micro-kernel on the C tile at (i, j) for one depth block of `kcur` (`first` / `last`:
+/// whether it is the first / last depth block), with the epilogue parts that block applies.
+///
+/// # Safety
+/// `ap` / `bp` must hold `kcur * MR` / `kcur * NR` packed floats; `check_dims` (run by every public
+/// entry) must have verified that C holds (m-1)*ldc + n elements and that row_scale/row_bias (m),
+/// col_bias (n) and the residual ((m-1)*ldr + n) are long enough, so every offset stays in bounds
+/// for this tile's (mv x nv) elements; the ISA must be supported (kernel_for checks); no other
+/// thread may write this tile meanwhile (see CPtr).
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_tile(
+    kern: &Kernel,
+    epi: &Epilogue,
+    m: usize,
+    n: usize,
+    ldc: usize,
+    cptr: CPtr,
+    i: usize,
+    j: usize,
+    kcur: usize,
+    ap: *const f32,
+    bp: *const f32,
+    first: bool,
+    last: bool,
+) {
+    let (mr, nr) = (kern.mr, kern.nr);
+    let mv = mr.min(m - i);
+    let nv = nr.min(n - j);
+    let te = TileEpi {
+        first,
+        beta: epi.beta,
+        scale: epi.row_scale.map_or(std::ptr::null(), |s| s.as_ptr().add(i)),
+        row_bias: match epi.row_bias {
+            Some(s) if last => s.as_ptr().add(i),
+            _ => std::ptr::null(),
+        },
+        col_bias: match epi.col_bias {
+            Some(s) if last => s.as_ptr().add(j),
+            _ => std::ptr::null(),
+        },
+        res: match epi.residual {
+            Some((r, ldr)) if last => r.as_ptr().add(i * ldr + j),
+            _ => std::ptr::null(),
+        },
+        ldr: epi.residual.map_or(0, |r| r.1),
+        relu: epi.relu && last,
+        rows: mv,
+        cols: nv,
+    };
+    let cp = cptr.get().add(i * ldc + j);
+    if let (true, Some(rows_fn)) = (mv < mr, kern.rows_fn) {
+        rows_fn(mv)(kcur, ap, bp, cp, ldc, &te);
+    } else if (mv == mr && nv == nr) || kern.partial {
+        (kern.f)(kcur, ap, bp, cp, ldc, &te);
+    } else {
+        let mut tmp = [0.0f32; 512];
+        (kern.f)(kcur, ap, bp, tmp.as_mut_ptr(), nr, &TileEpi::PLAIN);
+        kernels::apply_scalar(tmp.as_ptr(), nr, mv, nv, cp, ldc, &te);
+    }
+}
+
+/// B panels a thread packs and then multiplies by all of A before packing the next ones, in the
+/// column-split order (`gemm_column_split`): 8 x (256 x 32) floats = 256 KiB, L2-resident.
+const COL_GROUP: usize = 16;
+
+/// The column-split order for a pre-packed A (layer weights) and a wide B (a conv's N*P*Q
+/// columns): the NR panels are dealt out evenly to one task per thread; a task packs COL_GROUP of
+/// its panels at a time, for every depth block in turn, and runs every A panel against them. One
+/// fork/join per GEMM (the default order has two per depth block per B block: pack, then
+/// multiply), B is packed by the thread that reads it, and the split is even to a panel.
+/// Each tile sees the same kernel calls in the same depth order as in the default order, so C is
+/// bit-for-bit the same.
+#[allow(clippy::too_many_arguments)]
+fn gemm_column_split(
+    kern: &Kernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &PackedA,
+    b: &dyn PackB,
+    c: &mut [f32],
+    ldc: usize,
+    epi: &Epilogue,
+    threads: usize,
+) {
+    let (mr, nr) = (kern.mr, kern.nr);
+    let (mp, np) = (m.div_ceil(mr), n.div_ceil(nr));
+    let cptr = CPtr(c.as_mut_ptr());
+    let task = |t: usize| {
+        let (jp0, jp1) = (t * np / threads, (t + 1) * np / threads);
+        let mut bbuf = B_BUF.with(|b| b.take());
+        let mut g0 = jp0;
+        while g0 < jp1 {
+            let g1 = (g0 + COL_GROUP).min(jp1);
+            let mut k0 = 0;
+            while k0 < k {
+                let kcur = a.kc.min(k - k0);
+                bbuf.resize((g1 - g0) * kcur * nr);
+                let j0 = g0 * nr;
+                b.pack(k0, kcur, j0, (g1 * nr).min(n) - j0, nr, bbuf.as_mut_slice());
+                let bpan = bbuf.as_slice();
+                let (first, last) = (k0 == 0, k0 + kcur == k);
+                for ip in 0..mp {
+                    let ap = a.panel_ptr(k0, kcur, ip);
+                    for jp in g0..g1 {
+                        let bp = bpan[(jp - g0) * kcur * nr..].as_ptr();
+                        // SAFETY: the A panel holds kcur*MR packed floats, the B panel kcur*NR
+                        // (packed just above, zero-padded); tasks own disjoint column ranges of C;
+                        // the rest as `run_tile` requires (checked by the public entry).
+                        unsafe {
+                            run_tile(kern, epi, m, n, ldc, cptr, ip * mr, jp * nr, kcur, ap, bp, first, last)
+                        };
+                    }
+                }
+                k0 += kcur;
+            }
+            g0 = g1;
+        }
+        B_BUF.with(|b| b.set(bbuf));
+    };
+    (0..threads).into_par_iter().for_each(task);
 }
 
 /// The packed GEMM driver: C (m x n, ld `ldc`) = epilogue(A (m x k) * B (k x n)).
@@ -593,6 +723,13 @@ pub(crate) fn gemm_driver(
         ASrc::Mat(_) => depth_block(k, kern.kc),
     };
     let threads = if 2 * m * n * k < PARALLEL_MIN_FLOPS { 1 } else { rayon::current_num_threads().max(1) };
+    if let ASrc::Packed(pa) = a {
+        let np = n.div_ceil(nr);
+        let wide = np >= COL_SPLIT_MIN_PANELS * threads && (m <= COL_SPLIT_MAX_ROWS || np >= 8 * COL_GROUP);
+        if threads > 1 && wide && COLUMN_SPLIT.with(Cell::get) {
+            return gemm_column_split(&kern, m, n, k, pa, b, c, ldc, epi, threads);
+        }
+    }
     let mp = m.div_ceil(mr);
     let cptr = CPtr(c.as_mut_ptr());
     let mut bbuf = B_BUF.with(|b| b.take());
@@ -669,50 +806,26 @@ pub(crate) fn gemm_driver(
                     ASrc::Packed(pa) => pa.panel_ptr(k0, kcur, ip0),
                 };
                 let tile = |ip: usize, jp: usize, ap: *const f32| {
-                    let i = ip * mr;
-                    let mv = mr.min(m - i);
-                    let j = j0 + jp * nr;
-                    let nv = nr.min(n - j);
                     let bp = bpan[jp * kcur * nr..].as_ptr();
-                    // SAFETY: check_dims (run by every public entry) verified that C holds
-                    // (m-1)*ldc + n elements and that row_scale/row_bias (m), col_bias (n) and
-                    // the residual ((m-1)*ldr + n) are long enough, so every offset below stays in
-                    // bounds for this tile's (mv x nv) elements; A and B panels hold kcur*MR and
-                    // kcur*NR floats (packed above, zero-padded); the ISA was checked supported
-                    // in kernel_for; tiles of different tasks are disjoint (see CPtr).
+                    // SAFETY: A and B panels hold kcur*MR and kcur*NR floats (packed above,
+                    // zero-padded); see `run_tile` for the rest.
                     unsafe {
-                        let te = TileEpi {
+                        run_tile(
+                            &kern,
+                            epi,
+                            m,
+                            n,
+                            ldc,
+                            cptr,
+                            ip * mr,
+                            j0 + jp * nr,
+                            kcur,
+                            ap,
+                            bp,
                             first,
-                            beta: epi.beta,
-                            scale: epi.row_scale.map_or(std::ptr::null(), |s| s.as_ptr().add(i)),
-                            row_bias: match epi.row_bias {
-                                Some(s) if last => s.as_ptr().add(i),
-                                _ => std::ptr::null(),
-                            },
-                            col_bias: match epi.col_bias {
-                                Some(s) if last => s.as_ptr().add(j),
-                                _ => std::ptr::null(),
-                            },
-                            res: match epi.residual {
-                                Some((r, ldr)) if last => r.as_ptr().add(i * ldr + j),
-                                _ => std::ptr::null(),
-                            },
-                            ldr: epi.residual.map_or(0, |r| r.1),
-                            relu: epi.relu && last,
-                            rows: mv,
-                            cols: nv,
-                        };
-                        let cp = cptr.get().add(i * ldc + j);
-                        if let (true, Some(rows_fn)) = (mv < mr, kern.rows_fn) {
-                            rows_fn(mv)(kcur, ap, bp, cp, ldc, &te);
-                        } else if (mv == mr && nv == nr) || kern.partial {
-                            (kern.f)(kcur, ap, bp, cp, ldc, &te);
-                        } else {
-                            let mut tmp = [0.0f32; 512];
-                            (kern.f)(kcur, ap, bp, tmp.as_mut_ptr(), nr, &TileEpi::PLAIN);
-                            kernels::apply_scalar(tmp.as_ptr(), nr, mv, nv, cp, ldc, &te);
-                        }
-                    }
+                            last,
+                        )
+                    };
                 };
                 // Panel ip of this task's A (for per_panel: the one just packed).
                 let a_at = |ip: usize| apan.wrapping_add((ip - ip0) * mr * kcur);
@@ -1028,6 +1141,50 @@ mod tests {
             isa.name()
         );
         std::hint::black_box(&c);
+    }
+
+    /// The column-split order (pre-packed A, wide B, 2+ threads) against the reference, with every
+    /// epilogue option, edge rows and columns and several depth blocks; and bit-for-bit against the
+    /// default order, which runs the same kernel calls per tile (so any difference is a bug in
+    /// which tiles or depth blocks a task covers).
+    #[test]
+    fn column_split_matches_default_order_bitwise() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let mut rng = Rng::new(77);
+        pool.install(|| {
+            for isa in available_isas() {
+                let nr = kernel_for(isa).nr;
+                // n: 8 panels exactly; 19 panels + a partial one (uneven split); m: edge panels.
+                for &(m, n, k) in &[(64, 8 * nr, 300), (37, 19 * nr + 5, 600), (300, 600, 64)] {
+                    let a = rand_vec(&mut rng, m * k);
+                    let b = rand_vec(&mut rng, k * n);
+                    let (c0, res) = (rand_vec(&mut rng, m * n), rand_vec(&mut rng, m * n));
+                    let (scale, rb, cb) =
+                        (rand_vec(&mut rng, m), rand_vec(&mut rng, m), rand_vec(&mut rng, n));
+                    let epi = Epilogue {
+                        beta: 0.5,
+                        row_scale: Some(&scale),
+                        row_bias: Some(&rb),
+                        col_bias: Some(&cb),
+                        residual: Some((&res, n)),
+                        relu: true,
+                    };
+                    let (av, bv) = (MatRef::row_major(&a, m, k), MatRef::row_major(&b, k, n));
+                    let pa = pack_a_with_isa(isa, av);
+                    let mut want = c0.clone();
+                    sgemm_reference(av, bv, &mut want, n, &epi);
+                    let mut split = c0.clone();
+                    sgemm_packed_a(&pa, bv, &mut split, n, &epi);
+                    COLUMN_SPLIT.with(|c| c.set(false));
+                    let mut default = c0.clone();
+                    sgemm_packed_a(&pa, bv, &mut default, n, &epi);
+                    COLUMN_SPLIT.with(|c| c.set(true));
+                    let e = rel_l2(&split, &want);
+                    assert!(e <= tol(k), "{} {m}x{n}x{k}: {e:.3e}", isa.name());
+                    assert!(split == default, "{} {m}x{n}x{k}: orders differ", isa.name());
+                }
+            }
+        });
     }
 
     #[test]
