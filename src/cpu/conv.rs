@@ -22,7 +22,9 @@
 //! become ONE GEMM with N*P*Q columns (what the ResNet/VGG forwards run; identical at N = 1). The
 //! lazy im2col packer is compiled once per ISA and gathers stride-2 rows with AVX-512 permutes.
 
-use crate::cpu::gemm::{gemm_driver, pack_a, sgemm, ASrc, Epilogue, Isa, MatRef, PackB, PackedA};
+use crate::cpu::gemm::{
+    gemm_direct, gemm_driver, pack_a, sgemm, ASrc, DirectB, Epilogue, Isa, MatRef, PackB, PackedA,
+};
 
 /// Geometry of a convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -483,10 +485,39 @@ pub fn conv2d_forward_cn(
     };
     if wt.r == 1 && wt.s == 1 && p.stride == (1, 1) && p.pad == (0, 0) {
         gemm_driver(wt.packed.isa(), k, cols, crs, &a, &MatRef::row_major(x, c, n * h * w), y, cols, &epi);
+    } else if direct_applicable(wt, p) {
+        let b = DirectB::new(x, c, n, h, w, wt.r, wt.s);
+        gemm_direct(k, cols, crs, &wt.packed, &b, y, cols, &epi);
     } else {
         let im = Im2col { x, n, h, w, r: wt.r, s: wt.s, p: *p, oh, ow, isa: wt.packed.isa() };
         gemm_driver(wt.packed.isa(), k, cols, crs, &a, &im, y, cols, &epi);
     }
+}
+
+thread_local! {
+    // Whether conv2d_forward_cn may take the direct path (tests turn it off to compare with im2col).
+    static DIRECT: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Runs `f` with the direct convolution path switched off on this thread (im2col instead).
+pub fn without_direct_conv<T>(f: impl FnOnce() -> T) -> T {
+    DIRECT.with(|d| d.set(false));
+    let out = f();
+    DIRECT.with(|d| d.set(true));
+    out
+}
+
+/// Whether a conv runs as a direct convolution (`gemm::DirectB`): AVX-512 weights, stride 1, no
+/// dilation, "same" padding (R = 2*pad_h + 1, S = 2*pad_w + 1) and more than one tap. B is then
+/// read from the input in place instead of being packed by im2col.
+pub fn direct_applicable(wt: &ConvWeights, p: &ConvParams) -> bool {
+    wt.packed.isa() == Isa::Avx512
+        && DIRECT.with(|d| d.get())
+        && p.stride == (1, 1)
+        && p.dilation == (1, 1)
+        && wt.r == 2 * p.pad.0 + 1
+        && wt.s == 2 * p.pad.1 + 1
+        && wt.r * wt.s > 1
 }
 
 /// Swaps the two leading axes of an (A, B, L) array: x (A, B, L) -> y (B, A, L). Converts NCHW to
@@ -949,6 +980,58 @@ mod tests {
             // As in `check`: depth c*r*s products summed in another order.
             let tol = 1e-6 * ((c * r * s) as f64).sqrt();
             assert!(e <= tol, "{g:?}: rel L2 {e:.3e} > {tol:.3e}");
+        }
+    }
+
+    /// The direct convolution (B read in place, AVX-512) against the reference and against the im2col
+    /// path on the same inputs: "same" convs of several kernel sizes (3x3, 5x5, 1x3, 7x1), tiny and
+    /// odd images (panels straddle rows and images, taps fall off every edge), channel counts that
+    /// give several depth blocks, edge rows of K, with and without residual + ReLU. Tolerance as in
+    /// `check`; the two paths run the same FMAs in the same order (padding taps are zero either way),
+    /// so they agree to ~1e-7 at most.
+    #[test]
+    fn direct_conv_matches_reference_and_im2col() {
+        // (n, c, h, w, k, r, s, fused)
+        let cases = [
+            (1, 8, 13, 10, 17, 3, 3, false),
+            (3, 7, 12, 9, 33, 3, 3, true),
+            (2, 40, 7, 7, 30, 3, 3, true), // depth 360: two depth blocks; 98 columns
+            (1, 1, 1, 1, 1, 3, 3, false),  // one pixel: every tap but the centre is padding
+            (4, 3, 2, 3, 5, 3, 3, true),
+            (2, 5, 9, 11, 15, 5, 5, false),
+            (3, 6, 5, 8, 14, 1, 3, true),
+            (2, 6, 8, 5, 28, 7, 1, false),
+            (1, 64, 56, 56, 64, 3, 3, true), // ResNet layer1: wide B, columns split over threads
+        ];
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for (i, &(n, c, h, w, k, r, s, fused)) in cases.iter().enumerate() {
+            let mut rng = Rng::new(700 + i as u64);
+            let wt: Vec<f32> = (0..k * c * r * s).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let bias: Vec<f32> = (0..k).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let cw = ConvWeights::new(wt, Some(bias), k, c, r, s);
+            let p = ConvParams { stride: (1, 1), pad: ((r - 1) / 2, (s - 1) / 2), dilation: (1, 1) };
+            if !direct_applicable(&cw, &p) {
+                println!("direct conv test skipped: no AVX-512 on this CPU");
+                return;
+            }
+            let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let res: Vec<f32> = (0..n * k * h * w).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let mut want = vec![f32::NAN; n * k * h * w];
+            conv2d_reference(&x, n, h, w, &cw, &p, fused.then_some(&res[..]), fused, &mut want);
+            let want = to_cn(&want, n, k, h * w);
+            let (xc, res_cn) = (to_cn(&x, n, c, h * w), to_cn(&res, n, k, h * w));
+            let run = || {
+                let mut y = vec![f32::NAN; n * k * h * w];
+                conv2d_forward_cn(&xc, n, h, w, &cw, &p, fused.then_some(&res_cn[..]), fused, &mut y);
+                y
+            };
+            let direct = pool.install(run);
+            let im2col = pool.install(|| without_direct_conv(run));
+            let tol = 1e-6 * ((c * r * s) as f64).sqrt();
+            let e = rel_l2(&direct, &want);
+            assert!(e <= tol, "case {i}: direct vs reference {e:.3e} > {tol:.3e}");
+            let e2 = rel_l2(&direct, &im2col);
+            assert!(e2 <= 1e-7, "case {i}: direct vs im2col {e2:.3e}");
         }
     }
 

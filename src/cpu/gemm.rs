@@ -592,9 +592,34 @@ unsafe fn run_tile(
     last: bool,
 ) {
     let (mr, nr) = (kern.mr, kern.nr);
-    let mv = mr.min(m - i);
-    let nv = nr.min(n - j);
-    let te = TileEpi {
+    let (mv, nv) = (mr.min(m - i), nr.min(n - j));
+    let te = tile_epi(epi, i, j, mv, nv, first, last);
+    let cp = cptr.get().add(i * ldc + j);
+    if let (true, Some(rows_fn)) = (mv < mr, kern.rows_fn) {
+        rows_fn(mv)(kcur, ap, bp, cp, ldc, &te);
+    } else if (mv == mr && nv == nr) || kern.partial {
+        (kern.f)(kcur, ap, bp, cp, ldc, &te);
+    } else {
+        let mut tmp = [0.0f32; 512];
+        (kern.f)(kcur, ap, bp, tmp.as_mut_ptr(), nr, &TileEpi::PLAIN);
+        kernels::apply_scalar(tmp.as_ptr(), nr, mv, nv, cp, ldc, &te);
+    }
+}
+
+/// The tile epilogue for the (mv x nv) tile at (i, j) in depth block (`first`, `last`).
+///
+/// # Safety
+/// As `run_tile`: the epilogue's slices must cover the tile (pointers are offset without checks).
+unsafe fn tile_epi(
+    epi: &Epilogue,
+    i: usize,
+    j: usize,
+    mv: usize,
+    nv: usize,
+    first: bool,
+    last: bool,
+) -> TileEpi {
+    TileEpi {
         first,
         beta: epi.beta,
         scale: epi.row_scale.map_or(std::ptr::null(), |s| s.as_ptr().add(i)),
@@ -614,16 +639,6 @@ unsafe fn run_tile(
         relu: epi.relu && last,
         rows: mv,
         cols: nv,
-    };
-    let cp = cptr.get().add(i * ldc + j);
-    if let (true, Some(rows_fn)) = (mv < mr, kern.rows_fn) {
-        rows_fn(mv)(kcur, ap, bp, cp, ldc, &te);
-    } else if (mv == mr && nv == nr) || kern.partial {
-        (kern.f)(kcur, ap, bp, cp, ldc, &te);
-    } else {
-        let mut tmp = [0.0f32; 512];
-        (kern.f)(kcur, ap, bp, tmp.as_mut_ptr(), nr, &TileEpi::PLAIN);
-        kernels::apply_scalar(tmp.as_ptr(), nr, mv, nv, cp, ldc, &te);
     }
 }
 
@@ -757,6 +772,155 @@ fn gemm_whole_b(
     };
     (0..mt * nt).into_par_iter().for_each(task);
     B_BUF.with(|b| b.set(bbuf));
+}
+
+/// The B operand of a stride-1 convolution whose output has its input's size ("same" padding:
+/// R = 2*pad_h + 1, S = 2*pad_w + 1), read straight from the channel-major input x (C, N, H, W)
+/// with no packing (the direct convolution, `cpu::conv`). Column jj of B is output pixel
+/// (n, p, q) = flattened jj of (N, H, W); row kk = (c, r, s) of B is x at the same flattened
+/// position shifted by `offs[kk]` = c*N*H*W + (r - pad_h)*W + (s - pad_w), which is pixel
+/// (n, p + r - pad_h, q + s - pad_w) of channel c whenever that lies inside the image, and
+/// padding (zero) otherwise. So 32 consecutive columns of a B row are 32 consecutive floats of x,
+/// with the lanes whose tap falls in the padding masked off: `masks[panel * taps + r*S + s]`.
+pub(crate) struct DirectB<'a> {
+    pub x: &'a [f32],
+    pub offs: Vec<isize>,
+    pub taps: Vec<u8>,
+    pub ntaps: usize,
+    pub masks: Vec<u32>,
+}
+
+impl<'a> DirectB<'a> {
+    /// For x (C, N, H, W) and an R x S kernel with "same" padding (checked by the caller).
+    pub fn new(x: &'a [f32], c: usize, n: usize, h: usize, w: usize, r: usize, s: usize) -> Self {
+        let (ph, pw) = ((r - 1) / 2, (s - 1) / 2);
+        let (hw, cols) = (h * w, n * h * w);
+        assert_eq!(x.len(), c * cols, "direct conv input size");
+        let ntaps = r * s;
+        assert!(ntaps <= 256, "direct conv: at most 256 taps");
+        let mut offs = Vec::with_capacity(c * ntaps);
+        let mut taps = Vec::with_capacity(c * ntaps);
+        for ci in 0..c {
+            for ri in 0..r {
+                for si in 0..s {
+                    offs.push(
+                        (ci * cols) as isize + (ri as isize - ph as isize) * w as isize + si as isize
+                            - pw as isize,
+                    );
+                    taps.push((ri * s + si) as u8);
+                }
+            }
+        }
+        let np = cols.div_ceil(32);
+        let mut masks = vec![0u32; np * ntaps];
+        for (jp, pm) in masks.chunks_mut(ntaps).enumerate() {
+            for l in 0..32 {
+                let jj = jp * 32 + l;
+                if jj >= cols {
+                    break;
+                }
+                let (p, q) = ((jj % hw) / w, jj % w);
+                for ri in 0..r {
+                    for si in 0..s {
+                        let (y, xq) = ((p + ri).wrapping_sub(ph), (q + si).wrapping_sub(pw));
+                        if y < h && xq < w {
+                            pm[ri * s + si] |= 1 << l;
+                        }
+                    }
+                }
+            }
+        }
+        DirectB { x, offs, taps, ntaps, masks }
+    }
+}
+
+/// C (m x n) = epilogue(A * B) for a pre-packed A (the conv weights, K x C*R*S in (c, r, s) order)
+/// and a `DirectB` (AVX-512 only: it needs masked loads). Tasks as in the pack-free orders above:
+/// columns split evenly over threads when B is wide, else the task grid; each task runs its tiles
+/// through every depth block (A in L1, the input rows it reads in L1/L2).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_direct(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &PackedA,
+    b: &DirectB,
+    c: &mut [f32],
+    ldc: usize,
+    epi: &Epilogue,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert_eq!(a.isa, Isa::Avx512, "gemm_direct: AVX-512 only");
+        assert!(a.m == m && a.k == k && b.offs.len() == k, "gemm_direct: shapes");
+        let shape = MatRef { data: &[], rows: m, cols: k, rs: 0, cs: 0 };
+        let bshape = MatRef { data: &[], rows: k, cols: n, rs: 0, cs: 0 };
+        check_dims(&shape, &bshape, c, ldc, epi);
+        assert_eq!(b.masks.len(), n.div_ceil(32) * b.ntaps, "gemm_direct: masks");
+        let kern = kernel_for(Isa::Avx512);
+        let (mr, nr) = (kern.mr, kern.nr);
+        let (mp, np) = (m.div_ceil(mr), n.div_ceil(nr));
+        let threads =
+            if 2 * m * n * k < PARALLEL_MIN_FLOPS { 1 } else { rayon::current_num_threads().max(1) };
+        let (mt, nt) = if np >= COL_SPLIT_MIN_PANELS * threads {
+            (1, threads)
+        } else {
+            task_grid(mp, np, kern.mc / mr, threads)
+        };
+        let (kc, nblk) = (a.kc, k.div_ceil(a.kc));
+        let cptr = CPtr(c.as_mut_ptr());
+        let task = |t: usize| {
+            let (mi, ni) = (t / nt, t % nt);
+            let (ip0, ip1) = (mi * mp / mt, (mi + 1) * mp / mt);
+            let (jp0, jp1) = (ni * np / nt, (ni + 1) * np / nt);
+            let mut g0 = jp0;
+            while g0 < jp1 {
+                let g1 = (g0 + COL_GROUP).min(jp1);
+                for d in 0..nblk {
+                    let (k0, kcur) = (d * kc, kc.min(k - d * kc));
+                    let (first, last) = (d == 0, d + 1 == nblk);
+                    for ip in ip0..ip1 {
+                        let (i, ap) = (ip * mr, a.panel_ptr(k0, kcur, ip));
+                        let mv = mr.min(m - i);
+                        let f = kernels::x86::kernel_avx512_direct_for_rows(mv);
+                        for jp in g0..g1 {
+                            let j = jp * nr;
+                            // SAFETY: the A panel holds kcur*MR packed floats; offs/taps hold k
+                            // entries (asserted), so k0..k0+kcur are in range; DirectB::new set a
+                            // mask bit only where column jj < n and its tap lands inside the image,
+                            // i.e. where x + jj + offs[kk] is an element of x; check_dims covered
+                            // C and the epilogue; tasks own disjoint tiles; AVX-512 was asserted.
+                            unsafe {
+                                let te = tile_epi(epi, i, j, mv, nr.min(n - j), first, last);
+                                f(
+                                    kcur,
+                                    ap,
+                                    b.x.as_ptr().wrapping_add(j),
+                                    b.offs.as_ptr().add(k0),
+                                    b.taps.as_ptr().add(k0),
+                                    b.masks.as_ptr().add(jp * b.ntaps),
+                                    cptr.get().add(i * ldc + j),
+                                    ldc,
+                                    &te,
+                                )
+                            };
+                        }
+                    }
+                }
+                g0 = g1;
+            }
+        };
+        if threads > 1 && mt * nt > 1 {
+            (0..mt * nt).into_par_iter().for_each(task);
+        } else {
+            (0..mt * nt).for_each(task);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (m, n, k, a, b, c, ldc, epi);
+        unreachable!("gemm_direct: AVX-512 only");
+    }
 }
 
 /// The packed GEMM driver: C (m x n, ld `ldc`) = epilogue(A (m x k) * B (k x n)).

@@ -162,12 +162,7 @@ pub(super) mod x86 {
         te: &TileEpi,
     ) {
         const MR: usize = AVX512_MR;
-        // Start fetching the C tile now; its loads in the epilogue are then L1 hits. (Prefetches
-        // never fault; wrapping_add because rows past an edge tile may lie outside C.)
-        for i in 0..R {
-            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * ldc) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * ldc + 16) as *const i8);
-        }
+        prefetch_c::<R>(c, ldc);
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let (mut ap, mut bp) = (a, b);
         // The next A micro-panel follows this one in memory (both packing layouts); when n is small
@@ -191,6 +186,113 @@ pub(super) mod x86 {
             ap = ap.add(MR);
             bp = bp.add(32);
         }
+        store_tile_avx512(&acc, c, ldc, te);
+    }
+
+    /// The signature of the direct-convolution kernels: `(kc, a, x, offs, taps, masks, c, ldc, te)`.
+    pub(in super::super) type DirectKernelFn = unsafe fn(
+        usize,
+        *const f32,
+        *const f32,
+        *const isize,
+        *const u8,
+        *const u32,
+        *mut f32,
+        usize,
+        &TileEpi,
+    );
+
+    /// The direct kernel computing the first `r` rows (1..=MR) of a tile.
+    pub(in super::super) fn kernel_avx512_direct_for_rows(r: usize) -> DirectKernelFn {
+        const K: [DirectKernelFn; AVX512_MR] = [
+            kernel_avx512_direct_rows::<1>,
+            kernel_avx512_direct_rows::<2>,
+            kernel_avx512_direct_rows::<3>,
+            kernel_avx512_direct_rows::<4>,
+            kernel_avx512_direct_rows::<5>,
+            kernel_avx512_direct_rows::<6>,
+            kernel_avx512_direct_rows::<7>,
+            kernel_avx512_direct_rows::<8>,
+            kernel_avx512_direct_rows::<9>,
+            kernel_avx512_direct_rows::<10>,
+            kernel_avx512_direct_rows::<11>,
+            kernel_avx512_direct_rows::<12>,
+            kernel_avx512_direct_rows::<13>,
+            kernel_avx512_direct_rows::<14>,
+        ];
+        K[r.clamp(1, AVX512_MR) - 1]
+    }
+
+    /// The 14x32 kernel with B read straight from a convolution's input instead of a packed panel
+    /// (`gemm::DirectB`, the direct convolution): depth step p loads the 32 floats at
+    /// `x + offs[p]` with the lanes of mask `masks[taps[p]]` (bit l = lane l; zero elsewhere: the
+    /// padding), in place of row p of a packed B panel. Same FMAs in the same order as
+    /// `kernel_avx512_rows` on the equivalent im2col panel.
+    ///
+    /// # Safety
+    /// CPU supports avx512f; `a` as in the module comment; `offs` / `taps` hold kc entries, every
+    /// `taps[p]` indexes `masks`, and for every set bit l of `masks[taps[p]]`, `x + offs[p] + l` is
+    /// a valid read (masked-off lanes are neither read nor fault); `c`, `te` as in the module comment.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel_avx512_direct_rows<const R: usize>(
+        kc: usize,
+        a: *const f32,
+        x: *const f32,
+        offs: *const isize,
+        taps: *const u8,
+        masks: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        te: &TileEpi,
+    ) {
+        const MR: usize = AVX512_MR;
+        prefetch_c::<R>(c, ldc);
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let mut ap = a;
+        // As in kernel_avx512_rows: pull the next A panel into L2, a cache line per depth step.
+        let mut anext = a.wrapping_add(MR * kc);
+        for p in 0..kc {
+            _mm_prefetch::<_MM_HINT_T1>(anext as *const i8);
+            anext = anext.wrapping_add(16);
+            let m = *masks.add(*taps.add(p) as usize);
+            let bp = x.wrapping_offset(*offs.add(p));
+            let b0 = _mm512_maskz_loadu_ps(m as u16, bp);
+            let b1 = _mm512_maskz_loadu_ps((m >> 16) as u16, bp.wrapping_add(16));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let ai = _mm512_set1_ps(*ap.add(i));
+                row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
+                row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+            }
+            ap = ap.add(MR);
+        }
+        store_tile_avx512(&acc, c, ldc, te);
+    }
+
+    /// Prefetches the C tile at kernel entry, so its loads in the epilogue are L1 hits. (Prefetches
+    /// never fault; wrapping_add because rows past an edge tile may lie outside C.)
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn prefetch_c<const R: usize>(c: *mut f32, ldc: usize) {
+        for i in 0..R {
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * ldc) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(i * ldc + 16) as *const i8);
+        }
+    }
+
+    /// The in-register epilogue shared by the AVX-512 kernels: applies `te` to the (R, 32) block of
+    /// accumulators and stores it to C.
+    ///
+    /// # Safety
+    /// CPU supports avx512f; `c` and the pointers in `te` valid for a te.rows x te.cols tile.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_tile_avx512<const R: usize>(
+        acc: &[[__m512; 2]; R],
+        c: *mut f32,
+        ldc: usize,
+        te: &TileEpi,
+    ) {
         // Edge tiles (te.rows < MR or te.cols < NR) are stored straight to C: rows past te.rows
         // are skipped (their A rows are zero padding), columns past te.cols masked off. Masked
         // loads never touch (or fault on) masked-out elements.

@@ -18,6 +18,7 @@
 
 use std::sync::Mutex;
 
+use crate::cpu::conv::direct_applicable;
 use crate::cpu::conv::{swap_leading_axes, ConvParams};
 use crate::cpu::pool::PoolParams;
 use crate::cpu::winograd::{winograd_applicable, winograd_forward, ActLayout, WinogradWeights};
@@ -410,8 +411,10 @@ impl ResNet {
 /// Stride-1 3x3 convs run as Winograd F(2x2,3x3) (`cpu::winograd`: 2.25x fewer multiplies; pooled
 /// ResNet-50 features differ from the direct path by ~2e-7 relative L2, far inside the 1e-4 bound)
 /// when the batch has at least `WINOGRAD_MIN_TILES` 2x2 output tiles: below that (layer4 at batch 1,
-/// 16 tiles) the 16 GEMMs are too narrow for the 32-wide kernel and the direct path is as fast.
-/// Every other conv is an implicit GEMM (1x1 straight to GEMM, lazy im2col otherwise).
+/// 16 tiles) the 16 GEMMs are too narrow for the 32-wide kernel and the direct path is as fast,
+/// and when the direct convolution is available and there are fewer than `WINOGRAD_MIN_CHANNELS`
+/// input channels. Every other conv is an implicit GEMM (1x1 straight to GEMM; stride-1 3x3 as a
+/// direct convolution reading the input in place on AVX-512; lazy im2col otherwise).
 fn run_conv(
     conv: &NetConv,
     x: &Tensor,
@@ -421,7 +424,10 @@ fn run_conv(
     pool: &mut ActivationPool,
 ) -> Result<()> {
     if let (Some(ww), &[_, n, h, w]) = (&conv.wino, x.dims()) {
-        if n * h.div_ceil(2) * w.div_ceil(2) >= WINOGRAD_MIN_TILES {
+        let direct = direct_applicable(&conv.conv.weights, &conv.conv.params);
+        if n * h.div_ceil(2) * w.div_ceil(2) >= WINOGRAD_MIN_TILES
+            && (ww.c >= WINOGRAD_MIN_CHANNELS || !direct)
+        {
             // Shapes were checked when `out` was sized from `out_dims_cn`; stride 1, pad 1 keeps H x W.
             let l = ActLayout::cnhw(n, h, w);
             let res = match residual {
@@ -449,6 +455,11 @@ fn run_conv(
 
 /// Fewest 2x2 output tiles (over the batch) for which a stride-1 3x3 conv takes the Winograd path.
 const WINOGRAD_MIN_TILES: usize = 32;
+
+/// Fewest input channels for which Winograd beats the direct convolution (when that is available):
+/// at 64 (layer1) the transforms' memory traffic outweighs the 2.25x fewer multiplies (measured on
+/// the whole net: b1 and b8 ~1% faster with layer1 direct, ~2% slower with layer2 direct too).
+const WINOGRAD_MIN_CHANNELS: usize = 128;
 
 /// A trace callback (see `Encoder::forward_trace`).
 pub(crate) type Tap<'a> = &'a mut dyn FnMut(&str, &Tensor);
