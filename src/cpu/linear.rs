@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::gemm::{pack_a, sgemm, sgemm_packed_a, Epilogue, MatRef, PackedA};
+use crate::cpu::gemm::{gemv_packed_a, pack_a, sgemm, sgemm_packed_a, Epilogue, MatRef, PackedA};
 
 /// y (N,O) = x (N,I) W^T (I,O) + b (O). Overwrites `y`.
 pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>, n: usize, i: usize, o: usize) {
@@ -51,7 +51,7 @@ impl PackedLinear {
 
 /// y (N,O) = act(x (N,I) W^T + b), the same function as `linear_forward`, computed transposed so
 /// the pre-packed W is the A operand: y^T (O,N) = W (O,I) x^T (I,N), bias along rows, then
-/// transposed back into y (at N = 1 the two layouts coincide and the GEMM writes y directly).
+/// transposed back into y (at N = 1 the two layouts coincide: a matrix-vector product, `gemv_packed_a`).
 pub fn linear_forward_packed(y: &mut [f32], x: &[f32], w: &PackedLinear, n: usize, relu: bool) {
     let (o, i) = (w.out_features(), w.in_features());
     assert_eq!(x.len(), n * i, "linear_forward_packed: x is not (N,I)");
@@ -59,7 +59,7 @@ pub fn linear_forward_packed(y: &mut [f32], x: &[f32], w: &PackedLinear, n: usiz
     let epi = Epilogue { row_bias: w.bias.as_deref(), relu, ..Default::default() };
     let xt = MatRef::row_major(x, n, i).t(); // (I,N)
     if n == 1 {
-        sgemm_packed_a(&w.w, xt, y, 1, &epi);
+        gemv_packed_a(&w.w, x, y, &epi);
     } else {
         let mut yt = vec![0.0f32; o * n];
         sgemm_packed_a(&w.w, xt, &mut yt, n, &epi);
