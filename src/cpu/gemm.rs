@@ -222,6 +222,8 @@ struct Kernel {
     f: kernels::KernelFn,
     /// A kernel that computes only the first r rows, for the last MR panel when m % MR != 0.
     rows_fn: Option<fn(usize) -> kernels::KernelFn>,
+    /// A kernel for r rows and at most NR/2 columns (the last NR panel when n % NR <= NR/2).
+    half_fn: Option<fn(usize) -> kernels::KernelFn>,
 }
 
 fn kernel_for(isa: Isa) -> Kernel {
@@ -241,6 +243,7 @@ fn kernel_for(isa: Isa) -> Kernel {
             partial: true,
             f: kernels::x86::kernel_avx512,
             rows_fn: Some(kernels::x86::kernel_avx512_for_rows),
+            half_fn: Some(kernels::x86::kernel_avx512_half_for_rows),
         },
         #[cfg(target_arch = "x86_64")]
         // BLIS order: B micro-panel 256 x 16 x 4 B = 16 KiB stays in a 32 KiB L1d (Zen 3), A block
@@ -255,6 +258,7 @@ fn kernel_for(isa: Isa) -> Kernel {
             partial: false,
             f: kernels::x86::kernel_avx2,
             rows_fn: None,
+            half_fn: None,
         },
         _ => Kernel {
             mr: kernels::PORTABLE_MR,
@@ -266,6 +270,7 @@ fn kernel_for(isa: Isa) -> Kernel {
             partial: false,
             f: kernels::kernel_portable,
             rows_fn: None,
+            half_fn: None,
         },
     }
 }
@@ -651,7 +656,9 @@ unsafe fn run_tile(
     let (mv, nv) = (mr.min(m - i), nr.min(n - j));
     let te = tile_epi(epi, i, j, mv, nv, first, last);
     let cp = cptr.get().add(i * ldc + j);
-    if let (true, Some(rows_fn)) = (mv < mr, kern.rows_fn) {
+    if let (true, Some(half_fn)) = (2 * nv <= nr, kern.half_fn) {
+        half_fn(mv)(kcur, ap, bp, cp, ldc, &te);
+    } else if let (true, Some(rows_fn)) = (mv < mr, kern.rows_fn) {
         rows_fn(mv)(kcur, ap, bp, cp, ldc, &te);
     } else if (mv == mr && nv == nr) || kern.partial {
         (kern.f)(kcur, ap, bp, cp, ldc, &te);

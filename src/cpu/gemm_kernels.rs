@@ -148,6 +148,29 @@ pub(super) mod x86 {
         K[r.clamp(1, AVX512_MR) - 1]
     }
 
+    /// The kernel for a tile with at most 16 real columns (the last NR panel when n % 32 is 1..=16,
+    /// e.g. n = 196 = 6*32 + 4 in ResNet's layer3 at batch 1): one B vector per depth step, half
+    /// the FMAs. The B panel keeps its NR stride. `r` rows as in `kernel_avx512_for_rows`.
+    pub(in super::super) fn kernel_avx512_half_for_rows(r: usize) -> super::KernelFn {
+        const K: [super::KernelFn; AVX512_MR] = [
+            kernel_avx512_rows_v::<1, 1>,
+            kernel_avx512_rows_v::<2, 1>,
+            kernel_avx512_rows_v::<3, 1>,
+            kernel_avx512_rows_v::<4, 1>,
+            kernel_avx512_rows_v::<5, 1>,
+            kernel_avx512_rows_v::<6, 1>,
+            kernel_avx512_rows_v::<7, 1>,
+            kernel_avx512_rows_v::<8, 1>,
+            kernel_avx512_rows_v::<9, 1>,
+            kernel_avx512_rows_v::<10, 1>,
+            kernel_avx512_rows_v::<11, 1>,
+            kernel_avx512_rows_v::<12, 1>,
+            kernel_avx512_rows_v::<13, 1>,
+            kernel_avx512_rows_v::<14, 1>,
+        ];
+        K[r.clamp(1, AVX512_MR) - 1]
+    }
+
     /// Computes only the first `R` (<= MR) rows of an MR-row tile; the A panel keeps its MR stride.
     ///
     /// # Safety
@@ -161,8 +184,27 @@ pub(super) mod x86 {
         ldc: usize,
         te: &TileEpi,
     ) {
+        kernel_avx512_rows_v::<R, 2>(kc, a, b, c, ldc, te)
+    }
+
+    /// The first `R` rows and the first `V` (1 or 2) 16-column vectors of a tile; te.cols must be
+    /// at most 16 * V.
+    ///
+    /// # Safety
+    /// As `kernel_avx512_rows`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn kernel_avx512_rows_v<const R: usize, const V: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        te: &TileEpi,
+    ) {
         const MR: usize = AVX512_MR;
+        debug_assert!(te.cols <= 16 * V);
         prefetch_c::<R>(c, ldc);
+        // acc[i][1] stays zero when V = 1; the epilogue's column mask skips it.
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let (mut ap, mut bp) = (a, b);
         // The next A micro-panel follows this one in memory (both packing layouts); when n is small
@@ -174,14 +216,16 @@ pub(super) mod x86 {
             _mm_prefetch::<_MM_HINT_T1>(anext as *const i8);
             anext = anext.wrapping_add(16);
             // B streams from L2 (the A micro-panel is the L1-resident operand); fetch 8 rows ahead.
-            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(8 * 32) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(8 * 32 + 16) as *const i8);
-            let b0 = _mm512_loadu_ps(bp);
-            let b1 = _mm512_loadu_ps(bp.add(16));
+            for h in 0..V {
+                _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(8 * 32 + 16 * h) as *const i8);
+            }
+            let bv =
+                [_mm512_loadu_ps(bp), if V > 1 { _mm512_loadu_ps(bp.add(16)) } else { _mm512_setzero_ps() }];
             for (i, row) in acc.iter_mut().enumerate() {
                 let ai = _mm512_set1_ps(*ap.add(i));
-                row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
-                row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+                for h in 0..V {
+                    row[h] = _mm512_fmadd_ps(ai, bv[h], row[h]);
+                }
             }
             ap = ap.add(MR);
             bp = bp.add(32);
