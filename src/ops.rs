@@ -137,6 +137,9 @@ pub fn max_pool2d_out_dims(x: &[usize], p: &PoolParams) -> Result<Vec<usize>> {
     let [n, c, h, w] = *x else {
         return Err(Error::shape(format!("max_pool2d: expected an (N, C, H, W) input, got {x:?}")));
     };
+    if p.kernel.0 == 0 || p.kernel.1 == 0 {
+        return Err(Error::shape(format!("max_pool2d: kernel {:?} is empty", p.kernel)));
+    }
     // PyTorch's rule; it guarantees every window holds at least one real pixel.
     if 2 * p.pad.0 > p.kernel.0 || 2 * p.pad.1 > p.kernel.1 {
         return Err(Error::shape(format!(
@@ -351,6 +354,7 @@ mod tests {
         assert!(matches!(linear(&rand(1, &[2, 3]), &rand(2, &[4, 5]), None, false), Err(Error::Shape(_))));
         assert!(matches!(max_pool2d(&rand(1, &[2, 3]), &PoolParams::new(3, 2, 1)), Err(Error::Shape(_))));
         assert!(matches!(max_pool2d(&x, &PoolParams::new(2, 2, 2)), Err(Error::Shape(_))));
+        assert!(matches!(max_pool2d(&x, &PoolParams::new(0, 1, 0)), Err(Error::Shape(_))));
         let mut wrong = Tensor::zeros(&[2, 3, 3, 3]);
         assert!(matches!(max_pool2d_into(&x, &PoolParams::new(3, 2, 1), &mut wrong), Err(Error::Shape(_))));
         assert!(matches!(softmax(&Tensor::zeros(&[2, 0])), Err(Error::Shape(_))));

@@ -518,6 +518,7 @@ pub fn direct_applicable(wt: &ConvWeights, p: &ConvParams) -> bool {
         && wt.r == 2 * p.pad.0 + 1
         && wt.s == 2 * p.pad.1 + 1
         && wt.r * wt.s > 1
+        && wt.c > 0
 }
 
 /// Swaps the two leading axes of an (A, B, L) array: x (A, B, L) -> y (B, A, L). Converts NCHW to
@@ -1002,6 +1003,7 @@ mod tests {
             (3, 6, 5, 8, 14, 1, 3, true),
             (2, 6, 8, 5, 28, 7, 1, false),
             (1, 64, 56, 56, 64, 3, 3, true), // ResNet layer1: wide B, columns split over threads
+            (1, 96, 7, 7, 64, 3, 3, true),   // layer4-like: narrow B, the task grid, 4 depth blocks
         ];
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for (i, &(n, c, h, w, k, r, s, fused)) in cases.iter().enumerate() {

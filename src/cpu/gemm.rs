@@ -604,6 +604,9 @@ pub(crate) enum ASrc<'a> {
 /// ~1-2 MFLOP of work at these speeds.
 const PARALLEL_MIN_FLOPS: usize = 4 << 20;
 
+/// The largest B (floats, 16 MiB) the whole-B order packs at once.
+const WHOLE_B_MAX_FLOATS: usize = 4 << 20;
+
 /// Pre-packed A and at least this many NR panels of B per thread: the column-split order.
 const COL_SPLIT_MIN_PANELS: usize = 4;
 /// ... and at most this many rows, unless B is much wider than a column group.
@@ -706,7 +709,7 @@ unsafe fn tile_epi(
 }
 
 /// B panels a thread packs and then multiplies by all of A before packing the next ones, in the
-/// column-split order (`gemm_column_split`): 8 x (256 x 32) floats = 256 KiB, L2-resident.
+/// column-split order (`gemm_column_split`): 16 x (256 x 32) floats = 512 KiB, L2-resident.
 const COL_GROUP: usize = 16;
 
 /// The column-split order for a pre-packed A (layer weights) and a wide B (a conv's N*P*Q
@@ -845,12 +848,14 @@ fn gemm_whole_b(
 /// (n, p + r - pad_h, q + s - pad_w) of channel c whenever that lies inside the image, and
 /// padding (zero) otherwise. So 32 consecutive columns of a B row are 32 consecutive floats of x,
 /// with the lanes whose tap falls in the padding masked off: `masks[panel * taps + r*S + s]`.
+/// (Fields private: `gemm_direct`'s safety rests on `new` having built them together.)
 pub(crate) struct DirectB<'a> {
-    pub x: &'a [f32],
-    pub offs: Vec<isize>,
-    pub taps: Vec<u8>,
-    pub ntaps: usize,
-    pub masks: Vec<u32>,
+    x: &'a [f32],
+    cols: usize,
+    offs: Vec<isize>,
+    taps: Vec<u8>,
+    ntaps: usize,
+    masks: Vec<u32>,
 }
 
 impl<'a> DirectB<'a> {
@@ -893,7 +898,7 @@ impl<'a> DirectB<'a> {
                 }
             }
         }
-        DirectB { x, offs, taps, ntaps, masks }
+        DirectB { x, cols, offs, taps, ntaps, masks }
     }
 }
 
@@ -915,7 +920,12 @@ pub(crate) fn gemm_direct(
     #[cfg(target_arch = "x86_64")]
     {
         assert_eq!(a.isa, Isa::Avx512, "gemm_direct: AVX-512 only");
-        assert!(a.m == m && a.k == k && b.offs.len() == k, "gemm_direct: shapes");
+        assert!(a.m == m && a.k == k && b.offs.len() == k && b.cols == n, "gemm_direct: shapes");
+        if m == 0 || n == 0 || k == 0 {
+            // (k = 0 cannot come from a conv: direct_applicable requires channels.)
+            assert!(m == 0 || n == 0, "gemm_direct: empty depth");
+            return;
+        }
         let shape = MatRef { data: &[], rows: m, cols: k, rs: 0, cs: 0 };
         let bshape = MatRef { data: &[], rows: k, cols: n, rs: 0, cs: 0 };
         check_dims(&shape, &bshape, c, ldc, epi);
@@ -1027,7 +1037,8 @@ pub(crate) fn gemm_driver(
             if wide {
                 return gemm_column_split(&kern, m, n, k, pa, b, c, ldc, epi, threads);
             }
-            if n <= kern.nc && k > pa.kc {
+            // (B whole must stay modest: it lives on in the thread-local buffer.)
+            if n <= kern.nc && k > pa.kc && n.div_ceil(nr) * nr * k <= WHOLE_B_MAX_FLOATS {
                 return gemm_whole_b(&kern, m, n, k, pa, b, c, ldc, epi, threads);
             }
         }
@@ -1458,13 +1469,14 @@ mod tests {
                 let nr = kernel_for(isa).nr;
                 // Column split: n = 8 panels exactly; 19 panels + a partial one (uneven split); m
                 // with edge panels. Whole-B order (narrow n, several depth blocks): 49 x 4608 and
-                // a 5-row m (split over columns).
+                // a 20-row m (split over columns).
                 let cases = [
                     (64, 8 * nr, 300),
                     (37, 19 * nr + 5, 600),
                     (300, 600, 64),
+                    (64, 40 * nr, 300), // several column groups per task
                     (512, 49, 4608),
-                    (5, 3 * nr + 1, 700),
+                    (20, 3 * nr + 1, 4608), // whole B with the columns split too (grid 1 x 4)
                 ];
                 for &(m, n, k) in &cases {
                     let a = rand_vec(&mut rng, m * k);

@@ -262,8 +262,9 @@ mod tests {
         }
     }
 
-    /// The packed layer is `linear_forward` (same GEMM kernel, so to f32 rounding of the sum
-    /// order: rel L2 <= 1e-6), for N = 1 (direct) and N > 1 (transposed back), with and without
+    /// The packed layer is `linear_forward` (the GEMM, or at N = 1 `gemv_packed_a` with its four
+    /// partial sums: equal to f32 rounding of the sum order, rel L2 <= 1e-6), for N = 1 and N > 1
+    /// (transposed back), with and without
     /// bias and ReLU, on fresh random inputs.
     #[test]
     fn packed_linear_matches_linear_forward() {

@@ -43,6 +43,12 @@ pub fn max_pool2d(x: &[f32], n: usize, c: usize, h: usize, w: usize, p: &PoolPar
     let (oh, ow) = p.out_hw(h, w).expect("max_pool2d: empty output");
     assert_eq!(x.len(), n * c * h * w, "max_pool2d input size");
     assert_eq!(y.len(), n * c * oh * ow, "max_pool2d output size");
+    assert!(
+        p.kernel.0 >= 1 && p.kernel.1 >= 1 && 2 * p.pad.0 <= p.kernel.0 && 2 * p.pad.1 <= p.kernel.1,
+        "max_pool2d: kernel {:?} with padding {:?}: every window must hold a pixel",
+        p.kernel,
+        p.pad
+    );
     y.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each_init(
         || vec![0.0f32; w],
         |colmax, (yp, xp)| {
@@ -98,10 +104,11 @@ fn row_window_max(colmax: &[f32], yrow: &mut [f32], p: &PoolParams) {
 /// max(a, b) that returns NaN if either is NaN (`f32::max` would drop it), without a branch.
 #[inline(always)]
 fn nan_max(a: f32, b: f32) -> f32 {
-    if a > b || a.is_nan() {
-        a
-    } else {
+    // On a tie the first wins (window order), so 0.0 vs -0.0 keeps the earlier one's sign.
+    if b > a || b.is_nan() {
         b
+    } else {
+        a
     }
 }
 
@@ -324,7 +331,7 @@ mod tests {
     }
 
     #[test]
-    fn max_pool_propagates_nan_and_handles_wide_rows() {
+    fn max_pool_propagates_nan_on_an_odd_plane() {
         // A NaN poisons exactly the windows that contain it (stem pool geometry, 11x13 plane).
         let (h, w) = (11, 13);
         let p = PoolParams::new(3, 2, 1);

@@ -410,10 +410,10 @@ impl ResNet {
 ///
 /// Stride-1 3x3 convs run as Winograd F(2x2,3x3) (`cpu::winograd`: 2.25x fewer multiplies; pooled
 /// ResNet-50 features differ from the direct path by ~2e-7 relative L2, far inside the 1e-4 bound)
-/// when the batch has at least `WINOGRAD_MIN_TILES` 2x2 output tiles: below that (layer4 at batch 1,
-/// 16 tiles) the 16 GEMMs are too narrow for the 32-wide kernel and the direct path is as fast,
-/// and when the direct convolution is available and there are fewer than `WINOGRAD_MIN_CHANNELS`
-/// input channels. Every other conv is an implicit GEMM (1x1 straight to GEMM; stride-1 3x3 as a
+/// when the batch has at least `WINOGRAD_MIN_TILES` 2x2 output tiles (below that, layer4 at batch 1
+/// with 16 tiles, the 16 GEMMs are too narrow for the 32-wide kernel and the direct path is as
+/// fast), unless the direct convolution is available and the conv has fewer than
+/// `WINOGRAD_MIN_CHANNELS` input channels (then the direct convolution is faster). Every other conv is an implicit GEMM (1x1 straight to GEMM; stride-1 3x3 as a
 /// direct convolution reading the input in place on AVX-512; lazy im2col otherwise).
 fn run_conv(
     conv: &NetConv,
