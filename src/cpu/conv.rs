@@ -500,7 +500,8 @@ thread_local! {
 }
 
 /// Runs `f` with the direct convolution path switched off on this thread (im2col instead).
-pub fn without_direct_conv<T>(f: impl FnOnce() -> T) -> T {
+#[cfg(test)]
+pub(crate) fn without_direct_conv<T>(f: impl FnOnce() -> T) -> T {
     DIRECT.with(|d| d.set(false));
     let out = f();
     DIRECT.with(|d| d.set(true));
