@@ -12,6 +12,12 @@ use capgen::rng::uniform_vec;
 use std::time::Instant;
 
 fn main() {
+    // Run on a pool worker, as the `capgen` binary does (see `capgen::cli::main`): kernels called
+    // from outside the pool pay a hand-over and wake-up per call.
+    rayon::ThreadPoolBuilder::new().build().expect("thread pool").install(run)
+}
+
+fn run() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (batch, width, blocks) = (arg(1, 32), arg(2, 16), arg(3, 1));

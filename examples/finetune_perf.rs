@@ -14,6 +14,12 @@ use capgen::rng::uniform_vec;
 use std::time::Instant;
 
 fn main() {
+    // Run on a pool worker, as the `capgen` binary does (see `capgen::cli::main`): kernels called
+    // from outside the pool pay a hand-over and wake-up per call.
+    rayon::ThreadPoolBuilder::new().build().expect("thread pool").install(run)
+}
+
+fn run() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|s| s.parse().ok()).collect();
     let (n, rounds) = (args.first().copied().unwrap_or(2), args.get(1).copied().unwrap_or(3));
     let mut unfolded = TrainResNet::random(&ResNetConfig::resnet50(), 1);

@@ -14,6 +14,12 @@ fn stats(mut v: Vec<f64>) -> (f64, f64) {
 }
 
 fn main() {
+    // Run on a pool worker, as the `capgen` binary does (see `capgen::cli::main`): kernels called
+    // from outside the pool pay a hand-over and wake-up per call.
+    rayon::ThreadPoolBuilder::new().build().expect("thread pool").install(run)
+}
+
+fn run() {
     let args: Vec<String> = std::env::args().collect();
     let what = args.get(1).map(String::as_str).unwrap_or("gemm");
     let reps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(7);

@@ -294,6 +294,12 @@ fn profile(filter: &str, n: usize, secs: f64) {
 }
 
 fn main() {
+    // Run on a pool worker, as the `capgen` binary does (see `capgen::cli::main`): kernels called
+    // from outside the pool pay a hand-over and wake-up per call.
+    rayon::ThreadPoolBuilder::new().build().expect("thread pool").install(run)
+}
+
+fn run() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str).unwrap_or("shapes") {
         "resnet50" => {
