@@ -862,7 +862,7 @@ impl<'a> DirectB<'a> {
     /// For x (C, N, H, W) and an R x S kernel with "same" padding (checked by the caller).
     pub fn new(x: &'a [f32], c: usize, n: usize, h: usize, w: usize, r: usize, s: usize) -> Self {
         let (ph, pw) = ((r - 1) / 2, (s - 1) / 2);
-        let (hw, cols) = (h * w, n * h * w);
+        let cols = n * h * w;
         assert_eq!(x.len(), c * cols, "direct conv input size");
         let ntaps = r * s;
         assert!(ntaps <= 256, "direct conv: at most 256 taps");
@@ -879,22 +879,32 @@ impl<'a> DirectB<'a> {
                 }
             }
         }
+        // Tap (ri, si) of column jj = (img, p, q) is inside the image iff row p + ri - ph and
+        // column q + si - pw are: per panel, a row mask per ri and a column mask per si, ANDed.
+        // (Walks (p, q) incrementally: this runs on every conv call, before the GEMM.)
         let np = cols.div_ceil(32);
         let mut masks = vec![0u32; np * ntaps];
+        let (mut p, mut q) = (0, 0);
+        let (mut rowm, mut colm) = (vec![0u32; r], vec![0u32; s]);
         for (jp, pm) in masks.chunks_mut(ntaps).enumerate() {
-            for l in 0..32 {
-                let jj = jp * 32 + l;
-                if jj >= cols {
-                    break;
+            rowm.fill(0);
+            colm.fill(0);
+            for l in 0..32.min(cols - jp * 32) {
+                for (ri, m) in rowm.iter_mut().enumerate() {
+                    *m |= u32::from((p + ri).wrapping_sub(ph) < h) << l;
                 }
-                let (p, q) = ((jj % hw) / w, jj % w);
-                for ri in 0..r {
-                    for si in 0..s {
-                        let (y, xq) = ((p + ri).wrapping_sub(ph), (q + si).wrapping_sub(pw));
-                        if y < h && xq < w {
-                            pm[ri * s + si] |= 1 << l;
-                        }
-                    }
+                for (si, m) in colm.iter_mut().enumerate() {
+                    *m |= u32::from((q + si).wrapping_sub(pw) < w) << l;
+                }
+                q += 1;
+                if q == w {
+                    q = 0;
+                    p = if p + 1 == h { 0 } else { p + 1 };
+                }
+            }
+            for (ri, &rm) in rowm.iter().enumerate() {
+                for (si, &cm) in colm.iter().enumerate() {
+                    pm[ri * s + si] = rm & cm;
                 }
             }
         }
@@ -1038,7 +1048,7 @@ pub(crate) fn gemm_driver(
                 return gemm_column_split(&kern, m, n, k, pa, b, c, ldc, epi, threads);
             }
             // (B whole must stay modest: it lives on in the thread-local buffer.)
-            if n <= kern.nc && k > pa.kc && n.div_ceil(nr) * nr * k <= WHOLE_B_MAX_FLOATS {
+            if n <= kern.nc && k > pa.kc && np * nr * k <= WHOLE_B_MAX_FLOATS {
                 return gemm_whole_b(&kern, m, n, k, pa, b, c, ldc, epi, threads);
             }
         }
@@ -1458,8 +1468,8 @@ mod tests {
 
     /// The column-split and whole-B orders (pre-packed A, wide or narrow B, 2+ threads) against the
     /// reference, with every epilogue option, edge rows and columns and several depth blocks; and
-    /// bit-for-bit against the default order, which runs the same kernel calls per tile (so any difference is a bug in
-    /// which tiles or depth blocks a task covers).
+    /// bit-for-bit against the default order, which runs the same kernel calls per tile (so any
+    /// difference is a bug in which tiles or depth blocks a task covers).
     #[test]
     fn packed_a_orders_match_default_order_bitwise() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();

@@ -102,6 +102,18 @@ pub(super) mod x86 {
     use super::TileEpi;
     use std::arch::x86_64::*;
 
+    /// `[f::<1>, .., f::<14>]` (or `f::<r, V>` with a second const argument): one kernel per row
+    /// count of an MR = 14 panel, indexed by `r - 1`.
+    macro_rules! by_rows {
+        ($f:ident $(, $v:literal)?) => {
+            [
+                $f::<1 $(, $v)?>, $f::<2 $(, $v)?>, $f::<3 $(, $v)?>, $f::<4 $(, $v)?>, $f::<5 $(, $v)?>,
+                $f::<6 $(, $v)?>, $f::<7 $(, $v)?>, $f::<8 $(, $v)?>, $f::<9 $(, $v)?>, $f::<10 $(, $v)?>,
+                $f::<11 $(, $v)?>, $f::<12 $(, $v)?>, $f::<13 $(, $v)?>, $f::<14 $(, $v)?>,
+            ]
+        };
+    }
+
     /// AVX-512 14x32: 28 zmm accumulators + 2 for the B row + 1 broadcast = 31 of 32 registers.
     /// Per k step: 2 vector loads of B, 14 broadcasts of A (load-port uops), 28 FMAs, i.e. 14 cycles
     /// on two FMA ports with the load ports under-used; the largest MR*NR that fits the register
@@ -129,22 +141,7 @@ pub(super) mod x86 {
     /// The kernel for the last MR panel when it has only `r < MR` real rows (m = 64 = 4*14 + 8,
     /// 1024 = 73*14 + 2): the full kernel would spend 14 rows of FMAs on them.
     pub(in super::super) fn kernel_avx512_for_rows(r: usize) -> super::KernelFn {
-        const K: [super::KernelFn; AVX512_MR] = [
-            kernel_avx512_rows::<1>,
-            kernel_avx512_rows::<2>,
-            kernel_avx512_rows::<3>,
-            kernel_avx512_rows::<4>,
-            kernel_avx512_rows::<5>,
-            kernel_avx512_rows::<6>,
-            kernel_avx512_rows::<7>,
-            kernel_avx512_rows::<8>,
-            kernel_avx512_rows::<9>,
-            kernel_avx512_rows::<10>,
-            kernel_avx512_rows::<11>,
-            kernel_avx512_rows::<12>,
-            kernel_avx512_rows::<13>,
-            kernel_avx512_rows::<14>,
-        ];
+        const K: [super::KernelFn; AVX512_MR] = by_rows!(kernel_avx512_rows);
         K[r.clamp(1, AVX512_MR) - 1]
     }
 
@@ -152,22 +149,7 @@ pub(super) mod x86 {
     /// e.g. n = 196 = 6*32 + 4 in ResNet's layer3 at batch 1): one B vector per depth step, half
     /// the FMAs. The B panel keeps its NR stride. `r` rows as in `kernel_avx512_for_rows`.
     pub(in super::super) fn kernel_avx512_half_for_rows(r: usize) -> super::KernelFn {
-        const K: [super::KernelFn; AVX512_MR] = [
-            kernel_avx512_rows_v::<1, 1>,
-            kernel_avx512_rows_v::<2, 1>,
-            kernel_avx512_rows_v::<3, 1>,
-            kernel_avx512_rows_v::<4, 1>,
-            kernel_avx512_rows_v::<5, 1>,
-            kernel_avx512_rows_v::<6, 1>,
-            kernel_avx512_rows_v::<7, 1>,
-            kernel_avx512_rows_v::<8, 1>,
-            kernel_avx512_rows_v::<9, 1>,
-            kernel_avx512_rows_v::<10, 1>,
-            kernel_avx512_rows_v::<11, 1>,
-            kernel_avx512_rows_v::<12, 1>,
-            kernel_avx512_rows_v::<13, 1>,
-            kernel_avx512_rows_v::<14, 1>,
-        ];
+        const K: [super::KernelFn; AVX512_MR] = by_rows!(kernel_avx512_rows_v, 1);
         K[r.clamp(1, AVX512_MR) - 1]
     }
 
@@ -248,22 +230,7 @@ pub(super) mod x86 {
 
     /// The direct kernel computing the first `r` rows (1..=MR) of a tile.
     pub(in super::super) fn kernel_avx512_direct_for_rows(r: usize) -> DirectKernelFn {
-        const K: [DirectKernelFn; AVX512_MR] = [
-            kernel_avx512_direct_rows::<1>,
-            kernel_avx512_direct_rows::<2>,
-            kernel_avx512_direct_rows::<3>,
-            kernel_avx512_direct_rows::<4>,
-            kernel_avx512_direct_rows::<5>,
-            kernel_avx512_direct_rows::<6>,
-            kernel_avx512_direct_rows::<7>,
-            kernel_avx512_direct_rows::<8>,
-            kernel_avx512_direct_rows::<9>,
-            kernel_avx512_direct_rows::<10>,
-            kernel_avx512_direct_rows::<11>,
-            kernel_avx512_direct_rows::<12>,
-            kernel_avx512_direct_rows::<13>,
-            kernel_avx512_direct_rows::<14>,
-        ];
+        const K: [DirectKernelFn; AVX512_MR] = by_rows!(kernel_avx512_direct_rows);
         K[r.clamp(1, AVX512_MR) - 1]
     }
 

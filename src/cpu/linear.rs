@@ -57,12 +57,11 @@ pub fn linear_forward_packed(y: &mut [f32], x: &[f32], w: &PackedLinear, n: usiz
     assert_eq!(x.len(), n * i, "linear_forward_packed: x is not (N,I)");
     assert_eq!(y.len(), n * o, "linear_forward_packed: y is not (N,O)");
     let epi = Epilogue { row_bias: w.bias.as_deref(), relu, ..Default::default() };
-    let xt = MatRef::row_major(x, n, i).t(); // (I,N)
     if n == 1 {
         gemv_packed_a(&w.w, x, y, &epi);
     } else {
         let mut yt = vec![0.0f32; o * n];
-        sgemm_packed_a(&w.w, xt, &mut yt, n, &epi);
+        sgemm_packed_a(&w.w, MatRef::row_major(x, n, i).t(), &mut yt, n, &epi); // x^T (I,N)
         transpose_into(y, o, &yt, o, n, false);
     }
 }
@@ -264,8 +263,7 @@ mod tests {
 
     /// The packed layer is `linear_forward` (the GEMM, or at N = 1 `gemv_packed_a` with its four
     /// partial sums: equal to f32 rounding of the sum order, rel L2 <= 1e-6), for N = 1 and N > 1
-    /// (transposed back), with and without
-    /// bias and ReLU, on fresh random inputs.
+    /// (transposed back), with and without bias and ReLU, on fresh random inputs.
     #[test]
     fn packed_linear_matches_linear_forward() {
         for (n, i, o) in [(1, 300, 77), (3, 64, 1000), (37, 129, 45)] {
