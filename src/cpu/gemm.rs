@@ -224,6 +224,8 @@ struct Kernel {
     rows_fn: Option<fn(usize) -> kernels::KernelFn>,
     /// A kernel for r rows and at most NR/2 columns (the last NR panel when n % NR <= NR/2).
     half_fn: Option<fn(usize) -> kernels::KernelFn>,
+    /// A kernel for r rows and NR/2 + 1 columns (the last NR panel when n % NR = NR/2 + 1).
+    plus1_fn: Option<fn(usize) -> kernels::KernelFn>,
 }
 
 fn kernel_for(isa: Isa) -> Kernel {
@@ -244,6 +246,7 @@ fn kernel_for(isa: Isa) -> Kernel {
             f: kernels::x86::kernel_avx512,
             rows_fn: Some(kernels::x86::kernel_avx512_for_rows),
             half_fn: Some(kernels::x86::kernel_avx512_half_for_rows),
+            plus1_fn: Some(kernels::x86::kernel_avx512_plus1_for_rows),
         },
         #[cfg(target_arch = "x86_64")]
         // BLIS order: B micro-panel 256 x 16 x 4 B = 16 KiB stays in a 32 KiB L1d (Zen 3), A block
@@ -259,6 +262,7 @@ fn kernel_for(isa: Isa) -> Kernel {
             f: kernels::x86::kernel_avx2,
             rows_fn: None,
             half_fn: None,
+            plus1_fn: None,
         },
         _ => Kernel {
             mr: kernels::PORTABLE_MR,
@@ -271,6 +275,7 @@ fn kernel_for(isa: Isa) -> Kernel {
             f: kernels::kernel_portable,
             rows_fn: None,
             half_fn: None,
+            plus1_fn: None,
         },
     }
 }
@@ -661,6 +666,8 @@ unsafe fn run_tile(
     let cp = cptr.get().add(i * ldc + j);
     if let (true, Some(half_fn)) = (2 * nv <= nr, kern.half_fn) {
         half_fn(mv)(kcur, ap, bp, cp, ldc, &te);
+    } else if let (true, Some(plus1_fn)) = (2 * nv == nr + 2, kern.plus1_fn) {
+        plus1_fn(mv)(kcur, ap, bp, cp, ldc, &te);
     } else if let (true, Some(rows_fn)) = (mv < mr, kern.rows_fn) {
         rows_fn(mv)(kcur, ap, bp, cp, ldc, &te);
     } else if (mv == mr && nv == nr) || kern.partial {
@@ -840,15 +847,21 @@ fn gemm_whole_b(
     B_BUF.with(|b| b.set(bbuf));
 }
 
-/// The B operand of a stride-1 convolution whose output has its input's size ("same" padding:
-/// R = 2*pad_h + 1, S = 2*pad_w + 1), read straight from the channel-major input x (C, N, H, W)
-/// with no packing (the direct convolution, `cpu::conv`). Column jj of B is output pixel
-/// (n, p, q) = flattened jj of (N, H, W); row kk = (c, r, s) of B is x at the same flattened
-/// position shifted by `offs[kk]` = c*N*H*W + (r - pad_h)*W + (s - pad_w), which is pixel
-/// (n, p + r - pad_h, q + s - pad_w) of channel c whenever that lies inside the image, and
-/// padding (zero) otherwise. So 32 consecutive columns of a B row are 32 consecutive floats of x,
-/// with the lanes whose tap falls in the padding masked off: `masks[panel * taps + r*S + s]`.
-/// (Fields private: `gemm_direct`'s safety rests on `new` having built them together.)
+/// The B operand of a convolution read straight from its (channel-major) input, with no packing
+/// (the direct convolution, `cpu::conv`). Column jj of B is output pixel (n, p, q) = flattened jj
+/// of the output's (N, P, Q); row kk = (c, r, s) of B reads the input at the same flattened
+/// position shifted by `offs[kk]`. Two inputs have that property:
+/// * stride 1 with "same" padding (R = 2*pad_h + 1, S = 2*pad_w + 1): x (C, N, H, W) itself, P x Q
+///   = H x W, and tap (r, s) is the shift (r - pad_h) rows, (s - pad_w) columns (`DirectB::new`);
+/// * stride 2 where H = 2P, W = 2Q and the padding is (R - 1) / 2, (S - 1) / 2 for odd R, S (the
+///   ResNet stem and 3x3/2 convs): x split into its four phases (`conv::split_phases`: phase (a, b)
+///   holds rows 2i + a, columns 2j + b, each a P x Q plane), and input row 2p + r - pad_h is row
+///   p + dr of phase (r - pad_h) mod 2, dr = floor((r - pad_h) / 2) (`DirectB::phases`).
+///
+/// Either way the tap lies inside the image iff the shifted (row, column) does (else padding:
+/// zero), so 32 consecutive columns of a B row are 32 consecutive floats of the input with the
+/// lanes whose tap falls in the padding masked off: `masks[panel * taps + r*S + s]`.
+/// (Fields private: `gemm_direct`'s safety rests on the constructors having built them together.)
 pub(crate) struct DirectB<'a> {
     x: &'a [f32],
     cols: usize,
@@ -862,44 +875,84 @@ impl<'a> DirectB<'a> {
     /// For x (C, N, H, W) and an R x S kernel with "same" padding (checked by the caller).
     pub fn new(x: &'a [f32], c: usize, n: usize, h: usize, w: usize, r: usize, s: usize) -> Self {
         let (ph, pw) = ((r - 1) / 2, (s - 1) / 2);
-        let cols = n * h * w;
-        assert_eq!(x.len(), c * cols, "direct conv input size");
+        let rows: Vec<(isize, isize)> = (0..r).map(|ri| (0, ri as isize - ph as isize)).collect();
+        let cols: Vec<(isize, isize)> = (0..s).map(|si| (0, si as isize - pw as isize)).collect();
+        Self::build(x, c, n * h * w, n, h, w, &rows, &cols)
+    }
+
+    /// For the phases xp (C, 2, 2, N, P, Q) of a stride-2 conv's input (H = 2P, W = 2Q) and an
+    /// R x S kernel with padding ((R - 1) / 2, (S - 1) / 2) (checked by the caller).
+    pub fn phases(xp: &'a [f32], c: usize, n: usize, p: usize, q: usize, r: usize, s: usize) -> Self {
+        let plane = n * p * q;
+        // Input offset t = tap - pad = 2 * d + a with phase a in {0, 1}: (phase offset, shift d).
+        let split = |t: isize| (t.rem_euclid(2), t.div_euclid(2));
+        let (ph, pw) = (((r - 1) / 2) as isize, ((s - 1) / 2) as isize);
+        let rows: Vec<(isize, isize)> = (0..r as isize)
+            .map(|ri| {
+                let (a, d) = split(ri - ph);
+                (2 * a * plane as isize, d)
+            })
+            .collect();
+        let cols: Vec<(isize, isize)> = (0..s as isize)
+            .map(|si| {
+                let (b, d) = split(si - pw);
+                (b * plane as isize, d)
+            })
+            .collect();
+        Self::build(xp, c, 4 * plane, n, p, q, &rows, &cols)
+    }
+
+    /// Rows and columns of the kernel as (offset to the tap's plane, shift within it); x holds C
+    /// channels `cstride` apart, each N planes of `h x w` (the output's size) per phase.
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        x: &'a [f32],
+        c: usize,
+        cstride: usize,
+        n: usize,
+        h: usize,
+        w: usize,
+        rows: &[(isize, isize)],
+        cols: &[(isize, isize)],
+    ) -> Self {
+        let (r, s) = (rows.len(), cols.len());
+        let ncols = n * h * w;
+        assert_eq!(x.len(), c * cstride, "direct conv input size");
         let ntaps = r * s;
         assert!(ntaps <= 256, "direct conv: at most 256 taps");
         let mut offs = Vec::with_capacity(c * ntaps);
         let mut taps = Vec::with_capacity(c * ntaps);
         for ci in 0..c {
-            for ri in 0..r {
-                for si in 0..s {
-                    offs.push(
-                        (ci * cols) as isize + (ri as isize - ph as isize) * w as isize + si as isize
-                            - pw as isize,
-                    );
+            for (ri, &(ro, dr)) in rows.iter().enumerate() {
+                for (si, &(so, ds)) in cols.iter().enumerate() {
+                    offs.push((ci * cstride) as isize + ro + so + dr * w as isize + ds);
                     taps.push((ri * s + si) as u8);
                 }
             }
         }
-        // Tap (ri, si) of column jj = (img, p, q) is inside the image iff row p + ri - ph and
-        // column q + si - pw are: per panel, a row mask per ri and a column mask per si, ANDed.
-        // (Walks (p, q) incrementally: this runs on every conv call, before the GEMM.)
-        let np = cols.div_ceil(32);
+        // Tap (ri, si) of column jj = (img, p, q) is inside the image iff row p + dr and column
+        // q + ds are: per panel, a row mask per ri and a column mask per si, ANDed. Those are also
+        // exactly the lanes whose read stays within the tap's own plane, so every set bit is a read
+        // inside x. (Walks (p, q) incrementally: this runs on every conv call, before the GEMM.)
+        let np = ncols.div_ceil(32);
         let mut masks = vec![0u32; np * ntaps];
-        let (mut p, mut q) = (0, 0);
+        let (mut p, mut q) = (0isize, 0isize);
         let (mut rowm, mut colm) = (vec![0u32; r], vec![0u32; s]);
+        let inside = |v: isize, lim: usize| v >= 0 && v < lim as isize;
         for (jp, pm) in masks.chunks_mut(ntaps).enumerate() {
             rowm.fill(0);
             colm.fill(0);
-            for l in 0..32.min(cols - jp * 32) {
-                for (ri, m) in rowm.iter_mut().enumerate() {
-                    *m |= u32::from((p + ri).wrapping_sub(ph) < h) << l;
+            for l in 0..32.min(ncols - jp * 32) {
+                for (m, &(_, dr)) in rowm.iter_mut().zip(rows) {
+                    *m |= u32::from(inside(p + dr, h)) << l;
                 }
-                for (si, m) in colm.iter_mut().enumerate() {
-                    *m |= u32::from((q + si).wrapping_sub(pw) < w) << l;
+                for (m, &(_, ds)) in colm.iter_mut().zip(cols) {
+                    *m |= u32::from(inside(q + ds, w)) << l;
                 }
                 q += 1;
-                if q == w {
+                if q == w as isize {
                     q = 0;
-                    p = if p + 1 == h { 0 } else { p + 1 };
+                    p = if p + 1 == h as isize { 0 } else { p + 1 };
                 }
             }
             for (ri, &rm) in rowm.iter().enumerate() {
@@ -908,7 +961,11 @@ impl<'a> DirectB<'a> {
                 }
             }
         }
-        DirectB { x, cols, offs, taps, ntaps, masks }
+        // DIRECT_PREFETCH copies of the last offset after the end: the kernel reads offs[p + D]
+        // to prefetch a later depth step's input (`kernel_avx512_direct_rows`).
+        let last = offs.last().copied().unwrap_or(0);
+        offs.extend(std::iter::repeat_n(last, kernels::x86::DIRECT_PREFETCH));
+        DirectB { x, cols: ncols, offs, taps, ntaps, masks }
     }
 }
 
@@ -930,7 +987,10 @@ pub(crate) fn gemm_direct(
     #[cfg(target_arch = "x86_64")]
     {
         assert_eq!(a.isa, Isa::Avx512, "gemm_direct: AVX-512 only");
-        assert!(a.m == m && a.k == k && b.offs.len() == k && b.cols == n, "gemm_direct: shapes");
+        assert!(
+            a.m == m && a.k == k && b.offs.len() == k + kernels::x86::DIRECT_PREFETCH && b.cols == n,
+            "gemm_direct: shapes"
+        );
         if m == 0 || n == 0 || k == 0 {
             // (k = 0 cannot come from a conv: direct_applicable requires channels.)
             assert!(m == 0 || n == 0, "gemm_direct: empty depth");
@@ -1358,7 +1418,7 @@ mod tests {
         let opts_list = [1, 2, 4, 8, 16, 32, 64, 2 | 8 | 32, 1 | 2 | 4 | 8 | 16 | 32, 64 | 1 | 32];
         for isa in available_isas() {
             // Single depth block, and several (partial sums through C with beta and scale).
-            for &(m, n, k) in &[(37, 53, 71), (29, 65, 300), (45, 70, 600)] {
+            for &(m, n, k) in &[(37, 53, 71), (29, 65, 300), (45, 70, 600), (29, 49, 300)] {
                 for &opts in &opts_list {
                     seed += 1;
                     check(isa, Case { m, n, k, ta: false, tb: false, pad: 2 }, opts, seed);
@@ -1371,16 +1431,81 @@ mod tests {
     fn sgemm_every_edge_row_count() {
         // m = 1..=29 covers every remainder m % MR for MR = 6, 8, 14 (the AVX-512 path has a kernel
         // per remainder); k = 300 gives two depth blocks (partial sums in C), n = 45 a column edge.
+        // n = 49 = 32 + 17 runs the AVX-512 16+1-column kernel on its last panel.
         let mut seed = 5000;
         for isa in available_isas() {
             for m in 1..=29 {
-                seed += 1;
-                check(
-                    isa,
-                    Case { m, n: 45, k: 300, ta: false, tb: false, pad: 1 },
-                    1 | 4 | 8 | 32 | 64,
-                    seed,
-                );
+                for n in [45, 49] {
+                    seed += 1;
+                    check(
+                        isa,
+                        Case { m, n, k: 300, ta: false, tb: false, pad: 1 },
+                        1 | 4 | 8 | 32 | 64,
+                        seed,
+                    );
+                }
+            }
+        }
+    }
+
+    /// The 16+1-column kernel gives bit for bit what the full 14x32 kernel gives on the same
+    /// 17-column tile (its doc says why), for every row count, with every epilogue term set and on
+    /// a first and a later depth block.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn plus1_kernel_is_bitwise_the_full_kernel() {
+        if !Isa::Avx512.supported() {
+            println!("plus1 kernel test skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let (mr, nr, kc, ldc) = (14, 32, 37, 40);
+        let mut rng = Rng::new(17);
+        let a = rand_vec(&mut rng, mr * kc);
+        let mut b = rand_vec(&mut rng, kc * nr);
+        for row in b.chunks_mut(nr) {
+            row[17..].fill(0.0); // packed B: columns past n are zero
+        }
+        let (scale, rb, cb) = (rand_vec(&mut rng, mr), rand_vec(&mut rng, mr), rand_vec(&mut rng, nr));
+        let res = rand_vec(&mut rng, mr * ldc);
+        let c0 = rand_vec(&mut rng, mr * ldc);
+        for r in 1..=mr {
+            for first in [true, false] {
+                let te = TileEpi {
+                    first,
+                    beta: 0.5,
+                    scale: scale.as_ptr(),
+                    row_bias: rb.as_ptr(),
+                    col_bias: cb.as_ptr(),
+                    res: res.as_ptr(),
+                    ldr: ldc,
+                    relu: true,
+                    rows: r,
+                    cols: 17,
+                };
+                let (mut want, mut got) = (c0.clone(), c0.clone());
+                // SAFETY: AVX-512 checked above; A holds kc*MR floats, B kc*NR, C, res MR rows
+                // of ldc >= 17 floats, scale/row_bias MR, col_bias NR.
+                unsafe {
+                    kernels::x86::kernel_avx512_for_rows(r)(
+                        kc,
+                        a.as_ptr(),
+                        b.as_ptr(),
+                        want.as_mut_ptr(),
+                        ldc,
+                        &te,
+                    );
+                    kernels::x86::kernel_avx512_plus1_for_rows(r)(
+                        kc,
+                        a.as_ptr(),
+                        b.as_ptr(),
+                        got.as_mut_ptr(),
+                        ldc,
+                        &te,
+                    );
+                }
+                let (wb, gb): (Vec<u32>, Vec<u32>) =
+                    (want.iter().map(|v| v.to_bits()).collect(), got.iter().map(|v| v.to_bits()).collect());
+                assert_eq!(gb, wb, "rows {r}, first {first}");
             }
         }
     }

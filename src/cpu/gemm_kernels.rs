@@ -153,6 +153,81 @@ pub(super) mod x86 {
         K[r.clamp(1, AVX512_MR) - 1]
     }
 
+    /// The kernel for a tile with 16 + `X` real columns (the last NR panel when n % 32 = 16 + X,
+    /// e.g. n = 49 = 32 + 17: ResNet's 7x7 layers and layer3's Winograd tiles at batch 1), where
+    /// the full kernel would spend 32 columns of FMAs on 17. `r` rows as in
+    /// `kernel_avx512_for_rows`.
+    pub(in super::super) fn kernel_avx512_plus1_for_rows(r: usize) -> super::KernelFn {
+        const K: [super::KernelFn; AVX512_MR] = by_rows!(kernel_avx512_plus_rows, 1);
+        K[r.clamp(1, AVX512_MR) - 1]
+    }
+
+    /// Columns 0..16 as in the 16-column kernel (R broadcasts of A times one B vector) plus `X`
+    /// columns 16..16+X the other way round: the A panel's row of R floats as one vector times a
+    /// broadcast B element, so each extra column costs one FMA per depth step instead of R/2. The
+    /// products and their order of accumulation are the same as the full kernel's (an FMA is
+    /// exactly rounded whatever the order of its two factors), so the tile is bit-identical to it.
+    ///
+    /// # Safety
+    /// As `kernel_avx512_rows`; te.cols <= 16 + X.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn kernel_avx512_plus_rows<const R: usize, const X: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        te: &TileEpi,
+    ) {
+        const MR: usize = AVX512_MR;
+        debug_assert!(te.cols <= 16 + X && X <= 16);
+        prefetch_c::<R>(c, ldc);
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        // vert[x] lane i: row i of column 16 + x.
+        let mut vert = [_mm512_setzero_ps(); X];
+        let rows = ((1u32 << R) - 1) as u16;
+        let (mut ap, mut bp) = (a, b);
+        let mut anext = a.wrapping_add(MR * kc);
+        for _ in 0..kc {
+            _mm_prefetch::<_MM_HINT_T1>(anext as *const i8);
+            anext = anext.wrapping_add(16);
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(8 * 32) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(8 * 32 + 16) as *const i8);
+            let bv = _mm512_loadu_ps(bp);
+            for (i, row) in acc.iter_mut().enumerate() {
+                row[0] = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(i)), bv, row[0]);
+            }
+            // The R real floats of this depth step's A row (masked: the panel row is MR long).
+            let av = _mm512_maskz_loadu_ps(rows, ap);
+            for (x, v) in vert.iter_mut().enumerate() {
+                *v = _mm512_fmadd_ps(av, _mm512_set1_ps(*bp.add(16 + x)), *v);
+            }
+            ap = ap.add(MR);
+            bp = bp.add(32);
+        }
+        let t16 = TileEpi { cols: te.cols.min(16), ..*te };
+        store_tile_avx512(&acc, c, ldc, &t16);
+        if te.cols > 16 {
+            // The extra columns through the scalar epilogue (same operations in the same order).
+            let nx = te.cols - 16;
+            let mut tmp = [[0.0f32; 16]; X];
+            for (t, v) in tmp.iter_mut().zip(&vert) {
+                _mm512_storeu_ps(t.as_mut_ptr(), *v);
+            }
+            // tmp is column-major (X, 16): row i of column x at tmp[x][i], i.e. acs = 1 down a
+            // column; apply_scalar walks (i, j) with stride acs per row, so transpose first.
+            let mut acc_rm = [0.0f32; 16 * 16];
+            for (x, t) in tmp.iter().enumerate() {
+                for (i, &v) in t.iter().enumerate().take(R) {
+                    acc_rm[i * X + x] = v;
+                }
+            }
+            let off = |p: *const f32, d: usize| if p.is_null() { p } else { p.add(d) };
+            let tx = TileEpi { col_bias: off(te.col_bias, 16), res: off(te.res, 16), cols: nx, ..*te };
+            super::apply_scalar(acc_rm.as_ptr(), X, te.rows.min(R), nx, c.add(16), ldc, &tx);
+        }
+    }
+
     /// Computes only the first `R` (<= MR) rows of an MR-row tile; the A panel keeps its MR stride.
     ///
     /// # Safety
@@ -215,6 +290,9 @@ pub(super) mod x86 {
         store_tile_avx512(&acc, c, ldc, te);
     }
 
+    /// How many depth steps ahead the direct kernel prefetches its input (`DirectB` pads `offs`).
+    pub(in super::super) const DIRECT_PREFETCH: usize = 8;
+
     /// The signature of the direct-convolution kernels: `(kc, a, x, offs, taps, masks, c, ldc, te)`.
     pub(in super::super) type DirectKernelFn = unsafe fn(
         usize,
@@ -268,6 +346,12 @@ pub(super) mod x86 {
             anext = anext.wrapping_add(16);
             let m = *masks.add(*taps.add(p) as usize);
             let bp = x.wrapping_offset(*offs.add(p));
+            if DIRECT_PREFETCH > 0 {
+                let bn = x.wrapping_offset(*offs.add(p + DIRECT_PREFETCH));
+                _mm_prefetch::<_MM_HINT_T0>(bn as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(bn.wrapping_add(16) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(bn.wrapping_add(31) as *const i8);
+            }
             let b0 = _mm512_maskz_loadu_ps(m as u16, bp);
             let b1 = _mm512_maskz_loadu_ps((m >> 16) as u16, bp.wrapping_add(16));
             for (i, row) in acc.iter_mut().enumerate() {
