@@ -17,4 +17,5 @@ pub mod loss;
 pub mod lstm;
 pub mod peak;
 pub mod pool;
+pub mod spin;
 pub mod winograd;

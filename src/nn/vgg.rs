@@ -215,7 +215,8 @@ impl Vgg {
             }
         }
         let mut pool = std::mem::take(&mut *self.pool.lock().unwrap_or_else(|e| e.into_inner()));
-        let result = self.run_with(x, until, tap, &mut pool);
+        // The other workers spin for the forward's ~100 parallel regions (`cpu::spin`).
+        let result = crate::cpu::spin::hot(|| self.run_with(x, until, tap, &mut pool));
         let mut slot = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         pool.allocations += slot.allocations;
         *slot = pool;
