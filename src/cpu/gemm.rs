@@ -482,41 +482,72 @@ pub fn gemv_packed_a(a: &PackedA, x: &[f32], y: &mut [f32], epi: &Epilogue) {
 fn gemv_panels<const MR: usize>(a: &PackedA, x: &[f32], y: &mut [f32], epi: &Epilogue) {
     let (m, k) = (a.m, a.k);
     let panel = |(ip, yp): (usize, &mut [f32])| {
-        let mut acc = [[0.0f32; MR]; 4];
-        let mut k0 = 0;
-        while k0 < k {
-            let kcur = a.kc.min(k - k0);
-            let base = a.panel_ptr(k0, kcur, ip);
-            // SAFETY: panel_ptr points at this depth block's panel ip, kcur * MR packed floats
-            // inside the buffer (pack_a_with_isa laid out every panel of every block).
-            let pan = unsafe { std::slice::from_raw_parts(base, kcur * MR) };
-            let xs = &x[k0..k0 + kcur];
-            let (p4, x4) = (pan.chunks_exact(4 * MR), xs.chunks_exact(4));
-            let (pr, xr) = (p4.remainder(), x4.remainder());
-            for (cols, xv) in p4.zip(x4) {
-                for (u, acc) in acc.iter_mut().enumerate() {
-                    for (s, &v) in acc.iter_mut().zip(&cols[u * MR..(u + 1) * MR]) {
-                        *s = madd(v, xv[u], *s);
-                    }
-                }
-            }
-            for (col, &xv) in pr.chunks_exact(MR).zip(xr) {
-                for (s, &v) in acc[0].iter_mut().zip(col) {
-                    *s = madd(v, xv, *s);
-                }
-            }
-            k0 += kcur;
+        #[cfg(target_arch = "x86_64")]
+        if a.isa == Isa::Avx512 {
+            // SAFETY: the panels were packed for AVX-512, which `pack_a_with_isa` only does on a
+            // CPU that supports it.
+            unsafe { gemv_panel_avx512::<MR>(a, x, ip, yp, epi) };
+            return;
         }
-        for (r, out) in yp.iter_mut().enumerate() {
-            let sum = (acc[0][r] + acc[1][r]) + (acc[2][r] + acc[3][r]);
-            *out = epi.apply(ip * MR + r, 0, sum, *out);
-        }
+        gemv_panel::<MR>(a, x, ip, yp, epi)
     };
     // Memory-bound: worth a fork/join (~10 us) once A is a few hundred KB.
     if m * k >= 1 << 16 {
         y.par_chunks_mut(MR).enumerate().for_each(panel);
     } else {
         y.chunks_mut(MR).enumerate().for_each(panel);
+    }
+}
+
+/// `gemv_panel` compiled for AVX-512 (the crate is built for baseline x86-64), so the MR lanes of
+/// a depth step are one masked vector; same multiplies and adds, so the same result.
+///
+/// # Safety
+/// The CPU supports AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+unsafe fn gemv_panel_avx512<const MR: usize>(
+    a: &PackedA,
+    x: &[f32],
+    ip: usize,
+    yp: &mut [f32],
+    epi: &Epilogue,
+) {
+    gemv_panel::<MR>(a, x, ip, yp, epi)
+}
+
+/// Rows `ip * MR ..` (`yp`) of `gemv_packed_a`.
+#[inline(always)]
+fn gemv_panel<const MR: usize>(a: &PackedA, x: &[f32], ip: usize, yp: &mut [f32], epi: &Epilogue) {
+    let k = a.k;
+    let mut acc = [[0.0f32; MR]; 4];
+    let mut k0 = 0;
+    while k0 < k {
+        let kcur = a.kc.min(k - k0);
+        let base = a.panel_ptr(k0, kcur, ip);
+        // SAFETY: panel_ptr points at this depth block's panel ip, kcur * MR packed floats
+        // inside the buffer (pack_a_with_isa laid out every panel of every block).
+        let pan = unsafe { std::slice::from_raw_parts(base, kcur * MR) };
+        let xs = &x[k0..k0 + kcur];
+        let (p4, x4) = (pan.chunks_exact(4 * MR), xs.chunks_exact(4));
+        let (pr, xr) = (p4.remainder(), x4.remainder());
+        for (cols, xv) in p4.zip(x4) {
+            for (u, acc) in acc.iter_mut().enumerate() {
+                for (s, &v) in acc.iter_mut().zip(&cols[u * MR..(u + 1) * MR]) {
+                    *s = madd(v, xv[u], *s);
+                }
+            }
+        }
+        for (col, &xv) in pr.chunks_exact(MR).zip(xr) {
+            for (s, &v) in acc[0].iter_mut().zip(col) {
+                *s = madd(v, xv, *s);
+            }
+        }
+        k0 += kcur;
+    }
+    for (r, out) in yp.iter_mut().enumerate() {
+        let sum = (acc[0][r] + acc[1][r]) + (acc[2][r] + acc[3][r]);
+        *out = epi.apply(ip * MR + r, 0, sum, *out);
     }
 }
 

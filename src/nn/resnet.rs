@@ -415,7 +415,8 @@ impl ResNet {
 /// with 16 tiles, the 16 GEMMs are too narrow for the 32-wide kernel and the direct path is as
 /// fast), unless the direct convolution is available and the conv has fewer than
 /// `WINOGRAD_MIN_CHANNELS` input channels (then the direct convolution is faster). Every other conv is an implicit GEMM (1x1 straight to GEMM; stride-1 3x3 as a
-/// direct convolution reading the input in place on AVX-512; lazy im2col otherwise).
+/// direct convolution reading the input in place on AVX-512, and the stem as one over its input's
+/// four phases; lazy im2col otherwise).
 fn run_conv(
     conv: &NetConv,
     x: &Tensor,
