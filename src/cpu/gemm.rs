@@ -336,7 +336,23 @@ pub(crate) trait PackB: Sync {
 
 impl PackB for MatRef<'_> {
     fn pack(&self, k0: usize, kc: usize, j0: usize, nc: usize, nr: usize, out: &mut [f32]) {
-        for (t, panel) in out.chunks_mut(kc * nr).take(nc.div_ceil(nr)).enumerate() {
+        let npan = nc.div_ceil(nr);
+        if self.cs == 1 {
+            // Row-major B: walk it row by row, each row's nc columns in one sequential run that
+            // is scattered into the panels (panel t, row p at out[t*kc*nr + p*nr]). Reading panel
+            // by panel instead touches kc rows (often 100 KB apart) for only nr floats each, and
+            // the hardware prefetchers lose track of that many short streams.
+            for p in 0..kc {
+                let row = &self.data[(k0 + p) * self.rs + j0..(k0 + p) * self.rs + j0 + nc];
+                for (t, src) in row.chunks(nr).enumerate() {
+                    let dst = &mut out[t * kc * nr + p * nr..t * kc * nr + (p + 1) * nr];
+                    dst[..src.len()].copy_from_slice(src);
+                    dst[src.len()..].fill(0.0);
+                }
+            }
+            return;
+        }
+        for (t, panel) in out.chunks_mut(kc * nr).take(npan).enumerate() {
             let jb = j0 + t * nr;
             let nv = nr.min(j0 + nc - jb);
             if self.rs == 1 && self.cs != 1 {
