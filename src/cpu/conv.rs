@@ -1144,6 +1144,7 @@ mod tests {
             (2, 6, 8, 5, 28, 7, 1, false),
             (1, 64, 56, 56, 64, 3, 3, true), // ResNet layer1: wide B, columns split over threads
             (1, 96, 7, 7, 64, 3, 3, true),   // layer4-like: narrow B, the task grid, 4 depth blocks
+            (1, 5, 9, 9, 20, 3, 3, false),   // n = 81 = 2*32 + 17: the 16+1-column kernel
         ];
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for (i, &(n, c, h, w, k, r, s, fused)) in cases.iter().enumerate() {
@@ -1196,6 +1197,7 @@ mod tests {
             (1, 4, 6, 8, 9, 1, 3, true),
             (1, 128, 16, 16, 64, 3, 3, true), // layer2-like 3x3/2: columns split over threads
             (1, 6, 7, 8, 5, 3, 3, false),     // odd H: im2col
+            (1, 8, 14, 14, 15, 3, 3, true),   // n = 49 = 32 + 17: the 16+1-column kernel
         ];
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for (i, &(n, c, h, w, k, r, s, fused)) in cases.iter().enumerate() {

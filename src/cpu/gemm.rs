@@ -916,6 +916,9 @@ pub(crate) struct DirectB<'a> {
     taps: Vec<u8>,
     ntaps: usize,
     masks: Vec<u32>,
+    /// When the last panel has 17 columns (n % 32 = 17): B's last column (zero where padded), for
+    /// the 16+1-column kernel; empty otherwise.
+    last_col: Vec<f32>,
 }
 
 impl<'a> DirectB<'a> {
@@ -1010,9 +1013,25 @@ impl<'a> DirectB<'a> {
         }
         // DIRECT_PREFETCH copies of the last offset after the end: the kernel reads offs[p + D]
         // to prefetch a later depth step's input (`kernel_avx512_direct_rows`).
+        let mut last_col = Vec::new();
+        if ncols % 32 == 17 {
+            // Column ncols - 1 is lane 16 of the last panel.
+            let pm = &masks[(np - 1) * ntaps..];
+            last_col =
+                offs.iter()
+                    .zip(&taps)
+                    .map(|(&o, &t)| {
+                        if pm[t as usize] >> 16 & 1 == 1 {
+                            x[((ncols - 1) as isize + o) as usize]
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+        }
         let last = offs.last().copied().unwrap_or(0);
         offs.extend(std::iter::repeat_n(last, kernels::x86::DIRECT_PREFETCH));
-        DirectB { x, cols: ncols, offs, taps, ntaps, masks }
+        DirectB { x, cols: ncols, offs, taps, ntaps, masks, last_col }
     }
 }
 
@@ -1073,8 +1092,28 @@ pub(crate) fn gemm_direct(
                         let (i, ap) = (ip * mr, a.panel_ptr(k0, kcur, ip));
                         let mv = mr.min(m - i);
                         let f = kernels::x86::kernel_avx512_direct_for_rows(mv);
+                        let fplus = kernels::x86::kernel_avx512_direct_plus1_for_rows(mv);
                         for jp in g0..g1 {
                             let j = jp * nr;
+                            if n - j == 17 && b.last_col.len() == k {
+                                // SAFETY: as below; last_col holds k floats, so k0..k0+kcur.
+                                unsafe {
+                                    let te = tile_epi(epi, i, j, mv, 17, first, last);
+                                    fplus(
+                                        kcur,
+                                        ap,
+                                        b.x.as_ptr().wrapping_add(j),
+                                        b.offs.as_ptr().add(k0),
+                                        b.taps.as_ptr().add(k0),
+                                        b.masks.as_ptr().add(jp * b.ntaps),
+                                        b.last_col.as_ptr().add(k0),
+                                        cptr.get().add(i * ldc + j),
+                                        ldc,
+                                        &te,
+                                    )
+                                };
+                                continue;
+                            }
                             // SAFETY: the A panel holds kcur*MR packed floats; offs/taps hold k
                             // entries (asserted), so k0..k0+kcur are in range; DirectB::new set a
                             // mask bit only where column jj < n and its tap lands inside the image,

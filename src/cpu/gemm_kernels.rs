@@ -205,17 +205,33 @@ pub(super) mod x86 {
             ap = ap.add(MR);
             bp = bp.add(32);
         }
+        store_plus_tile::<R, X>(&acc, &vert, c, ldc, te);
+    }
+
+    /// The epilogue and store of a 16 + X column tile: columns 0..16 from `acc` in registers,
+    /// columns 16.. from `vert` (lane i = row i) through the scalar epilogue (same operations in
+    /// the same order).
+    ///
+    /// # Safety
+    /// As `store_tile_avx512`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_plus_tile<const R: usize, const X: usize>(
+        acc: &[[__m512; 2]; R],
+        vert: &[__m512; X],
+        c: *mut f32,
+        ldc: usize,
+        te: &TileEpi,
+    ) {
         let t16 = TileEpi { cols: te.cols.min(16), ..*te };
-        store_tile_avx512(&acc, c, ldc, &t16);
+        store_tile_avx512(acc, c, ldc, &t16);
         if te.cols > 16 {
-            // The extra columns through the scalar epilogue (same operations in the same order).
             let nx = te.cols - 16;
             let mut tmp = [[0.0f32; 16]; X];
-            for (t, v) in tmp.iter_mut().zip(&vert) {
+            for (t, v) in tmp.iter_mut().zip(vert) {
                 _mm512_storeu_ps(t.as_mut_ptr(), *v);
             }
-            // tmp is column-major (X, 16): row i of column x at tmp[x][i], i.e. acs = 1 down a
-            // column; apply_scalar walks (i, j) with stride acs per row, so transpose first.
+            // tmp holds the columns (row i of column x at tmp[x][i]); apply_scalar wants rows.
             let mut acc_rm = [0.0f32; 16 * 16];
             for (x, t) in tmp.iter().enumerate() {
                 for (i, &v) in t.iter().enumerate().take(R) {
@@ -362,6 +378,74 @@ pub(super) mod x86 {
             ap = ap.add(MR);
         }
         store_tile_avx512(&acc, c, ldc, te);
+    }
+
+    /// The signature of the direct 16+1-column kernels: `DirectKernelFn`'s arguments with `col`
+    /// (the tile's 17th column of B, one float per depth step) before `c`.
+    pub(in super::super) type DirectPlusFn = unsafe fn(
+        usize,
+        *const f32,
+        *const f32,
+        *const isize,
+        *const u8,
+        *const u32,
+        *const f32,
+        *mut f32,
+        usize,
+        &TileEpi,
+    );
+
+    /// The direct 16+1-column kernel computing the first `r` rows (1..=MR) of a tile.
+    pub(in super::super) fn kernel_avx512_direct_plus1_for_rows(r: usize) -> DirectPlusFn {
+        const K: [DirectPlusFn; AVX512_MR] = by_rows!(kernel_avx512_direct_plus_rows);
+        K[r.clamp(1, AVX512_MR) - 1]
+    }
+
+    /// The direct kernel for a tile with 17 real columns (n = 49 = 32 + 17: layer4's 3x3 at batch
+    /// 1): columns 0..16 as `kernel_avx512_direct_rows` (one masked load per depth step), column 16
+    /// as in `kernel_avx512_plus_rows`: the A row vector times `col[p]` (`DirectB` gathered that
+    /// column once, zero where padded). Bit-identical to the full direct kernel.
+    ///
+    /// # Safety
+    /// As `kernel_avx512_direct_rows`, and `col` holds kc floats.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel_avx512_direct_plus_rows<const R: usize>(
+        kc: usize,
+        a: *const f32,
+        x: *const f32,
+        offs: *const isize,
+        taps: *const u8,
+        masks: *const u32,
+        col: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        te: &TileEpi,
+    ) {
+        const MR: usize = AVX512_MR;
+        prefetch_c::<R>(c, ldc);
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let mut vert = [_mm512_setzero_ps(); 1];
+        let rows = ((1u32 << R) - 1) as u16;
+        let mut ap = a;
+        let mut anext = a.wrapping_add(MR * kc);
+        for p in 0..kc {
+            _mm_prefetch::<_MM_HINT_T1>(anext as *const i8);
+            anext = anext.wrapping_add(16);
+            let m = *masks.add(*taps.add(p) as usize);
+            let bp = x.wrapping_offset(*offs.add(p));
+            let bn = x.wrapping_offset(*offs.add(p + DIRECT_PREFETCH));
+            _mm_prefetch::<_MM_HINT_T0>(bn as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(bn.wrapping_add(16) as *const i8);
+            let b0 = _mm512_maskz_loadu_ps(m as u16, bp);
+            for (i, row) in acc.iter_mut().enumerate() {
+                row[0] = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(i)), b0, row[0]);
+            }
+            let av = _mm512_maskz_loadu_ps(rows, ap);
+            vert[0] = _mm512_fmadd_ps(av, _mm512_set1_ps(*col.add(p)), vert[0]);
+            ap = ap.add(MR);
+        }
+        store_plus_tile::<R, 1>(&acc, &vert, c, ldc, te);
     }
 
     /// Prefetches the C tile at kernel entry, so its loads in the epilogue are L1 hits. (Prefetches
