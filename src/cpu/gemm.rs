@@ -983,16 +983,16 @@ impl<'a> DirectB<'a> {
         // Tap (ri, si) of column jj = (img, p, q) is inside the image iff row p + dr and column
         // q + ds are: per panel, a row mask per ri and a column mask per si, ANDed. Those are also
         // exactly the lanes whose read stays within the tap's own plane, so every set bit is a read
-        // inside x. (Walks (p, q) incrementally: this runs on every conv call, before the GEMM.)
+        // inside x. (Walks (p, q) incrementally within a panel: this runs on every conv call,
+        // before the GEMM.)
         let np = ncols.div_ceil(32);
         let mut masks = vec![0u32; np * ntaps];
-        let (mut p, mut q) = (0isize, 0isize);
-        let (mut rowm, mut colm) = (vec![0u32; r], vec![0u32; s]);
         let inside = |v: isize, lim: usize| v >= 0 && v < lim as isize;
-        for (jp, pm) in masks.chunks_mut(ntaps).enumerate() {
-            rowm.fill(0);
-            colm.fill(0);
-            for l in 0..32.min(ncols - jp * 32) {
+        let panel = |(jp, pm): (usize, &mut [u32])| {
+            let (mut rowm, mut colm) = ([0u32; 256], [0u32; 256]);
+            let jj0 = jp * 32;
+            let (mut p, mut q) = (((jj0 / w) % h) as isize, (jj0 % w) as isize);
+            for l in 0..32.min(ncols - jj0) {
                 for (m, &(_, dr)) in rowm.iter_mut().zip(rows) {
                     *m |= u32::from(inside(p + dr, h)) << l;
                 }
@@ -1005,11 +1005,17 @@ impl<'a> DirectB<'a> {
                     p = if p + 1 == h as isize { 0 } else { p + 1 };
                 }
             }
-            for (ri, &rm) in rowm.iter().enumerate() {
-                for (si, &cm) in colm.iter().enumerate() {
+            for (ri, &rm) in rowm[..r].iter().enumerate() {
+                for (si, &cm) in colm[..s].iter().enumerate() {
                     pm[ri * s + si] = rm & cm;
                 }
             }
+        };
+        // (The stem at batch 8 has 3136 panels x 49 taps: worth both threads.)
+        if masks.len() >= 1 << 15 {
+            masks.par_chunks_mut(ntaps).enumerate().for_each(panel);
+        } else {
+            masks.chunks_mut(ntaps).enumerate().for_each(panel);
         }
         // DIRECT_PREFETCH copies of the last offset after the end: the kernel reads offs[p + D]
         // to prefetch a later depth step's input (`kernel_avx512_direct_rows`).
