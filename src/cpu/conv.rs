@@ -511,7 +511,7 @@ pub(crate) fn without_direct_conv<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// Whether a conv runs as a direct convolution (`gemm::DirectB`): AVX-512 weights, stride 1, no
-/// dilation, "same" padding (R = 2*pad_h + 1, S = 2*pad_w + 1) and more than one tap. B is then
+/// dilation, "same" padding (R = 2*pad_h + 1, S = 2*pad_w + 1) and 2..=256 taps. B is then
 /// read from the input in place instead of being packed by im2col.
 pub fn direct_applicable(wt: &ConvWeights, p: &ConvParams) -> bool {
     wt.packed.isa() == Isa::Avx512
@@ -521,12 +521,13 @@ pub fn direct_applicable(wt: &ConvWeights, p: &ConvParams) -> bool {
         && wt.r == 2 * p.pad.0 + 1
         && wt.s == 2 * p.pad.1 + 1
         && wt.r * wt.s > 1
+        && wt.r * wt.s <= 256
         && wt.c > 0
 }
 
 /// Whether a stride-2 conv can run as a direct convolution over its input's four phases
 /// (`split_phases`, `gemm::DirectB::phases`): AVX-512 weights, stride 2, no dilation, odd R and S
-/// with padding ((R - 1) / 2, (S - 1) / 2) and more than one tap, and an even H x W input, so that
+/// with padding ((R - 1) / 2, (S - 1) / 2) and 2..=256 taps, and an even H x W input, so that
 /// the output is (H / 2) x (W / 2), the size of a phase. (ResNet's stem and 3x3/2 convs; it is
 /// taken only up to `DIRECT_S2_MAX_CHANNELS` input channels.)
 pub fn direct_s2_applicable(wt: &ConvWeights, p: &ConvParams, h: usize, w: usize) -> bool {
@@ -538,6 +539,7 @@ pub fn direct_s2_applicable(wt: &ConvWeights, p: &ConvParams, h: usize, w: usize
         && !wt.s.is_multiple_of(2)
         && p.pad == ((wt.r - 1) / 2, (wt.s - 1) / 2)
         && wt.r * wt.s > 1
+        && wt.r * wt.s <= 256
         && wt.c > 0
         && h.is_multiple_of(2)
         && w.is_multiple_of(2)
@@ -591,6 +593,7 @@ pub fn split_phases(x: &[f32], c: usize, n: usize, h: usize, w: usize, xp: &mut 
         return;
     }
     let plane = n * ph * pw; // one phase of one channel
+    let avx512 = Isa::Avx512.supported();
     let one = |(xc, yc): (&[f32], &mut [f32])| {
         let (top, bottom) = yc.split_at_mut(2 * plane);
         let (p00, p01) = top.split_at_mut(plane);
@@ -601,7 +604,7 @@ pub fn split_phases(x: &[f32], c: usize, n: usize, h: usize, w: usize, xp: &mut 
                 let o = img * ph * pw + u * pw;
                 for (a, (even, odd)) in phases.iter_mut().enumerate() {
                     let row = &xi[(2 * u + a) * w..(2 * u + a + 1) * w];
-                    deinterleave(row, &mut even[o..o + pw], &mut odd[o..o + pw]);
+                    deinterleave(row, &mut even[o..o + pw], &mut odd[o..o + pw], avx512);
                 }
             }
         }
@@ -615,11 +618,12 @@ pub fn split_phases(x: &[f32], c: usize, n: usize, h: usize, w: usize, xp: &mut 
 }
 
 /// e[t] = row[2t], o[t] = row[2t + 1] (row.len() = 2 * e.len() = 2 * o.len()).
-fn deinterleave(row: &[f32], e: &mut [f32], o: &mut [f32]) {
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn deinterleave(row: &[f32], e: &mut [f32], o: &mut [f32], avx512: bool) {
     assert!(row.len() == 2 * e.len() && e.len() == o.len(), "deinterleave: lengths");
     #[cfg(target_arch = "x86_64")]
-    if crate::cpu::gemm::Isa::Avx512.supported() {
-        // SAFETY: AVX-512F is present (checked just above); lengths asserted.
+    if avx512 {
+        // SAFETY: `avx512` is `Isa::Avx512.supported()` (the caller's); lengths asserted.
         unsafe { deinterleave_avx512(row, e, o) };
         return;
     }
@@ -1145,6 +1149,7 @@ mod tests {
             (1, 64, 56, 56, 64, 3, 3, true), // ResNet layer1: wide B, columns split over threads
             (1, 96, 7, 7, 64, 3, 3, true),   // layer4-like: narrow B, the task grid, 4 depth blocks
             (1, 5, 9, 9, 20, 3, 3, false),   // n = 81 = 2*32 + 17: the 16+1-column kernel
+            (3, 4, 3, 9, 10, 3, 3, true),    // the same over a batch (81 columns across 3 images)
         ];
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for (i, &(n, c, h, w, k, r, s, fused)) in cases.iter().enumerate() {
@@ -1248,6 +1253,11 @@ mod tests {
             assert!(e <= tol, "case {i}: direct vs reference {e:.3e} > {tol:.3e}");
             let e2 = rel_l2(&direct, &im2col);
             assert!(e2 <= 1e-7, "case {i}: direct vs im2col {e2:.3e}");
+            // And the routing: conv2d_forward_cn takes the direct path for few channels only,
+            // either way within the same bound.
+            let routed = pool.install(run);
+            let e3 = rel_l2(&routed, &im2col);
+            assert!(e3 <= 1e-7, "case {i}: conv2d_forward_cn vs im2col {e3:.3e}");
         }
     }
 

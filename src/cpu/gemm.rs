@@ -170,7 +170,16 @@ impl Isa {
     pub fn supported(self) -> bool {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            // Every feature the AVX-512 paths enable (`target_feature`): F for the kernels, BW/VL
+            // and AVX2/FMA for the code compiled wider (im2col, max-pool, GEMV). (Only Xeon Phi
+            // has F without BW/VL; it takes the AVX2 path.)
+            Isa::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma => {
                 std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -501,7 +510,7 @@ fn gemv_panels<const MR: usize>(a: &PackedA, x: &[f32], y: &mut [f32], epi: &Epi
         #[cfg(target_arch = "x86_64")]
         if a.isa == Isa::Avx512 {
             // SAFETY: the panels were packed for AVX-512, which `pack_a_with_isa` only does on a
-            // CPU that supports it.
+            // CPU that supports it (`Isa::supported`: every feature the wrapper enables).
             unsafe { gemv_panel_avx512::<MR>(a, x, ip, yp, epi) };
             return;
         }
@@ -519,7 +528,7 @@ fn gemv_panels<const MR: usize>(a: &PackedA, x: &[f32], y: &mut [f32], epi: &Epi
 /// a depth step are one masked vector; same multiplies and adds, so the same result.
 ///
 /// # Safety
-/// The CPU supports AVX-512F.
+/// `Isa::Avx512.supported()` (the features enabled here).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
 unsafe fn gemv_panel_avx512<const MR: usize>(
@@ -1017,11 +1026,9 @@ impl<'a> DirectB<'a> {
         } else {
             masks.chunks_mut(ntaps).enumerate().for_each(panel);
         }
-        // DIRECT_PREFETCH copies of the last offset after the end: the kernel reads offs[p + D]
-        // to prefetch a later depth step's input (`kernel_avx512_direct_rows`).
+        // For the 16+1-column kernel: B's last column, i.e. lane 16 of the last panel.
         let mut last_col = Vec::new();
         if ncols % 32 == 17 {
-            // Column ncols - 1 is lane 16 of the last panel.
             let pm = &masks[(np - 1) * ntaps..];
             last_col =
                 offs.iter()
@@ -1035,8 +1042,10 @@ impl<'a> DirectB<'a> {
                     })
                     .collect();
         }
+        // DIRECT_PREFETCH copies of the last offset after the end: the kernel reads offs[p + D]
+        // to prefetch a later depth step's input (`kernel_avx512_direct_rows`).
         let last = offs.last().copied().unwrap_or(0);
-        offs.extend(std::iter::repeat_n(last, kernels::x86::DIRECT_PREFETCH));
+        offs.extend(std::iter::repeat_n(last, kernels::DIRECT_PREFETCH));
         DirectB { x, cols: ncols, offs, taps, ntaps, masks, last_col }
     }
 }
@@ -1060,7 +1069,11 @@ pub(crate) fn gemm_direct(
     {
         assert_eq!(a.isa, Isa::Avx512, "gemm_direct: AVX-512 only");
         assert!(
-            a.m == m && a.k == k && b.offs.len() == k + kernels::x86::DIRECT_PREFETCH && b.cols == n,
+            a.m == m
+                && a.k == k
+                && b.offs.len() == k + kernels::DIRECT_PREFETCH
+                && b.taps.len() == k
+                && b.cols == n,
             "gemm_direct: shapes"
         );
         if m == 0 || n == 0 || k == 0 {
@@ -1101,39 +1114,27 @@ pub(crate) fn gemm_direct(
                         let fplus = kernels::x86::kernel_avx512_direct_plus1_for_rows(mv);
                         for jp in g0..g1 {
                             let j = jp * nr;
-                            if n - j == 17 && b.last_col.len() == k {
-                                // SAFETY: as below; last_col holds k floats, so k0..k0+kcur.
-                                unsafe {
-                                    let te = tile_epi(epi, i, j, mv, 17, first, last);
-                                    fplus(
-                                        kcur,
-                                        ap,
-                                        b.x.as_ptr().wrapping_add(j),
-                                        b.offs.as_ptr().add(k0),
-                                        b.taps.as_ptr().add(k0),
-                                        b.masks.as_ptr().add(jp * b.ntaps),
-                                        b.last_col.as_ptr().add(k0),
-                                        cptr.get().add(i * ldc + j),
-                                        ldc,
-                                        &te,
-                                    )
-                                };
-                                continue;
-                            }
-                            // SAFETY: the A panel holds kcur*MR packed floats; offs/taps hold k
-                            // entries (asserted), so k0..k0+kcur are in range; DirectB::new set a
-                            // mask bit only where column jj < n and its tap lands inside the image,
-                            // i.e. where x + jj + offs[kk] is an element of x; check_dims covered
-                            // C and the epilogue; tasks own disjoint tiles; AVX-512 was asserted.
+                            // A 17-column last panel: the 16+1 kernel, with B's last column.
+                            let plus = n - j == 17 && b.last_col.len() == k;
+                            let (g, col) =
+                                if plus { (fplus, b.last_col[k0..].as_ptr()) } else { (f, std::ptr::null()) };
+                            // SAFETY: the A panel holds kcur*MR packed floats; offs holds k +
+                            // DIRECT_PREFETCH entries and taps k (asserted), so k0..k0+kcur (+ the
+                            // prefetch distance) are in range, and last_col k (checked); the
+                            // constructors set a mask bit only where column jj < n and its tap
+                            // lands inside the image, i.e. where x + jj + offs[kk] is an element
+                            // of x; check_dims covered C and the epilogue; tasks own disjoint
+                            // tiles; AVX-512 was asserted.
                             unsafe {
                                 let te = tile_epi(epi, i, j, mv, nr.min(n - j), first, last);
-                                f(
+                                g(
                                     kcur,
                                     ap,
                                     b.x.as_ptr().wrapping_add(j),
                                     b.offs.as_ptr().add(k0),
                                     b.taps.as_ptr().add(k0),
                                     b.masks.as_ptr().add(jp * b.ntaps),
+                                    col,
                                     cptr.get().add(i * ldc + j),
                                     ldc,
                                     &te,
@@ -1564,7 +1565,7 @@ mod tests {
             for first in [true, false] {
                 let te = TileEpi {
                     first,
-                    beta: 0.5,
+                    beta: 0.3, // not a power of two: the beta term must be fused like the kernel's
                     scale: scale.as_ptr(),
                     row_bias: rb.as_ptr(),
                     col_bias: cb.as_ptr(),

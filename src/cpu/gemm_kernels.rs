@@ -9,6 +9,10 @@
 
 use super::TileEpi;
 
+/// How many depth steps ahead the direct-convolution kernel prefetches its input (`DirectB` pads
+/// its offsets by as many entries, on every target, so the layout does not depend on the ISA).
+pub(super) const DIRECT_PREFETCH: usize = 8;
+
 /// The signature every micro-kernel has (see the module comment).
 pub(super) type KernelFn = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, &TileEpi);
 
@@ -209,8 +213,9 @@ pub(super) mod x86 {
     }
 
     /// The epilogue and store of a 16 + X column tile: columns 0..16 from `acc` in registers,
-    /// columns 16.. from `vert` (lane i = row i) through the scalar epilogue (same operations in
-    /// the same order).
+    /// columns 16.. from `vert` (lane i = row i), element by element with exactly the operations of
+    /// `store_tile_avx512` (fused beta term, max against +0.0 as `vmaxps` does it), so the tile is
+    /// bit-identical to what the full kernel stores.
     ///
     /// # Safety
     /// As `store_tile_avx512`.
@@ -225,22 +230,38 @@ pub(super) mod x86 {
     ) {
         let t16 = TileEpi { cols: te.cols.min(16), ..*te };
         store_tile_avx512(acc, c, ldc, &t16);
-        if te.cols > 16 {
-            let nx = te.cols - 16;
-            let mut tmp = [[0.0f32; 16]; X];
-            for (t, v) in tmp.iter_mut().zip(vert) {
-                _mm512_storeu_ps(t.as_mut_ptr(), *v);
-            }
-            // tmp holds the columns (row i of column x at tmp[x][i]); apply_scalar wants rows.
-            let mut acc_rm = [0.0f32; 16 * 16];
-            for (x, t) in tmp.iter().enumerate() {
-                for (i, &v) in t.iter().enumerate().take(R) {
-                    acc_rm[i * X + x] = v;
+        for (x, v) in vert.iter().enumerate().take(te.cols.saturating_sub(16)) {
+            let mut col = [0.0f32; 16];
+            _mm512_storeu_ps(col.as_mut_ptr(), *v);
+            let j = 16 + x;
+            for (i, &a) in col.iter().enumerate().take(te.rows.min(R)) {
+                let mut v = a;
+                if !te.scale.is_null() {
+                    v *= *te.scale.add(i);
                 }
+                let cp = c.add(i * ldc + j);
+                if te.first {
+                    if te.beta != 0.0 {
+                        v = te.beta.mul_add(*cp, v);
+                    }
+                } else {
+                    v += *cp;
+                }
+                if !te.row_bias.is_null() {
+                    v += *te.row_bias.add(i);
+                }
+                if !te.col_bias.is_null() {
+                    v += *te.col_bias.add(j);
+                }
+                if !te.res.is_null() {
+                    v += *te.res.add(i * te.ldr + j);
+                }
+                if te.relu {
+                    // vmaxps(v, 0): v if v > 0, else +0.0 (also for -0.0 and NaN).
+                    v = if v > 0.0 { v } else { 0.0 };
+                }
+                *cp = v;
             }
-            let off = |p: *const f32, d: usize| if p.is_null() { p } else { p.add(d) };
-            let tx = TileEpi { col_bias: off(te.col_bias, 16), res: off(te.res, 16), cols: nx, ..*te };
-            super::apply_scalar(acc_rm.as_ptr(), X, te.rows.min(R), nx, c.add(16), ldc, &tx);
         }
     }
 
@@ -306,10 +327,9 @@ pub(super) mod x86 {
         store_tile_avx512(&acc, c, ldc, te);
     }
 
-    /// How many depth steps ahead the direct kernel prefetches its input (`DirectB` pads `offs`).
-    pub(in super::super) const DIRECT_PREFETCH: usize = 8;
-
-    /// The signature of the direct-convolution kernels: `(kc, a, x, offs, taps, masks, c, ldc, te)`.
+    /// The signature of the direct-convolution kernels:
+    /// `(kc, a, x, offs, taps, masks, col, c, ldc, te)` (`col`: see the 16+1-column variant; null
+    /// for the others).
     pub(in super::super) type DirectKernelFn = unsafe fn(
         usize,
         *const f32,
@@ -317,6 +337,7 @@ pub(super) mod x86 {
         *const isize,
         *const u8,
         *const u32,
+        *const f32,
         *mut f32,
         usize,
         &TileEpi,
@@ -324,7 +345,16 @@ pub(super) mod x86 {
 
     /// The direct kernel computing the first `r` rows (1..=MR) of a tile.
     pub(in super::super) fn kernel_avx512_direct_for_rows(r: usize) -> DirectKernelFn {
-        const K: [DirectKernelFn; AVX512_MR] = by_rows!(kernel_avx512_direct_rows);
+        const K: [DirectKernelFn; AVX512_MR] = by_rows!(kernel_avx512_direct_rows, false);
+        K[r.clamp(1, AVX512_MR) - 1]
+    }
+
+    /// The direct kernel for a tile with 17 real columns (n = 49 = 32 + 17: layer4's 3x3 at batch
+    /// 1), first `r` rows: columns 0..16 with one masked load per depth step, column 16 as in
+    /// `kernel_avx512_plus_rows` (the A row vector times `col[p]`: `DirectB` gathered that column
+    /// once, zero where padded). Bit-identical to the full direct kernel.
+    pub(in super::super) fn kernel_avx512_direct_plus1_for_rows(r: usize) -> DirectKernelFn {
+        const K: [DirectKernelFn; AVX512_MR] = by_rows!(kernel_avx512_direct_rows, true);
         K[r.clamp(1, AVX512_MR) - 1]
     }
 
@@ -332,85 +362,17 @@ pub(super) mod x86 {
     /// (`gemm::DirectB`, the direct convolution): depth step p loads the 32 floats at
     /// `x + offs[p]` with the lanes of mask `masks[taps[p]]` (bit l = lane l; zero elsewhere: the
     /// padding), in place of row p of a packed B panel. Same FMAs in the same order as
-    /// `kernel_avx512_rows` on the equivalent im2col panel.
+    /// `kernel_avx512_rows` on the equivalent im2col panel. It prefetches the input of depth step
+    /// p + DIRECT_PREFETCH. `PLUS`: the 16+1-column variant (see its table above).
     ///
     /// # Safety
-    /// CPU supports avx512f; `a` as in the module comment; `offs` / `taps` hold kc entries, every
-    /// `taps[p]` indexes `masks`, and for every set bit l of `masks[taps[p]]`, `x + offs[p] + l` is
-    /// a valid read (masked-off lanes are neither read nor fault); `c`, `te` as in the module comment.
+    /// CPU supports avx512f; `a` as in the module comment; `offs` holds kc + DIRECT_PREFETCH
+    /// entries and `taps` kc, every `taps[p]` indexes `masks`, and for every set bit l of
+    /// `masks[taps[p]]`, `x + offs[p] + l` is a valid read (masked-off lanes are neither read nor
+    /// fault); with `PLUS`, `col` holds kc floats; `c`, `te` as in the module comment.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel_avx512_direct_rows<const R: usize>(
-        kc: usize,
-        a: *const f32,
-        x: *const f32,
-        offs: *const isize,
-        taps: *const u8,
-        masks: *const u32,
-        c: *mut f32,
-        ldc: usize,
-        te: &TileEpi,
-    ) {
-        const MR: usize = AVX512_MR;
-        prefetch_c::<R>(c, ldc);
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        let mut ap = a;
-        // As in kernel_avx512_rows: pull the next A panel into L2, a cache line per depth step.
-        let mut anext = a.wrapping_add(MR * kc);
-        for p in 0..kc {
-            _mm_prefetch::<_MM_HINT_T1>(anext as *const i8);
-            anext = anext.wrapping_add(16);
-            let m = *masks.add(*taps.add(p) as usize);
-            let bp = x.wrapping_offset(*offs.add(p));
-            if DIRECT_PREFETCH > 0 {
-                let bn = x.wrapping_offset(*offs.add(p + DIRECT_PREFETCH));
-                _mm_prefetch::<_MM_HINT_T0>(bn as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(bn.wrapping_add(16) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(bn.wrapping_add(31) as *const i8);
-            }
-            let b0 = _mm512_maskz_loadu_ps(m as u16, bp);
-            let b1 = _mm512_maskz_loadu_ps((m >> 16) as u16, bp.wrapping_add(16));
-            for (i, row) in acc.iter_mut().enumerate() {
-                let ai = _mm512_set1_ps(*ap.add(i));
-                row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
-                row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
-            }
-            ap = ap.add(MR);
-        }
-        store_tile_avx512(&acc, c, ldc, te);
-    }
-
-    /// The signature of the direct 16+1-column kernels: `DirectKernelFn`'s arguments with `col`
-    /// (the tile's 17th column of B, one float per depth step) before `c`.
-    pub(in super::super) type DirectPlusFn = unsafe fn(
-        usize,
-        *const f32,
-        *const f32,
-        *const isize,
-        *const u8,
-        *const u32,
-        *const f32,
-        *mut f32,
-        usize,
-        &TileEpi,
-    );
-
-    /// The direct 16+1-column kernel computing the first `r` rows (1..=MR) of a tile.
-    pub(in super::super) fn kernel_avx512_direct_plus1_for_rows(r: usize) -> DirectPlusFn {
-        const K: [DirectPlusFn; AVX512_MR] = by_rows!(kernel_avx512_direct_plus_rows);
-        K[r.clamp(1, AVX512_MR) - 1]
-    }
-
-    /// The direct kernel for a tile with 17 real columns (n = 49 = 32 + 17: layer4's 3x3 at batch
-    /// 1): columns 0..16 as `kernel_avx512_direct_rows` (one masked load per depth step), column 16
-    /// as in `kernel_avx512_plus_rows`: the A row vector times `col[p]` (`DirectB` gathered that
-    /// column once, zero where padded). Bit-identical to the full direct kernel.
-    ///
-    /// # Safety
-    /// As `kernel_avx512_direct_rows`, and `col` holds kc floats.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel_avx512_direct_plus_rows<const R: usize>(
+    unsafe fn kernel_avx512_direct_rows<const R: usize, const PLUS: bool>(
         kc: usize,
         a: *const f32,
         x: *const f32,
@@ -425,27 +387,43 @@ pub(super) mod x86 {
         const MR: usize = AVX512_MR;
         prefetch_c::<R>(c, ldc);
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        // PLUS: vert[0] lane i = row i of column 16.
         let mut vert = [_mm512_setzero_ps(); 1];
         let rows = ((1u32 << R) - 1) as u16;
         let mut ap = a;
+        // As in kernel_avx512_rows: pull the next A panel into L2, a cache line per depth step.
         let mut anext = a.wrapping_add(MR * kc);
         for p in 0..kc {
             _mm_prefetch::<_MM_HINT_T1>(anext as *const i8);
             anext = anext.wrapping_add(16);
             let m = *masks.add(*taps.add(p) as usize);
             let bp = x.wrapping_offset(*offs.add(p));
-            let bn = x.wrapping_offset(*offs.add(p + DIRECT_PREFETCH));
+            let bn = x.wrapping_offset(*offs.add(p + super::DIRECT_PREFETCH));
             _mm_prefetch::<_MM_HINT_T0>(bn as *const i8);
             _mm_prefetch::<_MM_HINT_T0>(bn.wrapping_add(16) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(bn.wrapping_add(31) as *const i8);
             let b0 = _mm512_maskz_loadu_ps(m as u16, bp);
-            for (i, row) in acc.iter_mut().enumerate() {
-                row[0] = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(i)), b0, row[0]);
+            if PLUS {
+                for (i, row) in acc.iter_mut().enumerate() {
+                    row[0] = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(i)), b0, row[0]);
+                }
+                let av = _mm512_maskz_loadu_ps(rows, ap);
+                vert[0] = _mm512_fmadd_ps(av, _mm512_set1_ps(*col.add(p)), vert[0]);
+            } else {
+                let b1 = _mm512_maskz_loadu_ps((m >> 16) as u16, bp.wrapping_add(16));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let ai = _mm512_set1_ps(*ap.add(i));
+                    row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
+                    row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+                }
             }
-            let av = _mm512_maskz_loadu_ps(rows, ap);
-            vert[0] = _mm512_fmadd_ps(av, _mm512_set1_ps(*col.add(p)), vert[0]);
             ap = ap.add(MR);
         }
-        store_plus_tile::<R, 1>(&acc, &vert, c, ldc, te);
+        if PLUS {
+            store_plus_tile::<R, 1>(&acc, &vert, c, ldc, te);
+        } else {
+            store_tile_avx512(&acc, c, ldc, te);
+        }
     }
 
     /// Prefetches the C tile at kernel entry, so its loads in the epilogue are L1 hits. (Prefetches

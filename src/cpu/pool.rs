@@ -56,7 +56,7 @@ pub fn max_pool2d(x: &[f32], n: usize, c: usize, h: usize, w: usize, p: &PoolPar
         |colmax, (yp, xp)| {
             #[cfg(target_arch = "x86_64")]
             if avx512 {
-                // SAFETY: AVX-512F was detected just above.
+                // SAFETY: `Isa::supported` checked every feature the function enables.
                 unsafe { pool_plane_avx512(xp, yp, colmax, h, w, ow, p) };
                 return;
             }
@@ -69,7 +69,7 @@ pub fn max_pool2d(x: &[f32], n: usize, c: usize, h: usize, w: usize, p: &PoolPar
 /// crate is built for baseline x86-64). Same selects, so the same result bit for bit.
 ///
 /// # Safety
-/// The CPU supports AVX-512F.
+/// `Isa::Avx512.supported()` (the features enabled here).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
 unsafe fn pool_plane_avx512(

@@ -16,13 +16,17 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// `hot` calls running now (any thread); while one runs, others do not start more spinners.
+/// `hot` calls running now, in any pool; while one runs, others (in this pool or another) just run
+/// their closure, without spinners of their own.
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 
-/// A spinner that found no work for this long returns (and its worker may sleep again). Within a
-/// forward the serial stretches are tens of microseconds. It also bounds the one bad case: a worker
-/// that was busy when `hot` began may start its spinner later, from inside a wait of its own, on
-/// top of work the caller waits for; that worker then goes idle and leaves after this long.
+/// A spinner that found no work for this long returns (and its worker may sleep again); so does one
+/// that starts this long after `hot` queued it. Within a forward the serial stretches are tens of
+/// microseconds, and an idle worker picks its copy up within ~0.1 ms. The late start is the risky
+/// case: a worker that was busy when `hot` began picks its copy up from inside a wait of its own
+/// (rayon runs pending broadcast jobs there), and while it spins it does not return to that wait;
+/// if the caller's work kept coming, the worker's own task would stall until the caller's `f`
+/// ends. Bounding idleness alone would not prevent that, hence both limits.
 const MAX_IDLE: Duration = Duration::from_millis(1);
 
 /// Decrements `ACTIVE` and stops the spinners when the call ends, however it ends.
@@ -38,7 +42,9 @@ impl Drop for Active {
 }
 
 /// Runs `f`, with the other workers of the current rayon pool kept spinning (see the module doc).
-/// Outside a pool, in a one-thread pool, or while another `hot` call runs it is just `f()`.
+/// Outside a pool, in a one-thread pool, or while another `hot` call runs it is just `f()`. A
+/// worker still spinning for a concurrent call in the same pool can delay its own task until that
+/// call ends (see `MAX_IDLE`); the encoders are run one forward at a time.
 pub fn hot<R>(f: impl FnOnce() -> R) -> R {
     let Some(me) = rayon::current_thread_index() else { return f() };
     if rayon::current_num_threads() < 2 {
@@ -52,8 +58,9 @@ pub fn hot<R>(f: impl FnOnce() -> R) -> R {
     let flag = Arc::clone(&stop);
     // One copy per worker, each run by that worker only (broadcast jobs are not stolen); the
     // caller's own copy returns at once, whenever it gets to it.
+    let queued = Instant::now();
     rayon::spawn_broadcast(move |ctx| {
-        if ctx.index() == me {
+        if ctx.index() == me || queued.elapsed() > MAX_IDLE {
             return;
         }
         let mut last = Instant::now();
