@@ -918,6 +918,7 @@ fn gemm_whole_b(
 /// zero), so 32 consecutive columns of a B row are 32 consecutive floats of the input with the
 /// lanes whose tap falls in the padding masked off: `masks[panel * taps + r*S + s]`.
 /// (Fields private: `gemm_direct`'s safety rests on the constructors having built them together.)
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read only by the AVX-512 kernels
 pub(crate) struct DirectB<'a> {
     x: &'a [f32],
     cols: usize,

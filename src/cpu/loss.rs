@@ -104,11 +104,12 @@ fn exp_sum_avx2(row: &mut [f32], m: f32) -> f64 {
 /// The exponential pass of the softmax, on the widest vector unit the GEMM uses (`detect_isa`,
 /// which also honours `CAPGEN_ISA`): it is compute-bound (a row of 8000 floats sits in L1/L2).
 fn exp_sum(row: &mut [f32], m: f32) -> f64 {
-    use crate::cpu::gemm::{detect_isa, Isa};
-    match detect_isa() {
+    #[cfg(target_arch = "x86_64")]
+    use crate::cpu::gemm::Isa;
+    match crate::cpu::gemm::detect_isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: detect_isa only returns Avx512 when the CPU supports AVX-512F (checked at run
-        // time); the function has no other precondition.
+        // SAFETY: detect_isa only returns Avx512 when the CPU supports it (`Isa::supported`,
+        // checked at run time: AVX-512F among others); the function has no other precondition.
         Isa::Avx512 => unsafe { exp_sum_avx512(row, m) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, Avx2Fma only when the CPU has AVX2 and FMA.
