@@ -43,33 +43,52 @@ pub(super) unsafe fn apply_scalar(
 ) {
     for i in 0..mv {
         for j in 0..nv {
-            let mut v = *acc.add(i * acs + j);
-            if !te.scale.is_null() {
-                v *= *te.scale.add(i);
-            }
-            let cp = c.add(i * ldc + j);
-            if te.first {
-                if te.beta != 0.0 {
-                    v = madd(te.beta, *cp, v);
-                }
-            } else {
-                v += *cp;
-            }
-            if !te.row_bias.is_null() {
-                v += *te.row_bias.add(i);
-            }
-            if !te.col_bias.is_null() {
-                v += *te.col_bias.add(j);
-            }
-            if !te.res.is_null() {
-                v += *te.res.add(i * te.ldr + j);
-            }
-            if te.relu {
-                v = v.max(0.0);
-            }
-            *cp = v;
+            epilogue_one::<false>(*acc.add(i * acs + j), i, j, c, ldc, te);
         }
     }
+}
+
+/// The epilogue of one element (i, j) of a tile, stored to C. `FUSED`: the beta term as one
+/// exactly rounded FMA, as the AVX-512 kernels' `_mm512_fmadd_ps` does (for an element beside a
+/// register tile that must match it bit for bit); otherwise `madd`. ReLU as `vmaxps(v, 0)`: +0.0
+/// for -0.0 and NaN too.
+///
+/// # Safety
+/// As `apply_scalar`, for the element (i, j).
+#[inline(always)]
+pub(super) unsafe fn epilogue_one<const FUSED: bool>(
+    acc: f32,
+    i: usize,
+    j: usize,
+    c: *mut f32,
+    ldc: usize,
+    te: &TileEpi,
+) {
+    let mut v = acc;
+    if !te.scale.is_null() {
+        v *= *te.scale.add(i);
+    }
+    let cp = c.add(i * ldc + j);
+    if te.first {
+        if te.beta != 0.0 {
+            v = if FUSED { te.beta.mul_add(*cp, v) } else { madd(te.beta, *cp, v) };
+        }
+    } else {
+        v += *cp;
+    }
+    if !te.row_bias.is_null() {
+        v += *te.row_bias.add(i);
+    }
+    if !te.col_bias.is_null() {
+        v += *te.col_bias.add(j);
+    }
+    if !te.res.is_null() {
+        v += *te.res.add(i * te.ldr + j);
+    }
+    if te.relu {
+        v = if v > 0.0 { v } else { 0.0 };
+    }
+    *cp = v;
 }
 
 /// Portable 6x8 kernel: plain arrays that LLVM keeps in 12 SSE / NEON registers and vectorises.
@@ -109,11 +128,11 @@ pub(super) mod x86 {
     /// `[f::<1>, .., f::<14>]` (or `f::<r, V>` with a second const argument): one kernel per row
     /// count of an MR = 14 panel, indexed by `r - 1`.
     macro_rules! by_rows {
-        ($f:ident $(, $v:literal)?) => {
+        ($f:ident $(, $v:literal)*) => {
             [
-                $f::<1 $(, $v)?>, $f::<2 $(, $v)?>, $f::<3 $(, $v)?>, $f::<4 $(, $v)?>, $f::<5 $(, $v)?>,
-                $f::<6 $(, $v)?>, $f::<7 $(, $v)?>, $f::<8 $(, $v)?>, $f::<9 $(, $v)?>, $f::<10 $(, $v)?>,
-                $f::<11 $(, $v)?>, $f::<12 $(, $v)?>, $f::<13 $(, $v)?>, $f::<14 $(, $v)?>,
+                $f::<1 $(, $v)*>, $f::<2 $(, $v)*>, $f::<3 $(, $v)*>, $f::<4 $(, $v)*>, $f::<5 $(, $v)*>,
+                $f::<6 $(, $v)*>, $f::<7 $(, $v)*>, $f::<8 $(, $v)*>, $f::<9 $(, $v)*>, $f::<10 $(, $v)*>,
+                $f::<11 $(, $v)*>, $f::<12 $(, $v)*>, $f::<13 $(, $v)*>, $f::<14 $(, $v)*>,
             ]
         };
     }
@@ -153,7 +172,7 @@ pub(super) mod x86 {
     /// e.g. n = 196 = 6*32 + 4 in ResNet's layer3 at batch 1): one B vector per depth step, half
     /// the FMAs. The B panel keeps its NR stride. `r` rows as in `kernel_avx512_for_rows`.
     pub(in super::super) fn kernel_avx512_half_for_rows(r: usize) -> super::KernelFn {
-        const K: [super::KernelFn; AVX512_MR] = by_rows!(kernel_avx512_rows_v, 1);
+        const K: [super::KernelFn; AVX512_MR] = by_rows!(kernel_avx512_rows_v, 1, 0);
         K[r.clamp(1, AVX512_MR) - 1]
     }
 
@@ -162,60 +181,14 @@ pub(super) mod x86 {
     /// the full kernel would spend 32 columns of FMAs on 17. `r` rows as in
     /// `kernel_avx512_for_rows`.
     pub(in super::super) fn kernel_avx512_plus1_for_rows(r: usize) -> super::KernelFn {
-        const K: [super::KernelFn; AVX512_MR] = by_rows!(kernel_avx512_plus_rows, 1);
+        const K: [super::KernelFn; AVX512_MR] = by_rows!(kernel_avx512_rows_v, 1, 1);
         K[r.clamp(1, AVX512_MR) - 1]
-    }
-
-    /// Columns 0..16 as in the 16-column kernel (R broadcasts of A times one B vector) plus `X`
-    /// columns 16..16+X the other way round: the A panel's row of R floats as one vector times a
-    /// broadcast B element, so each extra column costs one FMA per depth step instead of R/2. The
-    /// products and their order of accumulation are the same as the full kernel's (an FMA is
-    /// exactly rounded whatever the order of its two factors), so the tile is bit-identical to it.
-    ///
-    /// # Safety
-    /// As `kernel_avx512_rows`; te.cols <= 16 + X.
-    #[target_feature(enable = "avx512f")]
-    unsafe fn kernel_avx512_plus_rows<const R: usize, const X: usize>(
-        kc: usize,
-        a: *const f32,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        te: &TileEpi,
-    ) {
-        const MR: usize = AVX512_MR;
-        debug_assert!(te.cols <= 16 + X && X <= 16);
-        prefetch_c::<R>(c, ldc);
-        let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        // vert[x] lane i: row i of column 16 + x.
-        let mut vert = [_mm512_setzero_ps(); X];
-        let rows = ((1u32 << R) - 1) as u16;
-        let (mut ap, mut bp) = (a, b);
-        let mut anext = a.wrapping_add(MR * kc);
-        for _ in 0..kc {
-            _mm_prefetch::<_MM_HINT_T1>(anext as *const i8);
-            anext = anext.wrapping_add(16);
-            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(8 * 32) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(8 * 32 + 16) as *const i8);
-            let bv = _mm512_loadu_ps(bp);
-            for (i, row) in acc.iter_mut().enumerate() {
-                row[0] = _mm512_fmadd_ps(_mm512_set1_ps(*ap.add(i)), bv, row[0]);
-            }
-            // The R real floats of this depth step's A row (masked: the panel row is MR long).
-            let av = _mm512_maskz_loadu_ps(rows, ap);
-            for (x, v) in vert.iter_mut().enumerate() {
-                *v = _mm512_fmadd_ps(av, _mm512_set1_ps(*bp.add(16 + x)), *v);
-            }
-            ap = ap.add(MR);
-            bp = bp.add(32);
-        }
-        store_plus_tile::<R, X>(&acc, &vert, c, ldc, te);
     }
 
     /// The epilogue and store of a 16 + X column tile: columns 0..16 from `acc` in registers,
     /// columns 16.. from `vert` (lane i = row i), element by element with exactly the operations of
-    /// `store_tile_avx512` (fused beta term, max against +0.0 as `vmaxps` does it), so the tile is
-    /// bit-identical to what the full kernel stores.
+    /// `store_tile_avx512` (`epilogue_one::<true>`), so the tile is bit-identical to what the full
+    /// kernel stores.
     ///
     /// # Safety
     /// As `store_tile_avx512`.
@@ -233,34 +206,8 @@ pub(super) mod x86 {
         for (x, v) in vert.iter().enumerate().take(te.cols.saturating_sub(16)) {
             let mut col = [0.0f32; 16];
             _mm512_storeu_ps(col.as_mut_ptr(), *v);
-            let j = 16 + x;
             for (i, &a) in col.iter().enumerate().take(te.rows.min(R)) {
-                let mut v = a;
-                if !te.scale.is_null() {
-                    v *= *te.scale.add(i);
-                }
-                let cp = c.add(i * ldc + j);
-                if te.first {
-                    if te.beta != 0.0 {
-                        v = te.beta.mul_add(*cp, v);
-                    }
-                } else {
-                    v += *cp;
-                }
-                if !te.row_bias.is_null() {
-                    v += *te.row_bias.add(i);
-                }
-                if !te.col_bias.is_null() {
-                    v += *te.col_bias.add(j);
-                }
-                if !te.res.is_null() {
-                    v += *te.res.add(i * te.ldr + j);
-                }
-                if te.relu {
-                    // vmaxps(v, 0): v if v > 0, else +0.0 (also for -0.0 and NaN).
-                    v = if v > 0.0 { v } else { 0.0 };
-                }
-                *cp = v;
+                super::epilogue_one::<true>(a, i, 16 + x, c, ldc, te);
             }
         }
     }
@@ -278,16 +225,21 @@ pub(super) mod x86 {
         ldc: usize,
         te: &TileEpi,
     ) {
-        kernel_avx512_rows_v::<R, 2>(kc, a, b, c, ldc, te)
+        kernel_avx512_rows_v::<R, 2, 0>(kc, a, b, c, ldc, te)
     }
 
-    /// The first `R` rows and the first `V` (1 or 2) 16-column vectors of a tile; te.cols must be
-    /// at most 16 * V.
+    /// The first `R` rows and the first `V` (1 or 2) 16-column vectors of a tile, plus (with V = 1)
+    /// `X` columns 16..16+X computed the other way round: the A panel's row of R floats as one
+    /// vector times a broadcast B element, one FMA per depth step per extra column instead of the
+    /// R/2 a second B vector would cost. The products and their order of accumulation are the same
+    /// as the full kernel's (an FMA is exactly rounded whatever the order of its two factors), and
+    /// `store_plus_tile` applies the same epilogue, so that tile is bit-identical to the full
+    /// kernel's. te.cols must be at most 16 * V + X.
     ///
     /// # Safety
     /// As `kernel_avx512_rows`.
     #[target_feature(enable = "avx512f")]
-    unsafe fn kernel_avx512_rows_v<const R: usize, const V: usize>(
+    unsafe fn kernel_avx512_rows_v<const R: usize, const V: usize, const X: usize>(
         kc: usize,
         a: *const f32,
         b: *const f32,
@@ -296,10 +248,13 @@ pub(super) mod x86 {
         te: &TileEpi,
     ) {
         const MR: usize = AVX512_MR;
-        debug_assert!(te.cols <= 16 * V);
+        debug_assert!(te.cols <= 16 * V + X && (X == 0 || V == 1) && X <= 16);
         prefetch_c::<R>(c, ldc);
         // acc[i][1] stays zero when V = 1; the epilogue's column mask skips it.
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        // vert[x] lane i: row i of column 16 + x.
+        let mut vert = [_mm512_setzero_ps(); X];
+        let rows = ((1u32 << R) - 1) as u16;
         let (mut ap, mut bp) = (a, b);
         // The next A micro-panel follows this one in memory (both packing layouts); when n is small
         // (ResNet's 7x7 layers: n = 49) each A panel feeds only a couple of tiles and A streams
@@ -310,7 +265,7 @@ pub(super) mod x86 {
             _mm_prefetch::<_MM_HINT_T1>(anext as *const i8);
             anext = anext.wrapping_add(16);
             // B streams from L2 (the A micro-panel is the L1-resident operand); fetch 8 rows ahead.
-            for h in 0..V {
+            for h in 0..(if X > 0 { 2 } else { V }) {
                 _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(8 * 32 + 16 * h) as *const i8);
             }
             let bv =
@@ -321,10 +276,21 @@ pub(super) mod x86 {
                     row[h] = _mm512_fmadd_ps(ai, bv[h], row[h]);
                 }
             }
+            if X > 0 {
+                // The R real floats of this depth step's A row (masked: the panel row is MR long).
+                let av = _mm512_maskz_loadu_ps(rows, ap);
+                for (x, v) in vert.iter_mut().enumerate() {
+                    *v = _mm512_fmadd_ps(av, _mm512_set1_ps(*bp.add(16 + x)), *v);
+                }
+            }
             ap = ap.add(MR);
             bp = bp.add(32);
         }
-        store_tile_avx512(&acc, c, ldc, te);
+        if X > 0 {
+            store_plus_tile::<R, X>(&acc, &vert, c, ldc, te);
+        } else {
+            store_tile_avx512(&acc, c, ldc, te);
+        }
     }
 
     /// The signature of the direct-convolution kernels:
@@ -351,8 +317,8 @@ pub(super) mod x86 {
 
     /// The direct kernel for a tile with 17 real columns (n = 49 = 32 + 17: layer4's 3x3 at batch
     /// 1), first `r` rows: columns 0..16 with one masked load per depth step, column 16 as in
-    /// `kernel_avx512_plus_rows` (the A row vector times `col[p]`: `DirectB` gathered that column
-    /// once, zero where padded). Bit-identical to the full direct kernel.
+    /// `kernel_avx512_rows_v` with X = 1 (the A row vector times `col[p]`: `DirectB` gathered
+    /// that column once, zero where padded). Bit-identical to the full direct kernel.
     pub(in super::super) fn kernel_avx512_direct_plus1_for_rows(r: usize) -> DirectKernelFn {
         const K: [DirectKernelFn; AVX512_MR] = by_rows!(kernel_avx512_direct_rows, true);
         K[r.clamp(1, AVX512_MR) - 1]
