@@ -10,6 +10,7 @@
 //! valid: writes go through `Tensor::as_f32_slice_mut`, which copies a shared storage first.
 
 use crate::tensor::Tensor;
+use std::sync::Mutex;
 
 #[derive(Debug, Default)]
 pub struct ActivationPool {
@@ -51,4 +52,17 @@ impl ActivationPool {
     pub fn is_empty(&self) -> bool {
         self.free.is_empty()
     }
+}
+
+/// Runs one forward `f` with the pool kept in `slot` (an encoder's): takes the pool out for the
+/// call (a concurrent call simply gets a fresh one), runs `f` with the other workers kept spinning
+/// for its ~100 parallel regions (`cpu::spin::hot`), then puts the pool back, adding the
+/// allocation count of any pool it replaces.
+pub(crate) fn with_pool<R>(slot: &Mutex<ActivationPool>, f: impl FnOnce(&mut ActivationPool) -> R) -> R {
+    let mut pool = std::mem::take(&mut *slot.lock().unwrap_or_else(|e| e.into_inner()));
+    let result = crate::cpu::spin::hot(|| f(&mut pool));
+    let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+    pool.allocations += slot.allocations;
+    *slot = pool;
+    result
 }

@@ -304,14 +304,7 @@ impl ResNet {
                 )))
             }
         }
-        // Take the pool for this call (a concurrent call simply gets a fresh one).
-        let mut pool = std::mem::take(&mut *self.pool.lock().unwrap_or_else(|e| e.into_inner()));
-        // The other workers spin for the forward's ~100 parallel regions (`cpu::spin`).
-        let result = crate::cpu::spin::hot(|| self.run_with(x, until, tap, &mut pool));
-        let mut slot = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        pool.allocations += slot.allocations;
-        *slot = pool;
-        result
+        crate::nn::buffers::with_pool(&self.pool, |pool| self.run_with(x, until, tap, pool))
     }
 
     /// The forward pass. Inside, activations are channel-major (C, N, H, W) so that every conv is

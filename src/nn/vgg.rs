@@ -214,13 +214,7 @@ impl Vgg {
                 )))
             }
         }
-        let mut pool = std::mem::take(&mut *self.pool.lock().unwrap_or_else(|e| e.into_inner()));
-        // The other workers spin for the forward's ~100 parallel regions (`cpu::spin`).
-        let result = crate::cpu::spin::hot(|| self.run_with(x, until, tap, &mut pool));
-        let mut slot = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        pool.allocations += slot.allocations;
-        *slot = pool;
-        result
+        crate::nn::buffers::with_pool(&self.pool, |pool| self.run_with(x, until, tap, pool))
     }
 
     /// The forward pass. `features` runs channel-major (C, N, H, W), so each conv is ONE GEMM over the
