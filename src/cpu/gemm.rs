@@ -345,7 +345,6 @@ pub(crate) trait PackB: Sync {
 
 impl PackB for MatRef<'_> {
     fn pack(&self, k0: usize, kc: usize, j0: usize, nc: usize, nr: usize, out: &mut [f32]) {
-        let npan = nc.div_ceil(nr);
         if self.cs == 1 {
             // Row-major B: walk it row by row, each row's nc columns in one sequential run that
             // is scattered into the panels (panel t, row p at out[t*kc*nr + p*nr]). Reading panel
@@ -361,10 +360,11 @@ impl PackB for MatRef<'_> {
             }
             return;
         }
-        for (t, panel) in out.chunks_mut(kc * nr).take(npan).enumerate() {
+        // Strided columns (cs != 1): panel by panel.
+        for (t, panel) in out.chunks_mut(kc * nr).take(nc.div_ceil(nr)).enumerate() {
             let jb = j0 + t * nr;
             let nv = nr.min(j0 + nc - jb);
-            if self.rs == 1 && self.cs != 1 {
+            if self.rs == 1 {
                 // Transposed view (column j contiguous in p): as in pack_a_panels, copy one
                 // cache line of each column at a time and scatter it into a 16-row block.
                 let mut p0 = 0;
@@ -389,12 +389,8 @@ impl PackB for MatRef<'_> {
             for p in 0..kc {
                 let dst = &mut panel[p * nr..(p + 1) * nr];
                 let row = (k0 + p) * self.rs;
-                if self.cs == 1 {
-                    dst[..nv].copy_from_slice(&self.data[row + jb..row + jb + nv]);
-                } else {
-                    for (j, d) in dst[..nv].iter_mut().enumerate() {
-                        *d = self.data[row + (jb + j) * self.cs];
-                    }
+                for (j, d) in dst[..nv].iter_mut().enumerate() {
+                    *d = self.data[row + (jb + j) * self.cs];
                 }
                 dst[nv..].fill(0.0);
             }
