@@ -514,12 +514,16 @@ pub(crate) fn without_direct_conv<T>(f: impl FnOnce() -> T) -> T {
 /// dilation, "same" padding (R = 2*pad_h + 1, S = 2*pad_w + 1) and 2..=256 taps. B is then
 /// read from the input in place instead of being packed by im2col.
 pub fn direct_applicable(wt: &ConvWeights, p: &ConvParams) -> bool {
+    direct_kernel_usable(wt, p) && p.stride == (1, 1) && wt.r == 2 * p.pad.0 + 1 && wt.s == 2 * p.pad.1 + 1
+}
+
+/// What both direct paths need whatever the stride: AVX-512 weights (masked loads), the path not
+/// switched off (tests), no dilation, 2..=256 taps (`DirectB` indexes taps with a byte) and some
+/// input channels.
+fn direct_kernel_usable(wt: &ConvWeights, p: &ConvParams) -> bool {
     wt.packed.isa() == Isa::Avx512
         && DIRECT.with(|d| d.get())
-        && p.stride == (1, 1)
         && p.dilation == (1, 1)
-        && wt.r == 2 * p.pad.0 + 1
-        && wt.s == 2 * p.pad.1 + 1
         && wt.r * wt.s > 1
         && wt.r * wt.s <= 256
         && wt.c > 0
@@ -531,16 +535,11 @@ pub fn direct_applicable(wt: &ConvWeights, p: &ConvParams) -> bool {
 /// the output is (H / 2) x (W / 2), the size of a phase. (ResNet's stem and 3x3/2 convs; it is
 /// taken only up to `DIRECT_S2_MAX_CHANNELS` input channels.)
 pub fn direct_s2_applicable(wt: &ConvWeights, p: &ConvParams, h: usize, w: usize) -> bool {
-    wt.packed.isa() == Isa::Avx512
-        && DIRECT.with(|d| d.get())
+    direct_kernel_usable(wt, p)
         && p.stride == (2, 2)
-        && p.dilation == (1, 1)
         && !wt.r.is_multiple_of(2)
         && !wt.s.is_multiple_of(2)
         && p.pad == ((wt.r - 1) / 2, (wt.s - 1) / 2)
-        && wt.r * wt.s > 1
-        && wt.r * wt.s <= 256
-        && wt.c > 0
         && h.is_multiple_of(2)
         && w.is_multiple_of(2)
         && h > 0
