@@ -1086,6 +1086,63 @@ mod tests {
         y
     }
 
+    /// One channel-major conv case: random weights and bias, input and residual (uniform in
+    /// [-1, 1], drawn from `rng` in that order), and the reference output (residual + ReLU when
+    /// `fused`), all in the (C, N, H, W) / (K, N, P, Q) layouts the `_cn` paths use.
+    struct CnCase {
+        cw: ConvWeights,
+        p: ConvParams,
+        n: usize,
+        h: usize,
+        w: usize,
+        fused: bool,
+        xc: Vec<f32>,
+        res_cn: Vec<f32>,
+        want: Vec<f32>,
+    }
+
+    impl CnCase {
+        #[allow(clippy::too_many_arguments)]
+        fn new(
+            seed: u64,
+            n: usize,
+            c: usize,
+            h: usize,
+            w: usize,
+            k: usize,
+            r: usize,
+            s: usize,
+            p: ConvParams,
+            fused: bool,
+        ) -> Self {
+            let mut rng = Rng::new(seed);
+            let wt: Vec<f32> = (0..k * c * r * s).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let bias: Vec<f32> = (0..k).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let cw = ConvWeights::new(wt, Some(bias), k, c, r, s);
+            let (oh, ow) = p.out_hw(h, w, r, s).unwrap();
+            let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let res: Vec<f32> = (0..n * k * oh * ow).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let mut want = vec![f32::NAN; n * k * oh * ow];
+            conv2d_reference(&x, n, h, w, &cw, &p, fused.then_some(&res[..]), fused, &mut want);
+            let want = to_cn(&want, n, k, oh * ow);
+            let (xc, res_cn) = (to_cn(&x, n, c, h * w), to_cn(&res, n, k, oh * ow));
+            CnCase { cw, p, n, h, w, fused, xc, res_cn, want }
+        }
+
+        /// `conv2d_forward_cn` on the case (whichever path it routes to).
+        fn forward(&self) -> Vec<f32> {
+            let mut y = vec![f32::NAN; self.want.len()];
+            let res = self.fused.then_some(&self.res_cn[..]);
+            conv2d_forward_cn(&self.xc, self.n, self.h, self.w, &self.cw, &self.p, res, self.fused, &mut y);
+            y
+        }
+
+        /// Tolerance against the reference: as in `check`.
+        fn tol(&self) -> f64 {
+            1e-6 * ((self.cw.c * self.cw.r * self.cw.s) as f64).sqrt()
+        }
+    }
+
     #[test]
     fn batched_channel_major_conv_matches_reference() {
         // Batch > 1 with odd sizes, so the GEMM's NR panels straddle output rows and images.
@@ -1106,23 +1163,11 @@ mod tests {
         ];
         for (i, &g) in cases.iter().enumerate() {
             let (n, c, h, w, k, r, s, st, pd, dil, fused) = g;
-            let mut rng = Rng::new(300 + i as u64);
-            let wt: Vec<f32> = (0..k * c * r * s).map(|_| rng.uniform(-1.0, 1.0)).collect();
-            let bias: Vec<f32> = (0..k).map(|_| rng.uniform(-1.0, 1.0)).collect();
-            let cw = ConvWeights::new(wt, Some(bias), k, c, r, s);
             let p = ConvParams { stride: (st, st), pad: (pd, pd), dilation: (dil, dil) };
-            let (oh, ow) = p.out_hw(h, w, r, s).unwrap();
-            let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.uniform(-1.0, 1.0)).collect();
-            let res: Vec<f32> = (0..n * k * oh * ow).map(|_| rng.uniform(-1.0, 1.0)).collect();
-            let mut want = vec![f32::NAN; n * k * oh * ow];
-            conv2d_reference(&x, n, h, w, &cw, &p, fused.then_some(&res[..]), fused, &mut want);
-            let res_cn = to_cn(&res, n, k, oh * ow);
-            let mut got = vec![f32::NAN; n * k * oh * ow];
-            let xc = to_cn(&x, n, c, h * w);
-            conv2d_forward_cn(&xc, n, h, w, &cw, &p, fused.then_some(&res_cn[..]), fused, &mut got);
-            let e = rel_l2(&got, &to_cn(&want, n, k, oh * ow));
+            let cs = CnCase::new(300 + i as u64, n, c, h, w, k, r, s, p, fused);
+            let e = rel_l2(&cs.forward(), &cs.want);
             // As in `check`: depth c*r*s products summed in another order.
-            let tol = 1e-6 * ((c * r * s) as f64).sqrt();
+            let tol = cs.tol();
             assert!(e <= tol, "{g:?}: rel L2 {e:.3e} > {tol:.3e}");
         }
     }
@@ -1152,30 +1197,16 @@ mod tests {
         ];
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for (i, &(n, c, h, w, k, r, s, fused)) in cases.iter().enumerate() {
-            let mut rng = Rng::new(700 + i as u64);
-            let wt: Vec<f32> = (0..k * c * r * s).map(|_| rng.uniform(-1.0, 1.0)).collect();
-            let bias: Vec<f32> = (0..k).map(|_| rng.uniform(-1.0, 1.0)).collect();
-            let cw = ConvWeights::new(wt, Some(bias), k, c, r, s);
             let p = ConvParams { stride: (1, 1), pad: ((r - 1) / 2, (s - 1) / 2), dilation: (1, 1) };
-            if !direct_applicable(&cw, &p) {
+            let cs = CnCase::new(700 + i as u64, n, c, h, w, k, r, s, p, fused);
+            if !direct_applicable(&cs.cw, &p) {
                 println!("direct conv test skipped: no AVX-512 on this CPU");
                 return;
             }
-            let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.uniform(-1.0, 1.0)).collect();
-            let res: Vec<f32> = (0..n * k * h * w).map(|_| rng.uniform(-1.0, 1.0)).collect();
-            let mut want = vec![f32::NAN; n * k * h * w];
-            conv2d_reference(&x, n, h, w, &cw, &p, fused.then_some(&res[..]), fused, &mut want);
-            let want = to_cn(&want, n, k, h * w);
-            let (xc, res_cn) = (to_cn(&x, n, c, h * w), to_cn(&res, n, k, h * w));
-            let run = || {
-                let mut y = vec![f32::NAN; n * k * h * w];
-                conv2d_forward_cn(&xc, n, h, w, &cw, &p, fused.then_some(&res_cn[..]), fused, &mut y);
-                y
-            };
-            let direct = pool.install(run);
-            let im2col = pool.install(|| without_direct_conv(run));
-            let tol = 1e-6 * ((c * r * s) as f64).sqrt();
-            let e = rel_l2(&direct, &want);
+            let direct = pool.install(|| cs.forward());
+            let im2col = pool.install(|| without_direct_conv(|| cs.forward()));
+            let (want, tol) = (&cs.want, cs.tol());
+            let e = rel_l2(&direct, want);
             assert!(e <= tol, "case {i}: direct vs reference {e:.3e} > {tol:.3e}");
             let e2 = rel_l2(&direct, &im2col);
             assert!(e2 <= 1e-7, "case {i}: direct vs im2col {e2:.3e}");
@@ -1205,32 +1236,17 @@ mod tests {
         ];
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for (i, &(n, c, h, w, k, r, s, fused)) in cases.iter().enumerate() {
-            let mut rng = Rng::new(900 + i as u64);
-            let wt: Vec<f32> = (0..k * c * r * s).map(|_| rng.uniform(-1.0, 1.0)).collect();
-            let bias: Vec<f32> = (0..k).map(|_| rng.uniform(-1.0, 1.0)).collect();
-            let cw = ConvWeights::new(wt, Some(bias), k, c, r, s);
             let p = ConvParams { stride: (2, 2), pad: ((r - 1) / 2, (s - 1) / 2), dilation: (1, 1) };
-            if cw.packed.isa() != Isa::Avx512 {
+            let cs = CnCase::new(900 + i as u64, n, c, h, w, k, r, s, p, fused);
+            if cs.cw.packed.isa() != Isa::Avx512 {
                 println!("stride-2 direct conv test skipped: no AVX-512 on this CPU");
                 return;
             }
             let even = h % 2 == 0 && w % 2 == 0;
-            assert_eq!(direct_s2_applicable(&cw, &p, h, w), even, "case {i}");
-            let (oh, ow) = p.out_hw(h, w, r, s).unwrap();
-            let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.uniform(-1.0, 1.0)).collect();
-            let res: Vec<f32> = (0..n * k * oh * ow).map(|_| rng.uniform(-1.0, 1.0)).collect();
-            let mut want = vec![f32::NAN; n * k * oh * ow];
-            conv2d_reference(&x, n, h, w, &cw, &p, fused.then_some(&res[..]), fused, &mut want);
-            let want = to_cn(&want, n, k, oh * ow);
-            let (xc, res_cn) = (to_cn(&x, n, c, h * w), to_cn(&res, n, k, oh * ow));
-            let run = || {
-                let mut y = vec![f32::NAN; n * k * oh * ow];
-                conv2d_forward_cn(&xc, n, h, w, &cw, &p, fused.then_some(&res_cn[..]), fused, &mut y);
-                y
-            };
-            let im2col = pool.install(|| without_direct_conv(run));
-            let tol = 1e-6 * ((c * r * s) as f64).sqrt();
-            let e = rel_l2(&im2col, &want);
+            assert_eq!(direct_s2_applicable(&cs.cw, &p, h, w), even, "case {i}");
+            let im2col = pool.install(|| without_direct_conv(|| cs.forward()));
+            let (want, tol) = (&cs.want, cs.tol());
+            let e = rel_l2(&im2col, want);
             assert!(e <= tol, "case {i}: im2col vs reference {e:.3e} > {tol:.3e}");
             if !even {
                 continue;
@@ -1238,23 +1254,23 @@ mod tests {
             // The direct path itself, whatever the channel count (conv2d_forward_cn takes it
             // only for few channels).
             let epi = Epilogue {
-                row_bias: Some(&cw.bias),
-                residual: fused.then_some((&res_cn[..], n * oh * ow)),
+                row_bias: Some(&cs.cw.bias),
+                residual: fused.then_some((&cs.res_cn[..], want.len() / k)),
                 relu: fused,
                 ..Default::default()
             };
             let direct = pool.install(|| {
-                let mut y = vec![f32::NAN; n * k * oh * ow];
-                conv2d_direct_s2(&xc, n, h, w, &cw, &epi, &mut y);
+                let mut y = vec![f32::NAN; want.len()];
+                conv2d_direct_s2(&cs.xc, n, h, w, &cs.cw, &epi, &mut y);
                 y
             });
-            let e = rel_l2(&direct, &want);
+            let e = rel_l2(&direct, want);
             assert!(e <= tol, "case {i}: direct vs reference {e:.3e} > {tol:.3e}");
             let e2 = rel_l2(&direct, &im2col);
             assert!(e2 <= 1e-7, "case {i}: direct vs im2col {e2:.3e}");
             // And the routing: conv2d_forward_cn takes the direct path for few channels only,
             // either way within the same bound.
-            let routed = pool.install(run);
+            let routed = pool.install(|| cs.forward());
             let e3 = rel_l2(&routed, &im2col);
             assert!(e3 <= 1e-7, "case {i}: conv2d_forward_cn vs im2col {e3:.3e}");
         }
