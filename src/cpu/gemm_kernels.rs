@@ -125,7 +125,7 @@ pub(super) mod x86 {
     use super::TileEpi;
     use std::arch::x86_64::*;
 
-    /// `[f::<1>, .., f::<14>]` (or `f::<r, V>` with a second const argument): one kernel per row
+    /// `[f::<1>, .., f::<14>]` (or `f::<r, A, B>` with further const arguments): one kernel per row
     /// count of an MR = 14 panel, indexed by `r - 1`.
     macro_rules! by_rows {
         ($f:ident $(, $v:literal)*) => {
