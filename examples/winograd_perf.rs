@@ -12,7 +12,9 @@
 use capgen::cpu::conv::{conv2d_forward, resnet50_conv_cases, ConvParams, ConvWeights};
 use capgen::cpu::peak::process_cpu_ns as cpu_ns;
 use capgen::cpu::pool::{global_avg_pool, max_pool2d, PoolParams};
-use capgen::cpu::winograd::{winograd_applicable, winograd_forward_nchw, workspace_len, WinogradWeights};
+use capgen::cpu::winograd::{
+    winograd_applicable, winograd_forward_nchw, workspace_len, WinoTile, WinogradWeights,
+};
 use capgen::nn::conv::Conv2d;
 use capgen::nn::encoder::{Encoder, FeatureLayer};
 use capgen::nn::resnet::{state_dict_shapes, ResNet, ResNetConfig};
@@ -43,26 +45,35 @@ fn shapes(rounds: usize, batches: &[usize]) {
     println!("threads {threads}, {rounds} interleaved rounds, reps sized to >= 100 ms");
     let mut rng = Rng::new(1);
     for &n in batches {
-        let (mut tot_d, mut tot_w) = (0.0, 0.0);
+        let (mut tot_d, mut tot_w, mut tot_4) = (0.0, 0.0, 0.0);
         for cs in resnet50_conv_cases().into_iter().filter(|c| c.r == 3 && c.stride == 1) {
             let (c, k, h, w) = (cs.c, cs.k, cs.h, cs.w);
             let wt: Vec<f32> = (0..k * c * 9).map(|_| rng.uniform(-0.1, 0.1)).collect();
             let cw = ConvWeights::new(wt.clone(), None, k, c, 3, 3);
-            let ww = WinogradWeights::new(&wt, None, k, c);
+            let ww = WinogradWeights::new(WinoTile::F2, &wt, None, k, c);
+            let w4 = WinogradWeights::new(WinoTile::F4, &wt, None, k, c);
             let p = ConvParams::new(1, 1);
             let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.uniform(-1.0, 1.0)).collect();
             let mut yd = vec![0.0f32; n * k * h * w];
             let mut yw = vec![0.0f32; n * k * h * w];
             let mut ws = Vec::new();
             let mut direct = || conv2d_forward(&x, n, h, w, &cw, &p, None, true, &mut yd);
+            let mut y4 = vec![0.0f32; n * k * h * w];
+            let mut ws4 = Vec::new();
             let mut wino = || winograd_forward_nchw(&x, n, h, w, &ww, None, true, &mut yw, &mut ws);
+            let mut wino4 = || winograd_forward_nchw(&x, n, h, w, &w4, None, true, &mut y4, &mut ws4);
             // Warm up and size the reps from one timed call of each.
             direct();
             wino();
+            wino4();
             let t1 = time(1, threads, &mut direct).0.max(1e-5);
             let reps = ((0.1 / t1).ceil() as usize).clamp(3, 2000);
             let (mut dw, mut dc, mut ww_, mut wc) = (vec![], vec![], vec![], vec![]);
+            let (mut w4w, mut w4c) = (vec![], vec![]);
             for _ in 0..rounds {
+                let (a, b) = time(reps, threads, &mut wino4);
+                w4w.push(a);
+                w4c.push(b);
                 let (a, b) = time(reps, threads, &mut direct);
                 dw.push(a);
                 dc.push(b);
@@ -71,6 +82,7 @@ fn shapes(rounds: usize, batches: &[usize]) {
                 wc.push(b);
             }
             let (dw, dc, wwm, wc) = (median(dw), median(dc), median(ww_), median(wc));
+            let (w4w, w4c) = (median(w4w), median(w4c));
             let f = 2.0 * (n * k * c * 9 * h * w) as f64;
             // The counts behind the prediction (see the report): tiles, GEMM FLOPs, transform bytes.
             let t = n * h.div_ceil(2) * w.div_ceil(2);
@@ -80,7 +92,8 @@ fn shapes(rounds: usize, batches: &[usize]) {
             println!(
                 "n{n} {:<22} direct {:7.3} ms {:6.1} eff GFLOP/s (on-cpu {:6.1}) | winograd {:7.3} ms {:6.1} \
                  eff (on-cpu {:6.1}) | speed-up wall {:.2} on-cpu {:.2} | GEMM FLOP ratio {:.2}, \
-                 transform {:.1} MB = {:.3} B/GEMM-FLOP, U {:.1} MB, ws {:.1} MB",
+                 transform {:.1} MB = {:.3} B/GEMM-FLOP, U {:.1} MB, ws {:.1} MB | F4 {:7.3} ms {:6.1} eff \
+                 (on-cpu {:6.1}), vs F2 wall {:.2}",
                 cs.name,
                 dw * 1e3,
                 f / dw / 1e9,
@@ -95,14 +108,20 @@ fn shapes(rounds: usize, batches: &[usize]) {
                 bytes / fg,
                 16.0 * (k * c) as f64 * 4.0 / 1e6,
                 ws_mb,
+                w4w * 1e3,
+                f / w4w / 1e9,
+                f / w4c / 1e9,
+                wwm / w4w,
             );
             tot_d += dc * cs.count as f64;
             tot_w += wc * cs.count as f64;
+            tot_4 += w4c * cs.count as f64;
         }
         println!(
-            "n{n}: all 3x3 stride-1 convs of one forward (x count), on-cpu: direct {:.2} ms, winograd {:.2} ms",
+            "n{n}: all 3x3 stride-1 convs of one forward (x count), on-cpu: direct {:.2} ms, winograd {:.2} ms, F4 {:.2} ms",
             tot_d * 1e3,
-            tot_w * 1e3
+            tot_w * 1e3,
+            tot_4 * 1e3
         );
     }
 }
@@ -157,7 +176,7 @@ impl Net {
                     .iter()
                     .map(|cv| {
                         winograd_applicable(&cv.weights, &cv.params)
-                            .then(|| WinogradWeights::from_conv(&cv.weights).expect("3x3"))
+                            .then(|| WinogradWeights::from_conv(&cv.weights, WinoTile::F2).expect("3x3"))
                     })
                     .collect()
             })
@@ -271,7 +290,7 @@ fn resnet50(n: usize, rounds: usize) {
 }
 
 /// Runs only the Winograd path of the 3x3 stride-1 shapes whose name contains `filter`, for `secs`
-/// seconds each (to profile it with `perf record`).
+/// seconds each (to profile it with `perf record`; `WINO_TILE=f4` for F(4x4,3x3)).
 fn profile(filter: &str, n: usize, secs: f64) {
     let mut rng = Rng::new(1);
     for cs in
@@ -279,7 +298,9 @@ fn profile(filter: &str, n: usize, secs: f64) {
     {
         let (c, k, h, w) = (cs.c, cs.k, cs.h, cs.w);
         let wt: Vec<f32> = (0..k * c * 9).map(|_| rng.uniform(-0.1, 0.1)).collect();
-        let ww = WinogradWeights::new(&wt, None, k, c);
+        let tile =
+            if std::env::var("WINO_TILE").is_ok_and(|t| t == "f4") { WinoTile::F4 } else { WinoTile::F2 };
+        let ww = WinogradWeights::new(tile, &wt, None, k, c);
         let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.uniform(-1.0, 1.0)).collect();
         let mut y = vec![0.0f32; n * k * h * w];
         let mut ws = Vec::new();

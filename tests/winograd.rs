@@ -1,4 +1,4 @@
-//! Winograd F(2x2, 3x3) against direct convolution: an independent f64 direct convolution and the
+//! Winograd F(2x2, 3x3) and F(4x4, 3x3) against direct convolution: an independent f64 direct convolution and the
 //! crate's f32 `conv2d_reference`, on fresh seeded random inputs, every ISA path, odd sizes, batch
 //! 1 and 3, with and without residual / ReLU, NCHW and (C, N, H, W) layouts.
 //!
@@ -18,19 +18,24 @@
 //! ResNet-50 shapes (test `measured_errors`): 1.9e-7 .. 5.0e-7, about 0.12 u sqrt(9C), a ~65x
 //! margin, and about as large as `conv2d_forward`'s own error (2.4e-7 .. 2.9e-7). The comparison
 //! with the f32 `conv2d_reference` (itself in error by up to ~0.4 u sqrt(9C)) allows twice the bound.
+//!
+//! F(4x4, 3x3) is held to the same bound. Its transforms have larger entries (Aᵀ has rows of
+//! 1-norm up to 19, Bᵀ up to 10, while G's entries shrink to 1/24), so the kappa above grows by
+//! roughly 4-5x; measured (`measured_errors`) 8e-7 .. 3e-6, 0.6-1.2 u sqrt(9C), still a >6x margin.
 
 mod common;
 use capgen::cpu::conv::{conv2d_reference, ConvParams, ConvWeights};
 use capgen::cpu::gemm::{available_isas, Isa};
 use capgen::cpu::winograd::{
     transform_filter, winograd_applicable, winograd_forward, winograd_forward_nchw, workspace_len, ActLayout,
-    WinogradWeights,
+    WinoTile, WinogradWeights,
 };
 use capgen::rng::Rng;
 use common::rel_l2;
 
 const U: f64 = 5.960_464_5e-8; // 2^-24, f32 unit roundoff
 const BOUND_FACTOR: f64 = 8.0;
+const TILES: [WinoTile; 2] = [WinoTile::F2, WinoTile::F4];
 
 /// The model bound above for C input channels.
 fn bound(c: usize) -> f64 {
@@ -87,14 +92,22 @@ struct Case {
 }
 
 /// Runs one case on one ISA in NCHW; returns (rel L2 vs f64 direct, rel L2 vs f32 conv2d_reference).
-fn run_case(isa: Isa, cs: &Case, seed: u64, residual: bool, relu: bool, x_lo: f32) -> (f64, f64) {
+fn run_case(
+    isa: Isa,
+    tile: WinoTile,
+    cs: &Case,
+    seed: u64,
+    residual: bool,
+    relu: bool,
+    x_lo: f32,
+) -> (f64, f64) {
     let Case { n, c, k, h, w } = *cs;
     let mut rng = Rng::new(seed);
     let wt = rand(&mut rng, k * c * 9, -1.0, 1.0);
     let bias = rand(&mut rng, k, -1.0, 1.0);
     let x = rand(&mut rng, n * c * h * w, x_lo, 1.0);
     let res = residual.then(|| rand(&mut rng, n * k * h * w, -1.0, 1.0));
-    let ww = WinogradWeights::new_with_isa(isa, &wt, Some(&bias), k, c);
+    let ww = WinogradWeights::new_with_isa(isa, tile, &wt, Some(&bias), k, c);
     let mut ws = Vec::new();
     let mut y = vec![f32::NAN; n * k * h * w];
     winograd_forward_nchw(&x, n, h, w, &ww, res.as_deref(), relu, &mut y, &mut ws);
@@ -108,15 +121,30 @@ fn run_case(isa: Isa, cs: &Case, seed: u64, residual: bool, relu: bool, x_lo: f3
 #[test]
 fn filter_transform_matches_the_formula() {
     // U = G g Gᵀ written out for a filter with a single 1 at (r, s): U[i][j] = G[i][r] * G[j][s].
-    let gm = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0f32]];
-    for r in 0..3 {
-        for s in 0..3 {
-            let mut g = [0.0f32; 9];
-            g[r * 3 + s] = 1.0;
-            let u = transform_filter(&g);
-            for i in 0..4 {
-                for j in 0..4 {
-                    assert_eq!(u[i * 4 + j], gm[i][r] * gm[j][s], "g[{r}][{s}] -> U[{i}][{j}]");
+    // G of F(2x2) and of F(4x4) (points 0, 1, -1, 2, -2, infinity), from Lavin & Gray's paper.
+    let g2: Vec<[f64; 3]> = vec![[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+    let s6 = 1.0 / 6.0;
+    let g4: Vec<[f64; 3]> = vec![
+        [0.25, 0.0, 0.0],
+        [-s6, -s6, -s6],
+        [-s6, s6, -s6],
+        [1.0 / 24.0, 1.0 / 12.0, s6],
+        [1.0 / 24.0, -1.0 / 12.0, s6],
+        [0.0, 0.0, 1.0],
+    ];
+    for (tile, gm) in [(WinoTile::F2, g2), (WinoTile::F4, g4)] {
+        let a = gm.len();
+        for r in 0..3 {
+            for s in 0..3 {
+                let mut g = [0.0f32; 9];
+                g[r * 3 + s] = 1.0;
+                let u = transform_filter(tile, &g);
+                assert_eq!(u.len(), a * a);
+                for i in 0..a {
+                    for j in 0..a {
+                        let want = (gm[i][r] * gm[j][s]) as f32;
+                        assert_eq!(u[i * a + j], want, "{tile:?} g[{r}][{s}] -> U[{i}][{j}]");
+                    }
                 }
             }
         }
@@ -136,14 +164,15 @@ fn small_and_odd_shapes_every_isa() {
         Case { n: 2, c: 3, k: 4, h: 5, w: 37 },
     ];
     let mut seed = 100;
-    for isa in available_isas() {
+    for (isa, tile) in available_isas().into_iter().flat_map(|i| TILES.map(|t| (i, t))) {
         for cs in &cases {
             for (residual, relu) in [(false, false), (false, true), (true, false), (true, true)] {
                 seed += 1;
-                let (e64, e32) = run_case(isa, cs, seed, residual, relu, -1.0);
+                let (e64, e32) = run_case(isa, tile, cs, seed, residual, relu, -1.0);
                 let tag = format!(
-                    "{} n{} c{} k{} {}x{} res {residual} relu {relu}",
+                    "{} {} n{} c{} k{} {}x{} res {residual} relu {relu}",
                     isa.name(),
+                    tile.name(),
                     cs.n,
                     cs.c,
                     cs.k,
@@ -172,12 +201,15 @@ fn resnet_cases() -> Vec<(&'static str, Case)> {
 #[test]
 fn resnet50_shapes_within_bound() {
     let isa = available_isas()[0];
-    for (i, (name, cs)) in resnet_cases().iter().enumerate() {
-        // Post-ReLU-like inputs (>= 0) and signed inputs; the last conv of a block adds a residual.
-        for (j, x_lo) in [0.0f32, -1.0].into_iter().enumerate() {
-            let (e64, e32) = run_case(isa, cs, 7000 + (i * 2 + j) as u64, j == 1, true, x_lo);
-            assert!(e64 <= bound(cs.c), "{name}: rel L2 vs f64 {e64:.2e} > {:.2e}", bound(cs.c));
-            assert!(e32 <= 2.0 * bound(cs.c), "{name}: rel L2 vs f32 reference {e32:.2e}");
+    for tile in TILES {
+        for (i, (name, cs)) in resnet_cases().iter().enumerate() {
+            // Post-ReLU-like inputs (>= 0) and signed inputs; the last conv of a block adds a residual.
+            for (j, x_lo) in [0.0f32, -1.0].into_iter().enumerate() {
+                let (e64, e32) = run_case(isa, tile, cs, 7000 + (i * 2 + j) as u64, j == 1, true, x_lo);
+                let b = bound(cs.c);
+                assert!(e64 <= b, "{name} {tile:?}: rel L2 vs f64 {e64:.2e} > {b:.2e}");
+                assert!(e32 <= 2.0 * b, "{name} {tile:?}: rel L2 vs f32 reference {e32:.2e}");
+            }
         }
     }
 }
@@ -192,8 +224,8 @@ fn layouts_agree() {
     let bias = rand(&mut rng, k, -1.0, 1.0);
     let x = rand(&mut rng, n * c * h * w, -1.0, 1.0);
     let res = rand(&mut rng, n * k * h * w, -1.0, 1.0);
-    for isa in available_isas() {
-        let ww = WinogradWeights::new_with_isa(isa, &wt, Some(&bias), k, c);
+    for (isa, tile) in available_isas().into_iter().flat_map(|i| TILES.map(|t| (i, t))) {
+        let ww = WinogradWeights::new_with_isa(isa, tile, &wt, Some(&bias), k, c);
         let mut ws = Vec::new();
         let mut want = vec![0.0f32; n * k * h * w];
         winograd_forward_nchw(&x, n, h, w, &ww, Some(&res), true, &mut want, &mut ws);
@@ -229,7 +261,7 @@ fn layouts_agree() {
                 winograd_forward(&ww, &xs, xl, n, h, w, Some((&rs, yl)), true, &mut y, yl, &mut ws);
                 let want_l = relayout(&want, k, yl, sentinel);
                 // Same arithmetic in the same order whatever the layout: bit-identical, gaps kept.
-                assert_eq!(y, want_l, "{} x {xl:?} y {yl:?}", isa.name());
+                assert_eq!(y, want_l, "{} {tile:?} x {xl:?} y {yl:?}", isa.name());
             }
         }
     }
@@ -239,19 +271,23 @@ fn layouts_agree() {
 fn workspace_is_reused_and_bounded() {
     let (n, c, k, h, w) = (2, 64, 64, 56, 56);
     let mut rng = Rng::new(9);
-    let ww = WinogradWeights::new(&rand(&mut rng, k * c * 9, -1.0, 1.0), None, k, c);
+    let wt = rand(&mut rng, k * c * 9, -1.0, 1.0);
     let x = rand(&mut rng, n * c * h * w, -1.0, 1.0);
-    let mut y = vec![0.0; n * k * h * w];
-    let mut ws = Vec::new();
-    winograd_forward_nchw(&x, n, h, w, &ww, None, false, &mut y, &mut ws);
-    let (len, ptr) = (ws.len(), ws.as_ptr());
-    assert_eq!(len, workspace_len(&ww, n, h, w));
-    // Blocked: less than the 16 * (C + K) * tiles a single block over the batch would need.
-    assert!(len < 16 * (c + k) * n * 28 * 28, "workspace {len} not blocked");
-    let first = y.clone();
-    winograd_forward_nchw(&x, n, h, w, &ww, None, false, &mut y, &mut ws);
-    assert_eq!((ws.len(), ws.as_ptr()), (len, ptr), "second call reallocated the workspace");
-    assert_eq!(y, first, "second call differs");
+    for tile in TILES {
+        let ww = WinogradWeights::new(tile, &wt, None, k, c);
+        let mut y = vec![0.0; n * k * h * w];
+        let mut ws = Vec::new();
+        winograd_forward_nchw(&x, n, h, w, &ww, None, false, &mut y, &mut ws);
+        let (len, ptr) = (ws.len(), ws.as_ptr());
+        assert_eq!(len, workspace_len(&ww, n, h, w));
+        // Blocked: less than the E * (C + K) * tiles a single block over the batch would need.
+        let tiles = n * h.div_ceil(tile.m()) * w.div_ceil(tile.m());
+        assert!(len < tile.positions() * (c + k) * tiles, "{tile:?}: workspace {len} not blocked");
+        let first = y.clone();
+        winograd_forward_nchw(&x, n, h, w, &ww, None, false, &mut y, &mut ws);
+        assert_eq!((ws.len(), ws.as_ptr()), (len, ptr), "{tile:?}: second call reallocated the workspace");
+        assert_eq!(y, first, "{tile:?}: second call differs");
+    }
 }
 
 #[test]
@@ -260,17 +296,17 @@ fn applicability_and_errors() {
     assert!(winograd_applicable(&w3, &ConvParams::new(1, 1)));
     assert!(!winograd_applicable(&w3, &ConvParams::new(2, 1)));
     assert!(!winograd_applicable(&w3, &ConvParams::new(1, 0)));
-    assert!(WinogradWeights::from_conv(&w3).is_ok());
+    assert!(WinogradWeights::from_conv(&w3, WinoTile::F4).is_ok());
     let w1 = ConvWeights::new(vec![0.5; 2 * 3], None, 2, 3, 1, 1);
     assert!(!winograd_applicable(&w1, &ConvParams::new(1, 0)));
-    let err = WinogradWeights::from_conv(&w1).unwrap_err().to_string();
+    let err = WinogradWeights::from_conv(&w1, WinoTile::F2).unwrap_err().to_string();
     assert!(err.contains("3x3") && err.contains("1x1"), "{err}");
 }
 
 #[test]
 #[should_panic(expected = "overlaps itself")]
 fn overlapping_output_layout_is_refused() {
-    let ww = WinogradWeights::new(&[0.1; 2 * 9], None, 2, 1);
+    let ww = WinogradWeights::new(WinoTile::F2, &[0.1; 2 * 9], None, 2, 1);
     let x = vec![1.0; 16];
     let mut y = vec![0.0; 32];
     // c_stride 8 < H*W = 16: channels would overwrite each other.
@@ -287,7 +323,8 @@ fn measured_errors() {
     for (name, cs) in resnet_cases() {
         let cs = Case { n: 1, ..cs };
         for x_lo in [0.0f32, -1.0] {
-            let (e64, e32) = run_case(available_isas()[0], &cs, 1, false, false, x_lo);
+            let (e64, e32) = run_case(available_isas()[0], WinoTile::F2, &cs, 1, false, false, x_lo);
+            let (f64_4, f32_4) = run_case(available_isas()[0], WinoTile::F4, &cs, 1, false, false, x_lo);
             // The direct f32 reference's own error, for scale.
             let mut rng = Rng::new(1);
             let (n, c, k, h, w) = (cs.n, cs.c, cs.k, cs.h, cs.w);
@@ -299,8 +336,8 @@ fn measured_errors() {
             let mut yd = vec![0.0f32; n * k * h * w];
             capgen::cpu::conv::conv2d_forward(&x, n, h, w, &cw, &ConvParams::new(1, 1), None, false, &mut yd);
             println!(
-                "{name} x in [{x_lo}, 1): winograd vs f64 {e64:.2e}, vs f32 ref {e32:.2e}; \
-                 conv2d_forward vs f64 {:.2e}; bound {:.2e}",
+                "{name} x in [{x_lo}, 1): F2 vs f64 {e64:.2e}, vs f32 ref {e32:.2e}; \
+                 F4 vs f64 {f64_4:.2e}, vs f32 ref {f32_4:.2e}; conv2d_forward vs f64 {:.2e}; bound {:.2e}",
                 rel_l2(&yd, &exact),
                 bound(c)
             );

@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use crate::cpu::conv::direct_applicable;
 use crate::cpu::conv::{swap_leading_axes, ConvParams};
 use crate::cpu::pool::PoolParams;
-use crate::cpu::winograd::{winograd_applicable, winograd_forward, ActLayout, WinogradWeights};
+use crate::cpu::winograd::{winograd_applicable, winograd_forward, ActLayout, WinoTile, WinogradWeights};
 use crate::error::{Error, Result};
 use crate::nn::buffers::ActivationPool;
 use crate::nn::conv::{Conv2d, ParamFn};
@@ -235,7 +235,7 @@ impl ResNet {
             let mut conv = Conv2d::load_conv_bn(get, &s.conv, &s.bn, s.dims, s.params)?;
             // Stride-1 3x3 convs also get Winograd weights, transformed from the raw ones.
             let wino = winograd_applicable(&conv.weights, &conv.params)
-                .then(|| WinogradWeights::from_conv(&conv.weights))
+                .then(|| WinogradWeights::from_conv(&conv.weights, wino_tile(conv.weights.c)))
                 .transpose()?;
             // Inference reads only the packed weights: drop the raw copy at once, so it is never
             // held for the whole net (half the weight memory, also at peak).
@@ -402,14 +402,15 @@ impl ResNet {
 
 /// The one place a ResNet conv is run: x (C, N, H, W) -> out (K, N, P, Q), channel-major.
 ///
-/// Stride-1 3x3 convs run as Winograd F(2x2,3x3) (`cpu::winograd`: 2.25x fewer multiplies; pooled
-/// ResNet-50 features differ from the direct path by ~2e-7 relative L2, far inside the 1e-4 bound)
-/// when the batch has at least `WINOGRAD_MIN_TILES` 2x2 output tiles (below that, layer4 at batch 1
-/// with 16 tiles, the 16 GEMMs are too narrow for the 32-wide kernel and the direct path is as
-/// fast), unless the direct convolution is available and the conv has fewer than
-/// `WINOGRAD_MIN_CHANNELS` input channels (then the direct convolution is faster). Every other conv is an implicit GEMM (1x1 straight to GEMM; stride-1 3x3 as a
-/// direct convolution reading the input in place on AVX-512, and the stem as one over its input's
-/// four phases; lazy im2col otherwise).
+/// Stride-1 3x3 convs run as Winograd (`cpu::winograd`): F(4x4,3x3) up to
+/// `WINOGRAD_F4_MAX_CHANNELS` input channels, F(2x2,3x3) above (see `wino_tile`). Pooled ResNet-50
+/// features differ from the direct path by ~1e-6 relative L2, far inside the 1e-4 bound. Winograd
+/// runs when the batch has at least `WINOGRAD_MIN_TILES` output tiles (below that, layer4 at batch
+/// 1 with 16 F(2x2) tiles, its GEMMs are too narrow for the 32-wide kernel and the direct path is as
+/// fast), except that an F(2x2) conv with fewer than `WINOGRAD_MIN_CHANNELS` input channels runs
+/// the direct convolution where that is available. Every other conv is an implicit GEMM (1x1
+/// straight to GEMM; stride-1 3x3 as a direct convolution reading the input in place on AVX-512,
+/// and the stem as one over its input's four phases; lazy im2col otherwise).
 fn run_conv(
     conv: &NetConv,
     x: &Tensor,
@@ -420,8 +421,9 @@ fn run_conv(
 ) -> Result<()> {
     if let (Some(ww), &[_, n, h, w]) = (&conv.wino, x.dims()) {
         let direct = direct_applicable(&conv.conv.weights, &conv.conv.params);
-        if n * h.div_ceil(2) * w.div_ceil(2) >= WINOGRAD_MIN_TILES
-            && (ww.c >= WINOGRAD_MIN_CHANNELS || !direct)
+        let m = ww.tile.m();
+        if n * h.div_ceil(m) * w.div_ceil(m) >= WINOGRAD_MIN_TILES
+            && (ww.tile == WinoTile::F4 || ww.c >= WINOGRAD_MIN_CHANNELS || !direct)
         {
             // Shapes were checked when `out` was sized from `out_dims_cn`; stride 1, pad 1 keeps H x W.
             let l = ActLayout::cnhw(n, h, w);
@@ -448,7 +450,25 @@ fn run_conv(
     conv.conv.forward_cn_into(x, residual, relu, out)
 }
 
-/// Fewest 2x2 output tiles (over the batch) for which a stride-1 3x3 conv takes the Winograd path.
+/// The Winograd variant a stride-1 3x3 conv with `c` input channels holds: F(4x4,3x3) up to
+/// `WINOGRAD_F4_MAX_CHANNELS` (layers 1-2 of ResNet-50), F(2x2,3x3) above, where F(4x4)'s 4x
+/// larger weights (38 MB per layer4 conv) make its few-tile GEMMs weight-bandwidth-bound at batch
+/// 1. Measured per conv (`examples/winograd_perf shapes`, 2 threads, Zen 4), F(4x4) time over
+/// F(2x2) time at batch 1 / 8: layer1 0.66 / 0.64 (and 0.49 of the direct conv), layer2 0.73 /
+/// 0.80, layer3 0.99 / 1.04, layer4 2.2 / 0.76. Layer4 at batch 8 would gain ~5 ms, but holding
+/// both sets of its weights costs 113 MB, so layer3-4 keep F(2x2).
+fn wino_tile(c: usize) -> WinoTile {
+    if c <= WINOGRAD_F4_MAX_CHANNELS {
+        WinoTile::F4
+    } else {
+        WinoTile::F2
+    }
+}
+
+const WINOGRAD_F4_MAX_CHANNELS: usize = 128;
+
+/// Fewest output tiles (m x m for F(m x m, 3x3), over the batch) for which a stride-1 3x3 conv takes
+/// the Winograd path.
 const WINOGRAD_MIN_TILES: usize = 32;
 
 /// Fewest input channels for which Winograd beats the direct convolution (when that is available):

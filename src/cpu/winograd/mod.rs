@@ -1,4 +1,6 @@
-//! Winograd F(2x2, 3x3) convolution for 3x3, stride-1, pad-1 layers (ResNet's 3x3 convs).
+//! Winograd F(2x2, 3x3) and F(4x4, 3x3) (`f4`) convolution for 3x3, stride-1, pad-1 layers
+//! (ResNet's 3x3 convs). The method is written out below for F(2x2); F(4x4) is the same with 6x6
+//! input tiles, 36 GEMMs and the matrices in `f4`.
 //!
 //! Math (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). Cut the padded
 //! input of each (image, channel) into 4x4 tiles `d` that overlap by 2 (tile (ty, tx) starts at
@@ -41,6 +43,8 @@ use crate::cpu::conv::{ConvParams, ConvWeights};
 use crate::cpu::gemm::{detect_isa, pack_a_with_isa, sgemm_packed_a, Epilogue, Isa, MatRef, PackedA};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
+
+mod f4;
 
 /// Where element (c, n, y, x) of a channel-major activation of spatial size (H, W) lives:
 /// `c * c_stride + n * n_stride + y * W + x`. NCHW is `nchw(C, H, W)`; a (C, N, H, W) layout is
@@ -89,34 +93,67 @@ pub fn winograd_applicable(w: &ConvWeights, p: &ConvParams) -> bool {
     w.r == 3 && w.s == 3 && p.stride == (1, 1) && p.pad == (1, 1) && p.dilation == (1, 1)
 }
 
-/// A 3x3 convolution's weights transformed for F(2x2, 3x3): U[e] = (G g Gᵀ)[e] as 16 (K, C)
-/// matrices, each packed into GEMM A panels for one ISA.
+/// Which Winograd algorithm: F(m x m, 3x3) on tiles of a x a = (m + 2) x (m + 2) inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WinoTile {
+    /// F(2x2, 3x3): 16 GEMMs, 2.25x fewer multiplies than direct convolution.
+    F2,
+    /// F(4x4, 3x3) (`f4`): 36 GEMMs, 4x fewer multiplies; ~5x the F2 rounding error (still >6x
+    /// inside tests/winograd.rs's bound), and the transformed weights are 36/9 = 4x the raw ones.
+    F4,
+}
+
+impl WinoTile {
+    /// Output tile side m.
+    pub fn m(self) -> usize {
+        match self {
+            WinoTile::F2 => 2,
+            WinoTile::F4 => 4,
+        }
+    }
+    /// Number of element-wise positions (GEMMs): (m + 2)².
+    pub fn positions(self) -> usize {
+        (self.m() + 2) * (self.m() + 2)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            WinoTile::F2 => "F(2x2,3x3)",
+            WinoTile::F4 => "F(4x4,3x3)",
+        }
+    }
+}
+
+/// A 3x3 convolution's weights transformed for F(m x m, 3x3): U[e] = (G g Gᵀ)[e] as (m + 2)²
+/// (K, C) matrices, each packed into GEMM A panels for one ISA.
 #[derive(Clone, Debug)]
 pub struct WinogradWeights {
     pub k: usize,
     pub c: usize,
+    pub tile: WinoTile,
     /// (K); zeros when the conv has no bias.
     pub bias: Vec<f32>,
-    /// U[e], e = 4*i + j, each (K, C) packed.
+    /// U[e], e = a*i + j, each (K, C) packed.
     u: Vec<PackedA>,
     isa: Isa,
 }
 
-/// G (4x3), see the module comment.
+/// G (4x3) of F(2x2, 3x3), see the module comment.
 const G: [[f64; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
 
-/// U = G g Gᵀ for one 3x3 filter `g` (row-major), in f64 so the only rounding is the final one.
-pub fn transform_filter(g: &[f32]) -> [f32; 16] {
-    let mut gg = [[0.0f64; 3]; 4]; // G g (4x3)
-    for (i, row) in gg.iter_mut().enumerate() {
-        for (j, v) in row.iter_mut().enumerate() {
-            *v = (0..3).map(|p| G[i][p] * g[p * 3 + j] as f64).sum();
-        }
-    }
-    let mut u = [0.0f32; 16];
-    for i in 0..4 {
-        for j in 0..4 {
-            u[i * 4 + j] = (0..3).map(|p| gg[i][p] * G[j][p]).sum::<f64>() as f32;
+/// U = G g Gᵀ ((m + 2)², row-major) for one 3x3 filter `g` (row-major), in f64 so the only
+/// rounding is the final one.
+pub fn transform_filter(tile: WinoTile, g: &[f32]) -> Vec<f32> {
+    let gm: &[[f64; 3]] = match tile {
+        WinoTile::F2 => &G,
+        WinoTile::F4 => &f4::G,
+    };
+    let a = gm.len();
+    let gg: Vec<[f64; 3]> = // G g (a x 3)
+        gm.iter().map(|gi| std::array::from_fn(|j| (0..3).map(|p| gi[p] * g[p * 3 + j] as f64).sum())).collect();
+    let mut u = vec![0.0f32; a * a];
+    for i in 0..a {
+        for j in 0..a {
+            u[i * a + j] = (0..3).map(|p| gg[i][p] * gm[j][p]).sum::<f64>() as f32;
         }
     }
     u
@@ -125,41 +162,53 @@ pub fn transform_filter(g: &[f32]) -> [f32; 16] {
 impl WinogradWeights {
     /// From a raw (K, C, 3, 3) row-major weight and an optional bias (K). Panics on a size
     /// mismatch (a caller bug: layer shapes are checked where weights are loaded).
-    pub fn new(weight: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
-        Self::new_with_isa(detect_isa(), weight, bias, k, c)
+    pub fn new(tile: WinoTile, weight: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
+        Self::new_with_isa(detect_isa(), tile, weight, bias, k, c)
     }
 
     /// `new`, packed for a chosen (supported) ISA's GEMM kernel (tests run every path).
-    pub fn new_with_isa(isa: Isa, weight: &[f32], bias: Option<&[f32]>, k: usize, c: usize) -> Self {
+    pub fn new_with_isa(
+        isa: Isa,
+        tile: WinoTile,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        k: usize,
+        c: usize,
+    ) -> Self {
         assert_eq!(weight.len(), k * c * 9, "winograd weight size");
         let bias = bias.map_or_else(|| vec![0.0; k], |b| b.to_vec());
         assert_eq!(bias.len(), k, "winograd bias size");
-        // (16, K, C): all U[e] side by side, then each packed.
-        let mut ut = vec![0.0f32; 16 * k * c];
+        // (E, K, C): all U[e] side by side, then each packed.
+        let ne = tile.positions();
+        let mut ut = vec![0.0f32; ne * k * c];
         for ko in 0..k {
             for ci in 0..c {
                 let o = (ko * c + ci) * 9;
-                let u = transform_filter(&weight[o..o + 9]);
+                let u = transform_filter(tile, &weight[o..o + 9]);
                 for (e, &v) in u.iter().enumerate() {
                     ut[(e * k + ko) * c + ci] = v;
                 }
             }
         }
-        let u = (0..16)
+        let u = (0..ne)
             .map(|e| pack_a_with_isa(isa, MatRef::row_major(&ut[e * k * c..(e + 1) * k * c], k, c)))
             .collect();
-        WinogradWeights { k, c, bias, u, isa }
+        WinogradWeights { k, c, tile, bias, u, isa }
     }
 
     /// From a conv layer's (batch-norm folded) weights; an error if it is not 3x3.
-    pub fn from_conv(w: &ConvWeights) -> Result<Self> {
+    pub fn from_conv(w: &ConvWeights, tile: WinoTile) -> Result<Self> {
         if w.r != 3 || w.s != 3 {
             return Err(Error::shape(format!(
-                "winograd F(2x2,3x3) needs a 3x3 kernel, got {}x{} ({} -> {} channels)",
-                w.r, w.s, w.c, w.k
+                "winograd {} needs a 3x3 kernel, got {}x{} ({} -> {} channels)",
+                tile.name(),
+                w.r,
+                w.s,
+                w.c,
+                w.k
             )));
         }
-        Ok(Self::new(&w.weight, Some(&w.bias), w.k, w.c))
+        Ok(Self::new(tile, &w.weight, Some(&w.bias), w.k, w.c))
     }
 
     pub fn isa(&self) -> Isa {
@@ -189,9 +238,10 @@ fn padded(tb: usize) -> usize {
     tb + L
 }
 
-/// The scratch the forward needs for a block of `tb` tiles: V (C, 16, tb + L) and M (16, K, tb + L).
-fn block_floats(c: usize, k: usize, tb: usize) -> usize {
-    16 * (c + k) * padded(tb)
+/// The scratch the forward needs for a block of `tb` tiles: V (C, E, tb + L) and M (E, K, tb + L)
+/// for E = `ne` positions.
+fn block_floats(ne: usize, c: usize, k: usize, tb: usize) -> usize {
+    ne * (c + k) * padded(tb)
 }
 
 /// Scratch budget per block (floats): 4 MiB for V and M of one block, the L2 of both cores here
@@ -200,22 +250,23 @@ fn block_floats(c: usize, k: usize, tb: usize) -> usize {
 /// threads, batch 1 and 8: 4 MiB / 256 tiles was best or tied.)
 const BLOCK_FLOATS: usize = 1 << 20;
 
-/// ...but at least this many tiles per block: every block streams all 16 U[e] (64 K C bytes),
+/// ...but at least this many tiles per block: every block streams all U[e] (4 E K C bytes),
 /// and a GEMM does 2 * tiles FLOPs per weight element it loads, so fewer tiles make the GEMMs
 /// weight-bandwidth-bound (at 512 channels the weights are 16 MiB).
 const MIN_TILES: usize = 256;
 
 /// Tile rows per block: as many as fit the budget, at least `MIN_TILES` tiles, at least one row.
-fn rows_per_block(c: usize, k: usize, tw: usize) -> usize {
-    let fit = BLOCK_FLOATS / (16 * (c + k) * (tw + L));
+fn rows_per_block(ne: usize, c: usize, k: usize, tw: usize) -> usize {
+    let fit = BLOCK_FLOATS / (ne * (c + k) * (tw + L));
     fit.max(MIN_TILES.div_ceil(tw)).max(1)
 }
 
 /// Workspace length (floats) `winograd_forward` uses for this layer and input size.
 pub fn workspace_len(wt: &WinogradWeights, n: usize, h: usize, w: usize) -> usize {
-    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    let rows = rows_per_block(wt.c, wt.k, tw).min(n * th);
-    block_floats(wt.c, wt.k, rows * tw)
+    let (m, ne) = (wt.tile.m(), wt.tile.positions());
+    let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
+    let rows = rows_per_block(ne, wt.c, wt.k, tw).min(n * th);
+    block_floats(ne, wt.c, wt.k, rows * tw)
 }
 
 /// The output's base pointer, shared by the output-transform tasks, which write disjoint rows.
@@ -262,10 +313,11 @@ pub fn winograd_forward(
     if let Some((r, rl)) = residual {
         assert!(r.len() >= rl.len(k, n, h, w), "winograd: residual slice too short");
     }
-    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let (m, ne) = (wt.tile.m(), wt.tile.positions());
+    let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
     let rows_total = n * th;
-    let rpb = rows_per_block(c, k, tw).min(rows_total);
-    let need = block_floats(c, k, rpb * tw);
+    let rpb = rows_per_block(ne, c, k, tw).min(rows_total);
+    let need = block_floats(ne, c, k, rpb * tw);
     if ws.len() < need {
         ws.resize(need, 0.0);
     }
@@ -276,16 +328,16 @@ pub fn winograd_forward(
         let g1 = (g0 + rpb).min(rows_total);
         let tb = (g1 - g0) * tw;
         let ld = padded(tb);
-        let (v, rest) = ws.split_at_mut(16 * c * ld);
-        let m = &mut rest[..16 * k * ld];
-        input_transform(wt.isa, x, xl, c, &geo, g0, g1, v);
-        // 16 GEMMs: M[e] (K, tb) = U[e] (K, C) · V[e] (C, tb); rows of V[e] are 16*ld apart.
+        let (v, rest) = ws.split_at_mut(ne * c * ld);
+        let mm = &mut rest[..ne * k * ld];
+        input_transform(wt, x, xl, &geo, g0, g1, v);
+        // E GEMMs: M[e] (K, tb) = U[e] (K, C) · V[e] (C, tb); rows of V[e] are E*ld apart.
         let v: &[f32] = v;
-        m.par_chunks_mut(k * ld).zip(wt.u.par_iter()).enumerate().for_each(|(e, (me, ue))| {
-            let b = MatRef::row_major_ld(&v[e * ld..], c, tb, 16 * ld);
+        mm.par_chunks_mut(k * ld).zip(wt.u.par_iter()).enumerate().for_each(|(e, (me, ue))| {
+            let b = MatRef::row_major_ld(&v[e * ld..], c, tb, ne * ld);
             sgemm_packed_a(ue, b, me, ld, &Epilogue::default());
         });
-        output_transform(wt, m, &geo, g0, g1, residual, relu, yp, yl);
+        output_transform(wt, mm, &geo, g0, g1, residual, relu, yp, yl);
         g0 = g1;
     }
 }
@@ -317,26 +369,32 @@ struct Geo {
 }
 
 /// V[c][e][t] = (Bᵀ d B)[e] for the tiles of tile rows g0..g1 (g = image * th + ty), parallel over
-/// input channels. v: (C, 16, ld).
-#[allow(clippy::too_many_arguments)]
+/// input channels. v: (C, E, ld).
 fn input_transform(
-    isa: Isa,
+    wt: &WinogradWeights,
     x: &[f32],
     xl: ActLayout,
-    c: usize,
     geo: &Geo,
     g0: usize,
     g1: usize,
     v: &mut [f32],
 ) {
+    let (isa, c, ne) = (wt.isa, wt.c, wt.tile.positions());
     let ld = padded((g1 - g0) * geo.tw);
     // At least ~16K outputs per task so small blocks do not drown in scheduling.
-    let min_len = (16384 / (16 * ld)).max(1);
-    v[..c * 16 * ld].par_chunks_mut(16 * ld).with_min_len(min_len).enumerate().for_each_init(
-        || vec![0.0f32; input_buf_len(geo.tw)],
+    let min_len = (16384 / (ne * ld)).max(1);
+    let buf_len = match wt.tile {
+        WinoTile::F2 => input_buf_len(geo.tw),
+        WinoTile::F4 => f4::input_buf_len(geo.tw),
+    };
+    v[..c * ne * ld].par_chunks_mut(ne * ld).with_min_len(min_len).enumerate().for_each_init(
+        || vec![0.0f32; buf_len],
         |buf, (ci, vc)| {
             let xc = &x[ci * xl.c_stride..];
-            dispatch_input(isa, xc, xl.n_stride, geo, g0, g1, buf, vc);
+            match wt.tile {
+                WinoTile::F2 => dispatch_input(isa, xc, xl.n_stride, geo, g0, g1, buf, vc),
+                WinoTile::F4 => f4::dispatch_input(isa, xc, xl.n_stride, geo, g0, g1, buf, vc),
+            }
         },
     );
 }
@@ -566,8 +624,12 @@ fn output_transform(
 ) {
     let k = wt.k;
     let ld = padded((g1 - g0) * geo.tw);
-    let min_len = (16384 / (16 * ld)).max(1);
+    let ne = wt.tile.positions();
+    let min_len = (16384 / (ne * ld)).max(1);
     let isa = wt.isa;
+    if wt.tile == WinoTile::F4 {
+        return f4::output_transform(wt, m, geo, g0, g1, residual, relu, yp, yl);
+    }
     (0..k).into_par_iter().with_min_len(min_len).for_each_init(
         || vec![0.0f32; 4 * geo.tw.div_ceil(L) * L],
         |buf, ko| {
@@ -673,26 +735,36 @@ unsafe fn output_channel(j: &OutJob, buf: &mut [f32], yk: *mut f32, ns: usize) {
             if oy >= h {
                 break;
             }
-            let off = img * ns + oy * w;
             // SAFETY: (img, oy) is a valid row of this channel (img < N, oy < H), which the caller
             // guarantees is writable by this task alone.
-            let out = unsafe { std::slice::from_raw_parts_mut(yk.add(off), w) };
-            let src = &src[..w];
-            let b = j.bias;
-            match j.res {
-                Some((r, rns)) => {
-                    let rr = &r[img * rns + oy * w..img * rns + oy * w + w];
-                    for ((o, &s), &rv) in out.iter_mut().zip(src).zip(rr) {
-                        let v = s + b + rv;
-                        *o = if j.relu { v.max(0.0) } else { v };
-                    }
-                }
-                None => {
-                    for (o, &s) in out.iter_mut().zip(src) {
-                        let v = s + b;
-                        *o = if j.relu { v.max(0.0) } else { v };
-                    }
-                }
+            unsafe { store_row(j, &src[..w], yk, ns, img, oy) };
+        }
+    }
+}
+
+/// Writes output row (img, oy) of channel `j.ko`: src (W values) + bias (+ residual), ReLU.
+///
+/// # Safety
+/// As `output_channel`, for this one row (img < N, oy < H).
+#[inline(always)]
+unsafe fn store_row(j: &OutJob, src: &[f32], yk: *mut f32, ns: usize, img: usize, oy: usize) {
+    let w = src.len();
+    let off = img * ns + oy * w;
+    // SAFETY: forwarded contract: the row is writable by this task alone.
+    let out = unsafe { std::slice::from_raw_parts_mut(yk.add(off), w) };
+    let b = j.bias;
+    match j.res {
+        Some((r, rns)) => {
+            let rr = &r[img * rns + oy * w..img * rns + oy * w + w];
+            for ((o, &s), &rv) in out.iter_mut().zip(src).zip(rr) {
+                let v = s + b + rv;
+                *o = if j.relu { v.max(0.0) } else { v };
+            }
+        }
+        None => {
+            for (o, &s) in out.iter_mut().zip(src) {
+                let v = s + b;
+                *o = if j.relu { v.max(0.0) } else { v };
             }
         }
     }
