@@ -4,6 +4,7 @@ Rerun (no network needed; the ONNX model lives in a temporary directory that is 
 
     python tools/bench_onnxruntime.py [--capgen target/release/capgen] \
         [--batches 1,8] [--runs 10] [--warmup 3] [--threads 2] [--rounds 1] [--json]
+    python tools/bench_onnxruntime.py --profile [--batches 1,8] [--runs 10]   # per-node times
 
 It exports torchvision's resnet50 (weights=None, filled with capgen's seeded random weights through
 tools/capgen_rng.py, so both engines run the very same network) to ONNX, runs onnxruntime's CPU
@@ -84,6 +85,49 @@ def time_ort(sess, batch: int, runs: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def profile_ort(path: str, threads: int, batch: int, runs: int) -> None:
+    """Per-node times (onnxruntime's own profiler), summed over nodes of the same op and shapes, in
+    graph order, ms per run: the counterpart of `capgen bench resnet50 --layers`."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with tempfile.TemporaryDirectory() as tmp:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tmp, "ort")
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        x = capgen_rng.uniform_vec(SEED, "bench_input", batch * 3 * 224 * 224, -2.0, 2.0).reshape(batch, 3, 224, 224)
+        name = sess.get_inputs()[0].name
+        for _ in range(3):
+            sess.run(None, {name: x})
+        t0 = time.perf_counter()
+        for _ in range(runs):
+            sess.run(None, {name: x})
+        wall = (time.perf_counter() - t0) * 1e3 / runs
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    # The last `runs` runs' worth of node events (the warm-up runs come first).
+    per_run = len(nodes) // (runs + 3)
+    nodes = nodes[-per_run * runs:]
+    rows = {}
+    for e in nodes:
+        a = e.get("args", {})
+        shapes = [list(d.values())[0] for d in a.get("input_type_shape", [])]
+        key = f"{a.get('op_name', '?')} in {shapes[0] if shapes else '?'} w {shapes[1] if len(shapes) > 1 else '-'}"
+        r = rows.setdefault(key, [0, 0.0])
+        r[0] += 1
+        r[1] += e["dur"] / 1e3  # microseconds
+    total = sum(r[1] for r in rows.values()) / runs
+    print(f"onnxruntime per-node profile, batch {batch}, {threads} threads, mean of {runs} runs "
+          f"(wall {wall:.2f} ms per run with the profiler on; nodes sum to {total:.2f} ms)")
+    for key, (count, ms) in rows.items():
+        print(f"{key:<70} x{count // runs:<3} {ms / runs:8.3f} ms")
+
+
 def time_capgen(binary: str, batch: int, threads: int):
     """capgen's ms_median for resnet50 at this batch, or None (with the reason on stderr)."""
     cmd = [binary, "bench", "resnet50", "--batch", str(batch), "--threads", str(threads), "--json"]
@@ -118,8 +162,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1, help="alternate the two engines this many times")
     ap.add_argument("--json", action="store_true", help="one JSON object per batch size on stdout")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: onnxruntime's per-node times at each batch (compare with "
+                         "`capgen bench resnet50 --layers`)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",") if b]
+    if args.profile:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "resnet50.onnx")
+            export_resnet50(path)
+            for b in batches:
+                profile_ort(path, args.threads, b, args.runs)
+        return
     have_capgen = os.path.isfile(args.capgen) and os.access(args.capgen, os.X_OK)
     if not have_capgen:
         print(f"note: {args.capgen} not found or not executable; timing onnxruntime only", file=sys.stderr)

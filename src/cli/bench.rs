@@ -98,7 +98,7 @@ impl Reporter<'_> {
                 "bench {}  device {}  threads {}  batch {}  reps {}  FMA peak {}",
                 self.args.what, self.device, self.threads, self.batch, self.args.reps, peak
             );
-            println!("{:<32} {:>10} {:>10} {:>9} {:>8}", "case", "ms", "GFLOP/s", "% peak", "RSS MiB");
+            println!("{:<48} {:>10} {:>10} {:>9} {:>8}", "case", "ms", "GFLOP/s", "% peak", "RSS MiB");
         }
     }
 
@@ -124,7 +124,7 @@ impl Reporter<'_> {
         } else {
             let pct = pct.map_or("-".to_string(), |p| format!("{p:.1}"));
             let rss = r.peak_rss_mb.map_or("-".to_string(), |m| format!("{m:.0}"));
-            println!("{:<32} {:>10.3} {:>10.1} {:>9} {:>8}", r.case, r.ms_median, gflops, pct, rss);
+            println!("{:<48} {:>10.3} {:>10.1} {:>9} {:>8}", r.case, r.ms_median, gflops, pct, rss);
         }
     }
 }
@@ -235,6 +235,37 @@ fn bench_resnet50(rep: &Reporter) -> Result<()> {
         flops,
         peak_rss_mb: peak_rss_mb(),
     });
+    if rep.args.layers {
+        bench_resnet50_layers(rep, &*encoder, &x)?;
+    }
+    Ok(())
+}
+
+/// `bench resnet50 --layers`: `reps` more forwards with `nn::profile` on; one row per distinct op
+/// (label "layer: 3x3/1 64->64 @56x56 F(4x4,3x3) x3": shape, method, ops per forward), its ms per
+/// forward (summed over those ops; mean, not median) and GFLOP/s of its direct-form FLOPs.
+fn bench_resnet50_layers(rep: &Reporter, encoder: &dyn crate::nn::Encoder, x: &Tensor) -> Result<()> {
+    use crate::nn::profile;
+    let reps = rep.args.reps.max(1);
+    profile::take();
+    profile::set_enabled(true);
+    let run = (0..reps).try_for_each(|_| encoder.logits(x).map(|_| ()));
+    profile::set_enabled(false);
+    run?;
+    let rows = profile::per_forward(&profile::take(), reps);
+    let total: f64 = rows.iter().map(|r| r.3).sum();
+    for (label, count, flops, ms) in rows {
+        rep.row(&Row {
+            case: format!("layer: {label} x{count}"),
+            ms_median: ms,
+            ms_min: ms,
+            flops,
+            peak_rss_mb: None,
+        });
+    }
+    if !rep.args.json {
+        println!("{:<48} {:>10.3}   (sum of the ops above; the rest is glue)", "all ops", total);
+    }
     Ok(())
 }
 

@@ -280,6 +280,10 @@ pub struct BenchArgs {
     /// timed repetitions per case
     #[arg(long, default_value_t = 10)]
     pub reps: usize,
+    /// `bench resnet50`: also time every op inside the forward (per conv shape and method, summed
+    /// over the blocks that share it; one more case per op with --json)
+    #[arg(long)]
+    pub layers: bool,
 }
 
 pub fn run(cli: Cli) -> Result<()> {

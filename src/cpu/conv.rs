@@ -483,16 +483,56 @@ pub fn conv2d_forward_cn(
         relu,
         ..Default::default()
     };
+    match conv_path(wt, p, h, w) {
+        ConvPath::Gemm => {
+            gemm_driver(wt.packed.isa(), k, cols, crs, &a, &MatRef::row_major(x, c, n * h * w), y, cols, &epi)
+        }
+        ConvPath::Direct => {
+            let b = DirectB::new(x, c, n, h, w, wt.r, wt.s);
+            gemm_direct(k, cols, crs, &wt.packed, &b, y, cols, &epi);
+        }
+        ConvPath::DirectS2 => conv2d_direct_s2(x, n, h, w, wt, &epi, y),
+        ConvPath::Im2col => {
+            let im = Im2col { x, n, h, w, r: wt.r, s: wt.s, p: *p, oh, ow, isa: wt.packed.isa() };
+            gemm_driver(wt.packed.isa(), k, cols, crs, &a, &im, y, cols, &epi);
+        }
+    }
+}
+
+/// The implementation `conv2d_forward_cn` runs for a conv.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvPath {
+    /// 1x1, stride 1, no padding: one GEMM straight on the activation.
+    Gemm,
+    /// Stride-1 "same" conv read in place (`direct_applicable`).
+    Direct,
+    /// Stride-2 direct conv over the input's four phases (`direct_s2_applicable`, few channels).
+    DirectS2,
+    /// Lazy im2col packed into the GEMM's B panels.
+    Im2col,
+}
+
+impl ConvPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            ConvPath::Gemm => "gemm",
+            ConvPath::Direct => "direct",
+            ConvPath::DirectS2 => "direct-s2",
+            ConvPath::Im2col => "im2col",
+        }
+    }
+}
+
+/// Which path `conv2d_forward_cn` takes for input size H x W.
+pub fn conv_path(wt: &ConvWeights, p: &ConvParams, h: usize, w: usize) -> ConvPath {
     if wt.r == 1 && wt.s == 1 && p.stride == (1, 1) && p.pad == (0, 0) {
-        gemm_driver(wt.packed.isa(), k, cols, crs, &a, &MatRef::row_major(x, c, n * h * w), y, cols, &epi);
+        ConvPath::Gemm
     } else if direct_applicable(wt, p) {
-        let b = DirectB::new(x, c, n, h, w, wt.r, wt.s);
-        gemm_direct(k, cols, crs, &wt.packed, &b, y, cols, &epi);
+        ConvPath::Direct
     } else if wt.c <= DIRECT_S2_MAX_CHANNELS && direct_s2_applicable(wt, p, h, w) {
-        conv2d_direct_s2(x, n, h, w, wt, &epi, y);
+        ConvPath::DirectS2
     } else {
-        let im = Im2col { x, n, h, w, r: wt.r, s: wt.s, p: *p, oh, ow, isa: wt.packed.isa() };
-        gemm_driver(wt.packed.isa(), k, cols, crs, &a, &im, y, cols, &epi);
+        ConvPath::Im2col
     }
 }
 

@@ -5,6 +5,7 @@ pub mod buffers;
 pub mod conv;
 pub mod encoder;
 pub mod linear;
+pub mod profile;
 pub mod resnet;
 pub mod train_resnet;
 pub mod vgg;

@@ -18,7 +18,7 @@
 
 use std::sync::Mutex;
 
-use crate::cpu::conv::direct_applicable;
+use crate::cpu::conv::{conv_path, direct_applicable};
 use crate::cpu::conv::{swap_leading_axes, ConvParams};
 use crate::cpu::pool::PoolParams;
 use crate::cpu::winograd::{winograd_applicable, winograd_forward, ActLayout, WinoTile, WinogradWeights};
@@ -27,6 +27,7 @@ use crate::nn::buffers::ActivationPool;
 use crate::nn::conv::{Conv2d, ParamFn};
 use crate::nn::encoder::{Encoder, EncoderKind, FeatureLayer};
 use crate::nn::linear::FrozenLinear;
+use crate::nn::profile;
 use crate::ops;
 use crate::tensor::Tensor;
 use crate::weights::TensorFile;
@@ -207,6 +208,18 @@ struct NetConv {
     wino: Option<WinogradWeights>,
 }
 
+impl NetConv {
+    /// The Winograd weights when `run_conv` takes the Winograd path for input x (C, N, H, W).
+    fn winograd_for(&self, x: &Tensor) -> Option<&WinogradWeights> {
+        let (ww, &[_, n, h, w]) = (self.wino.as_ref()?, x.dims()) else { return None };
+        let direct = direct_applicable(&self.conv.weights, &self.conv.params);
+        let m = ww.tile.m();
+        (n * h.div_ceil(m) * w.div_ceil(m) >= WINOGRAD_MIN_TILES
+            && (ww.tile == WinoTile::F4 || ww.c >= WINOGRAD_MIN_CHANNELS || !direct))
+            .then_some(ww)
+    }
+}
+
 #[derive(Debug)]
 pub struct ResNet {
     pub cfg: ResNetConfig,
@@ -333,7 +346,7 @@ impl ResNet {
         // Max-pool works plane by plane, so (C, N, H, W) passes as a batch of C "images" of N planes.
         let mp = PoolParams::new(3, 2, 1);
         let mut cur = pool.take(&ops::max_pool2d_out_dims(t.dims(), &mp)?);
-        ops::max_pool2d_into(&t, &mp, &mut cur)?;
+        profile::time(|| ("max-pool 3x3/2".into(), 0.0), || ops::max_pool2d_into(&t, &mp, &mut cur))?;
         pool.give(t);
         emit(&mut tap, "maxpool", &cur)?;
         for (li, stage) in self.stages.iter().enumerate() {
@@ -363,7 +376,11 @@ impl ResNet {
         if until == Until::Pooled {
             return Ok(pooled);
         }
-        let logits = self.fc.forward(&pooled, false)?;
+        let flops = 2.0 * (n * c * self.cfg.num_classes) as f64;
+        let logits = profile::time(
+            || (format!("fc {c}->{}", self.cfg.num_classes), flops),
+            || self.fc.forward(&pooled, false),
+        )?;
         pool.give(pooled);
         Ok(logits)
     }
@@ -419,33 +436,48 @@ fn run_conv(
     out: &mut Tensor,
     pool: &mut ActivationPool,
 ) -> Result<()> {
-    if let (Some(ww), &[_, n, h, w]) = (&conv.wino, x.dims()) {
-        let direct = direct_applicable(&conv.conv.weights, &conv.conv.params);
-        let m = ww.tile.m();
-        if n * h.div_ceil(m) * w.div_ceil(m) >= WINOGRAD_MIN_TILES
-            && (ww.tile == WinoTile::F4 || ww.c >= WINOGRAD_MIN_CHANNELS || !direct)
-        {
-            // Shapes were checked when `out` was sized from `out_dims_cn`; stride 1, pad 1 keeps H x W.
-            let l = ActLayout::cnhw(n, h, w);
-            let res = match residual {
-                Some(r) => Some((r.as_f32_slice()?, l)),
-                None => None,
-            };
-            winograd_forward(
-                ww,
-                x.as_f32_slice()?,
-                l,
-                n,
-                h,
-                w,
-                res,
-                relu,
-                out.as_f32_slice_mut()?,
-                l,
-                &mut pool.workspace,
-            );
-            return Ok(());
-        }
+    let outputs = out.numel();
+    profile::time(|| conv_label(conv, x, outputs), || run_conv_untimed(conv, x, residual, relu, out, pool))
+}
+
+/// `profile`'s label of one conv ("3x3/1 64->64 @56x56 F(4x4,3x3)") and its direct-form FLOPs.
+fn conv_label(conv: &NetConv, x: &Tensor, outputs: usize) -> (String, f64) {
+    let (wt, p) = (&conv.conv.weights, &conv.conv.params);
+    let (h, w) = (x.dims()[2], x.dims()[3]);
+    let method = conv.winograd_for(x).map_or_else(|| conv_path(wt, p, h, w).name(), |ww| ww.tile.name());
+    let label = format!("{}x{}/{} {}->{} @{h}x{w} {method}", wt.r, wt.s, p.stride.0, wt.c, wt.k);
+    (label, 2.0 * (wt.c * wt.r * wt.s) as f64 * outputs as f64)
+}
+
+fn run_conv_untimed(
+    conv: &NetConv,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    relu: bool,
+    out: &mut Tensor,
+    pool: &mut ActivationPool,
+) -> Result<()> {
+    if let (Some(ww), &[_, n, h, w]) = (conv.winograd_for(x), x.dims()) {
+        // Shapes were checked when `out` was sized from `out_dims_cn`; stride 1, pad 1 keeps H x W.
+        let l = ActLayout::cnhw(n, h, w);
+        let res = match residual {
+            Some(r) => Some((r.as_f32_slice()?, l)),
+            None => None,
+        };
+        winograd_forward(
+            ww,
+            x.as_f32_slice()?,
+            l,
+            n,
+            h,
+            w,
+            res,
+            relu,
+            out.as_f32_slice_mut()?,
+            l,
+            &mut pool.workspace,
+        );
+        return Ok(());
     }
     conv.conv.forward_cn_into(x, residual, relu, out)
 }
