@@ -484,11 +484,11 @@ fn run_conv_untimed(
 
 /// The Winograd variant a stride-1 3x3 conv with `c` input channels holds: F(4x4,3x3) up to
 /// `WINOGRAD_F4_MAX_CHANNELS` (layers 1-2 of ResNet-50), F(2x2,3x3) above, where F(4x4)'s 4x
-/// larger weights (38 MB per layer4 conv) make its few-tile GEMMs weight-bandwidth-bound at batch
-/// 1. Measured per conv (`examples/winograd_perf shapes`, 2 threads, Zen 4), F(4x4) time over
-/// F(2x2) time at batch 1 / 8: layer1 0.66 / 0.64 (and 0.49 of the direct conv), layer2 0.73 /
-/// 0.80, layer3 0.99 / 1.04, layer4 2.2 / 0.76. Layer4 at batch 8 would gain ~5 ms, but holding
-/// both sets of its weights costs 113 MB, so layer3-4 keep F(2x2).
+/// larger weights (38 MB per layer4 conv) make its few-tile GEMMs weight-bandwidth-bound at
+/// batch 1. Measured per conv (`examples/winograd_perf shapes`, 2 threads, Zen 4), F(4x4) time
+/// over F(2x2) time at batch 1 and 8: layer1 0.66 and 0.64 (and 0.49 of the direct conv), layer2
+/// 0.73 and 0.80, layer3 0.99 and 1.04, layer4 2.2 and 0.76. Layer4 at batch 8 would gain ~5 ms,
+/// but holding both sets of its weights costs 113 MB, so layer3-4 keep F(2x2).
 fn wino_tile(c: usize) -> WinoTile {
     if c <= WINOGRAD_F4_MAX_CHANNELS {
         WinoTile::F4
