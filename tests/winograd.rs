@@ -24,6 +24,7 @@
 //! roughly 4-5x; measured (`measured_errors`) 8e-7 .. 3e-6, 0.6-1.2 u sqrt(9C), still a >6x margin.
 
 mod common;
+use capgen::cpu::blocked::blocked_index;
 use capgen::cpu::conv::{conv2d_reference, ConvParams, ConvWeights};
 use capgen::cpu::gemm::{available_isas, Isa};
 use capgen::cpu::winograd::{
@@ -218,7 +219,17 @@ fn resnet50_shapes_within_bound() {
 /// the gaps of a padded output are left untouched.
 #[test]
 fn layouts_agree() {
-    let (n, c, k, h, w) = (3, 5, 7, 9, 6);
+    // The second geometry has rows longer than a column block (37 > 32): blocked rows then span
+    // up to three blocks.
+    for (n, c, k, h, w) in [(3, 5, 7, 9, 6), (2, 3, 4, 5, 37)] {
+        layouts_agree_for(n, c, k, h, w);
+    }
+}
+
+/// NCHW, (C, N, H, W), a padded channel-major layout and the column-blocked one (`cpu::blocked`)
+/// for input, output and residual, in every combination: the same bits as NCHW, gaps (and the
+/// blocked layout's padding columns) untouched.
+fn layouts_agree_for(n: usize, c: usize, k: usize, h: usize, w: usize) {
     let mut rng = Rng::new(42);
     let wt = rand(&mut rng, k * c * 9, -1.0, 1.0);
     let bias = rand(&mut rng, k, -1.0, 1.0);
@@ -238,6 +249,12 @@ fn layouts_agree() {
             for b in 0..n {
                 for q in 0..ch {
                     let src = &v[(b * ch + q) * h * w..(b * ch + q + 1) * h * w];
+                    if l.block_stride > 0 {
+                        for (i, &val) in src.iter().enumerate() {
+                            out[blocked_index(ch, q, b * h * w + i)] = val;
+                        }
+                        continue;
+                    }
                     let o = q * l.c_stride + b * l.n_stride;
                     out[o..o + h * w].copy_from_slice(src);
                 }
@@ -249,7 +266,8 @@ fn layouts_agree() {
                 ActLayout::cnhw(n, h, w),
                 ActLayout::nchw(ch, h, w),
                 // Padded: 3 spare floats after each plane, channel-major.
-                ActLayout { c_stride: n * (h * w + 3), n_stride: h * w + 3 },
+                ActLayout { c_stride: n * (h * w + 3), n_stride: h * w + 3, block_stride: 0 },
+                ActLayout::blocked(ch, h, w),
             ]
         };
         for xl in layouts(c) {
@@ -310,7 +328,7 @@ fn overlapping_output_layout_is_refused() {
     let x = vec![1.0; 16];
     let mut y = vec![0.0; 32];
     // c_stride 8 < H*W = 16: channels would overwrite each other.
-    let yl = ActLayout { c_stride: 8, n_stride: 32 };
+    let yl = ActLayout { c_stride: 8, n_stride: 32, block_stride: 0 };
     winograd_forward(&ww, &x, ActLayout::nchw(1, 4, 4), 1, 4, 4, None, false, &mut y, yl, &mut Vec::new());
 }
 

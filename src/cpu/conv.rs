@@ -22,8 +22,12 @@
 //! become ONE GEMM with N*P*Q columns (what the ResNet/VGG forwards run; identical at N = 1). The
 //! lazy im2col packer is compiled once per ISA and gathers stride-2 rows with AVX-512 permutes.
 
+use rayon::prelude::*;
+
+use crate::cpu::blocked::{blocked_index, blocked_len, from_blocked, BlockedB};
 use crate::cpu::gemm::{
-    gemm_direct, gemm_driver, pack_a, sgemm, ASrc, DirectB, Epilogue, Isa, MatRef, PackB, PackedA,
+    gemm_direct, gemm_driver, pack_a, sgemm, ASrc, CLayout, DirectB, Epilogue, Isa, MatRef, PackB, PackedA,
+    COL_BLOCK,
 };
 
 /// Geometry of a convolution.
@@ -484,18 +488,170 @@ pub fn conv2d_forward_cn(
         ..Default::default()
     };
     match conv_path(wt, p, h, w) {
-        ConvPath::Gemm => {
-            gemm_driver(wt.packed.isa(), k, cols, crs, &a, &MatRef::row_major(x, c, n * h * w), y, cols, &epi)
-        }
+        ConvPath::Gemm => gemm_driver(
+            wt.packed.isa(),
+            k,
+            cols,
+            crs,
+            &a,
+            &MatRef::row_major(x, c, n * h * w),
+            y,
+            CLayout::Rows(cols),
+            &epi,
+        ),
         ConvPath::Direct => {
             let b = DirectB::new(x, c, n, h, w, wt.r, wt.s);
-            gemm_direct(k, cols, crs, &wt.packed, &b, y, cols, &epi);
+            gemm_direct(k, cols, crs, &wt.packed, &b, y, CLayout::Rows(cols), &epi);
         }
-        ConvPath::DirectS2 => conv2d_direct_s2(x, n, h, w, wt, &epi, y),
-        ConvPath::Im2col => {
+        ConvPath::DirectS2 => conv2d_direct_s2(x, n, h, w, wt, &epi, y, CLayout::Rows(cols)),
+        ConvPath::Im2col | ConvPath::SubsampledGemm => {
             let im = Im2col { x, n, h, w, r: wt.r, s: wt.s, p: *p, oh, ow, isa: wt.packed.isa() };
-            gemm_driver(wt.packed.isa(), k, cols, crs, &a, &im, y, cols, &epi);
+            gemm_driver(wt.packed.isa(), k, cols, crs, &a, &im, y, CLayout::Rows(cols), &epi);
         }
+    }
+}
+
+/// The input of `conv2d_forward_blocked`: channel-major (C, N, H, W), or column-blocked
+/// (`cpu::blocked`: the (C, N*H*W) matrix in blocks of 32 columns).
+#[derive(Clone, Copy, Debug)]
+pub enum ConvInput<'a> {
+    ChannelMajor(&'a [f32]),
+    Blocked(&'a [f32]),
+}
+
+/// `conv2d_forward_cn` with a column-blocked output: y (K, N*P*Q) and the residual like y, in
+/// `cpu::blocked` layout. A 1x1 conv reads a blocked input in place (stride 1: the GEMM's B panels
+/// are the input's blocks) or subsamples it into `scratch` first (stride 2, ResNet's
+/// downsampling); the other paths (`conv_path`) read a channel-major input, which a blocked one is
+/// converted to, in `scratch`. Each path writes the same values `conv2d_forward_cn` would.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_forward_blocked(
+    x: ConvInput,
+    n: usize,
+    h: usize,
+    w: usize,
+    wt: &ConvWeights,
+    p: &ConvParams,
+    residual: Option<&[f32]>,
+    relu: bool,
+    y: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let (oh, ow) = p.out_hw(h, w, wt.r, wt.s).expect("conv output is empty");
+    let (c, k) = (wt.c, wt.k);
+    let (cols, crs) = (n * oh * ow, c * wt.r * wt.s);
+    let xlen = match x {
+        ConvInput::ChannelMajor(v) => (v.len(), c * n * h * w),
+        ConvInput::Blocked(v) => (v.len(), blocked_len(c, n * h * w)),
+    };
+    assert_eq!(xlen.0, xlen.1, "conv input size");
+    assert_eq!(y.len(), blocked_len(k, cols), "conv output size");
+    if let Some(r) = residual {
+        assert_eq!(r.len(), y.len(), "conv residual size");
+    }
+    let a = ASrc::Packed(&wt.packed);
+    let epi = Epilogue {
+        row_bias: Some(&wt.bias),
+        // (Blocked like y; the leading dimension is not used.)
+        residual: residual.map(|r| (r, 0)),
+        relu,
+        ..Default::default()
+    };
+    let isa = wt.packed.isa();
+    match blocked_conv_path(wt, p, h, w) {
+        ConvPath::Gemm | ConvPath::SubsampledGemm => {
+            // B = the input (C, N*H*W), or its stride-subsampled columns (C, N*P*Q), blocked.
+            let xb: &[f32] = match (x, p.stride) {
+                (ConvInput::Blocked(v), (1, 1)) => v,
+                (x, _) => {
+                    scratch.resize(blocked_len(c, cols), 0.0);
+                    subsample_blocked(x, c, n, h, w, p.stride, oh, ow, scratch);
+                    scratch
+                }
+            };
+            gemm_driver(isa, k, cols, crs, &a, &BlockedB::new(xb, c, cols), y, CLayout::Blocked, &epi);
+        }
+        path => {
+            let xc: &[f32] = match x {
+                ConvInput::ChannelMajor(v) => v,
+                ConvInput::Blocked(v) => {
+                    scratch.resize(c * n * h * w, 0.0);
+                    from_blocked(v, c, n * h * w, scratch);
+                    scratch
+                }
+            };
+            match path {
+                ConvPath::Direct => {
+                    let b = DirectB::new(xc, c, n, h, w, wt.r, wt.s);
+                    gemm_direct(k, cols, crs, &wt.packed, &b, y, CLayout::Blocked, &epi);
+                }
+                ConvPath::DirectS2 => conv2d_direct_s2(xc, n, h, w, wt, &epi, y, CLayout::Blocked),
+                _ => {
+                    let im = Im2col { x: xc, n, h, w, r: wt.r, s: wt.s, p: *p, oh, ow, isa };
+                    gemm_driver(isa, k, cols, crs, &a, &im, y, CLayout::Blocked, &epi);
+                }
+            }
+        }
+    }
+}
+
+/// Which path `conv2d_forward_blocked` takes: `conv_path`, except that every unpadded 1x1 conv is a
+/// GEMM on (subsampled, if strided) blocked columns.
+pub fn blocked_conv_path(wt: &ConvWeights, p: &ConvParams, h: usize, w: usize) -> ConvPath {
+    match conv_path(wt, p, h, w) {
+        ConvPath::Im2col if wt.r == 1 && wt.s == 1 && p.pad == (0, 0) && p.dilation == (1, 1) => {
+            ConvPath::SubsampledGemm
+        }
+        path => path,
+    }
+}
+
+/// The columns a 1x1 conv of stride (sh, sw) reads: out (C, N*P*Q) column-blocked, out[c][(n, i, j)]
+/// = x[c][(n, i*sh, j*sw)], from x (C, N*H*W) channel-major or column-blocked. Parallel over the
+/// output's blocks; each block looks up its 32 source columns once for all channels.
+#[allow(clippy::too_many_arguments)]
+fn subsample_blocked(
+    x: ConvInput,
+    c: usize,
+    n: usize,
+    h: usize,
+    w: usize,
+    (sh, sw): (usize, usize),
+    oh: usize,
+    ow: usize,
+    out: &mut [f32],
+) {
+    let cols = n * oh * ow;
+    let block = |(b, ob): (usize, &mut [f32])| {
+        // Where source column l of this block lives within channel 0 (the others: + ci * stride).
+        let nv = COL_BLOCK.min(cols - b * COL_BLOCK);
+        let src: [usize; COL_BLOCK] = std::array::from_fn(|l| {
+            let j = b * COL_BLOCK + l.min(nv - 1);
+            let (img, pq) = (j / (oh * ow), j % (oh * ow));
+            let pix = img * h * w + (pq / ow) * sh * w + (pq % ow) * sw;
+            match x {
+                ConvInput::ChannelMajor(_) => pix,
+                ConvInput::Blocked(_) => blocked_index(c, 0, pix),
+            }
+        });
+        let (xs, cstride) = match x {
+            ConvInput::ChannelMajor(v) => (v, n * h * w),
+            ConvInput::Blocked(v) => (v, COL_BLOCK),
+        };
+        for (ci, row) in ob.chunks_exact_mut(COL_BLOCK).enumerate() {
+            let xc = &xs[ci * cstride..];
+            for (l, o) in row.iter_mut().enumerate() {
+                *o = if l < nv { xc[src[l]] } else { 0.0 };
+            }
+        }
+    };
+    if c == 0 || cols == 0 {
+        return;
+    }
+    if out.len() >= 1 << 16 {
+        out.par_chunks_mut(c * COL_BLOCK).enumerate().for_each(block);
+    } else {
+        out.chunks_mut(c * COL_BLOCK).enumerate().for_each(block);
     }
 }
 
@@ -510,6 +666,8 @@ pub enum ConvPath {
     DirectS2,
     /// Lazy im2col packed into the GEMM's B panels.
     Im2col,
+    /// A strided 1x1 conv as one GEMM on the subsampled columns (`conv2d_forward_blocked` only).
+    SubsampledGemm,
 }
 
 impl ConvPath {
@@ -519,6 +677,7 @@ impl ConvPath {
             ConvPath::Direct => "direct",
             ConvPath::DirectS2 => "direct-s2",
             ConvPath::Im2col => "im2col",
+            ConvPath::SubsampledGemm => "subsample+gemm",
         }
     }
 }
@@ -593,7 +752,8 @@ pub fn direct_s2_applicable(wt: &ConvWeights, p: &ConvParams, h: usize, w: usize
 const DIRECT_S2_MAX_CHANNELS: usize = 16;
 
 /// The stride-2 direct convolution (`direct_s2_applicable` holds): split x (C, N, H, W) into its
-/// phases, then one GEMM with B read from them in place. y (K, N, H/2, W/2).
+/// phases, then one GEMM with B read from them in place. y (K, N, H/2, W/2), laid out as `cl` says.
+#[allow(clippy::too_many_arguments)]
 fn conv2d_direct_s2(
     x: &[f32],
     n: usize,
@@ -602,6 +762,7 @@ fn conv2d_direct_s2(
     wt: &ConvWeights,
     epi: &Epilogue,
     y: &mut [f32],
+    cl: CLayout,
 ) {
     let (c, k, crs) = (wt.c, wt.k, wt.c * wt.r * wt.s);
     let cols = n * (h / 2) * (w / 2);
@@ -609,7 +770,7 @@ fn conv2d_direct_s2(
     xp.resize(x.len(), 0.0);
     split_phases(x, c, n, h, w, &mut xp);
     let b = DirectB::phases(&xp, c, n, h / 2, w / 2, wt.r, wt.s);
-    gemm_direct(k, cols, crs, &wt.packed, &b, y, cols, epi);
+    gemm_direct(k, cols, crs, &wt.packed, &b, y, cl, epi);
     PHASES.with(|b| b.set(xp));
 }
 
@@ -1212,6 +1373,75 @@ mod tests {
         }
     }
 
+    /// `conv2d_forward_blocked` against `conv2d_forward_cn`: every path (1x1 in place, strided 1x1
+    /// subsampled, im2col, direct, stride-2 direct) from a blocked and from a channel-major input,
+    /// batches whose columns straddle blocks, images and rows, with and without residual + ReLU.
+    /// The same kernels see the same B panels in the same order, so the values are the same bits;
+    /// the output's padding columns stay as they were (zero).
+    #[test]
+    fn blocked_conv_is_the_channel_major_conv() {
+        use crate::cpu::blocked::to_blocked;
+        let cases: &[Geo] = &[
+            (3, 16, 9, 11, 20, 1, 1, 1, 0, 1, true),
+            (5, 16, 9, 11, 20, 1, 1, 2, 0, 1, false),
+            (3, 8, 5, 67, 12, 1, 1, 2, 0, 1, true),
+            (3, 8, 13, 10, 17, 3, 3, 1, 1, 1, true),
+            (4, 8, 13, 11, 17, 3, 3, 2, 1, 1, false),
+            (2, 3, 23, 19, 10, 7, 7, 2, 3, 1, true),
+            (2, 3, 32, 30, 20, 7, 7, 2, 3, 1, true), // even: the stride-2 direct path (AVX-512)
+            (7, 24, 7, 7, 40, 3, 3, 1, 1, 1, true),
+            (8, 64, 14, 14, 48, 3, 3, 2, 1, 1, true),
+            (1, 300, 7, 7, 33, 1, 1, 1, 0, 1, true), // depth 300: two depth blocks, n = 49
+            (2, 70, 28, 28, 64, 1, 1, 1, 0, 1, true), // wide: the column-split order
+        ];
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for (i, &g) in cases.iter().enumerate() {
+            let (n, c, h, w, k, r, s, st, pd, dil, fused) = g;
+            let p = ConvParams { stride: (st, st), pad: (pd, pd), dilation: (dil, dil) };
+            let cs = CnCase::new(1300 + i as u64, n, c, h, w, k, r, s, p, fused);
+            let want = pool.install(|| cs.forward());
+            let cols = want.len() / k;
+            let blk = |v: &[f32], rows: usize, cols: usize| {
+                let mut o = vec![0.0; blocked_len(rows, cols)];
+                to_blocked(v, rows, cols, &mut o);
+                o
+            };
+            let (xb, resb) = (blk(&cs.xc, c, n * h * w), blk(&cs.res_cn, k, cols));
+            for input in [ConvInput::Blocked(&xb), ConvInput::ChannelMajor(&cs.xc)] {
+                let mut yb = vec![0.0; blocked_len(k, cols)];
+                let mut scratch = vec![f32::NAN; 7];
+                pool.install(|| {
+                    conv2d_forward_blocked(
+                        input,
+                        n,
+                        h,
+                        w,
+                        &cs.cw,
+                        &p,
+                        fused.then_some(&resb[..]),
+                        fused,
+                        &mut yb,
+                        &mut scratch,
+                    )
+                });
+                let mut got = vec![0.0; k * cols];
+                from_blocked(&yb, k, cols, &mut got);
+                let path = blocked_conv_path(&cs.cw, &p, h, w).name();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert!(
+                    bits(&got) == bits(&want),
+                    "case {i} {g:?} ({path}, blocked input {input}): differs from conv2d_forward_cn",
+                    input = matches!(input, ConvInput::Blocked(_))
+                );
+                for j in cols..cols.div_ceil(COL_BLOCK) * COL_BLOCK {
+                    for ki in 0..k {
+                        assert_eq!(yb[blocked_index(k, ki, j)], 0.0, "case {i}: padding ({ki}, {j}) written");
+                    }
+                }
+            }
+        }
+    }
+
     /// The direct convolution (B read in place, AVX-512) against the reference and against the im2col
     /// path on the same inputs: "same" convs of several kernel sizes (3x3, 5x5, 1x3, 7x1), tiny and
     /// odd images (panels straddle rows and images, taps fall off every edge), channel counts that
@@ -1301,7 +1531,7 @@ mod tests {
             };
             let direct = pool.install(|| {
                 let mut y = vec![f32::NAN; want.len()];
-                conv2d_direct_s2(&cs.xc, n, h, w, &cs.cw, &epi, &mut y);
+                conv2d_direct_s2(&cs.xc, n, h, w, &cs.cw, &epi, &mut y, CLayout::Rows(want.len() / k));
                 y
             });
             let e = rel_l2(&direct, want);

@@ -85,14 +85,53 @@ impl Epilogue<'_> {
     }
 }
 
+/// Columns per block of the column-blocked layout (`CLayout::Blocked`): the AVX-512 kernel's NR.
+pub const COL_BLOCK: usize = 32;
+
+/// How C, and then also the residual, lies in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CLayout {
+    /// Row-major with leading dimension `ldc` (the residual: with its own `ldr`).
+    Rows(usize),
+    /// Column-blocked, (ceil(n / 32), m, 32): element (i, j) at `(j / 32) * m * 32 + i * 32 + j % 32`
+    /// (`cpu::blocked`). The residual has the same layout (its `ldr` is ignored).
+    Blocked,
+}
+
+impl CLayout {
+    /// Offset of element (i, j) of an m-row matrix and the distance between consecutive rows
+    /// there: a tile starting at column j, at most 32 - j % 32 wide, is (rows x cols) with that
+    /// leading dimension in either layout.
+    #[inline]
+    fn at(self, m: usize, i: usize, j: usize) -> (usize, usize) {
+        match self {
+            CLayout::Rows(ld) => (i * ld + j, ld),
+            CLayout::Blocked => ((j / COL_BLOCK) * m * COL_BLOCK + i * COL_BLOCK + j % COL_BLOCK, COL_BLOCK),
+        }
+    }
+    /// Length a slice needs to hold an (m x n) matrix in this layout.
+    fn min_len(self, m: usize, n: usize) -> usize {
+        match self {
+            _ if m == 0 || n == 0 => 0,
+            CLayout::Rows(ld) => (m - 1) * ld + n,
+            CLayout::Blocked => n.div_ceil(COL_BLOCK) * m * COL_BLOCK,
+        }
+    }
+}
+
 /// Checks that A, B and C fit together; panics on a mismatch (a caller bug, not user input).
 fn check_dims(a: &MatRef, b: &MatRef, c: &[f32], ldc: usize, epi: &Epilogue) {
+    check_dims_cl(a, b, c, CLayout::Rows(ldc), epi)
+}
+
+/// `check_dims` for C in either layout.
+fn check_dims_cl(a: &MatRef, b: &MatRef, c: &[f32], cl: CLayout, epi: &Epilogue) {
     assert_eq!(a.cols, b.rows, "sgemm: A is {}x{}, B is {}x{}", a.rows, a.cols, b.rows, b.cols);
     let (m, n) = (a.rows, b.cols);
-    assert!(ldc >= n, "sgemm: ldc {ldc} < n {n}");
-    if m > 0 && n > 0 {
-        assert!(c.len() >= (m - 1) * ldc + n, "sgemm: C too small");
+    if let CLayout::Rows(ldc) = cl {
+        assert!(ldc >= n, "sgemm: ldc {ldc} < n {n}");
     }
+    assert!(c.len() >= cl.min_len(m, n), "sgemm: C too small");
     if let Some(s) = epi.row_scale {
         assert!(s.len() >= m);
     }
@@ -103,10 +142,14 @@ fn check_dims(a: &MatRef, b: &MatRef, c: &[f32], ldc: usize, epi: &Epilogue) {
         assert!(s.len() >= n);
     }
     if let Some((r, ldr)) = epi.residual {
-        assert!(ldr >= n, "sgemm: residual ld {ldr} < n {n}");
-        if m > 0 && n > 0 {
-            assert!(r.len() >= (m - 1) * ldr + n, "sgemm: residual too small");
+        let rl = match cl {
+            CLayout::Rows(_) => CLayout::Rows(ldr),
+            CLayout::Blocked => CLayout::Blocked,
+        };
+        if let CLayout::Rows(_) = rl {
+            assert!(ldr >= n, "sgemm: residual ld {ldr} < n {n}");
         }
+        assert!(r.len() >= rl.min_len(m, n), "sgemm: residual too small");
     }
 }
 
@@ -341,6 +384,12 @@ pub(crate) trait PackB: Sync {
     /// columns `j0 + t*nr ..` laid out (kc, nr) row-major in `out[t*kc*nr ..]`; columns past `nc`
     /// are zero.
     fn pack(&self, k0: usize, kc: usize, j0: usize, nc: usize, nr: usize, out: &mut [f32]);
+    /// Where the source already holds the panel `pack(k0, kc, j0, nr, nr, ..)` would write (kc rows
+    /// of nr floats, row-major, zero or at least finite past the matrix's last column), its start;
+    /// `None` (the default) where it must be packed.
+    fn in_place(&self, _k0: usize, _kc: usize, _j0: usize, _nr: usize) -> Option<*const f32> {
+        None
+    }
 }
 
 impl PackB for MatRef<'_> {
@@ -702,7 +751,7 @@ unsafe fn run_tile(
     epi: &Epilogue,
     m: usize,
     n: usize,
-    ldc: usize,
+    cl: CLayout,
     cptr: CPtr,
     i: usize,
     j: usize,
@@ -714,8 +763,9 @@ unsafe fn run_tile(
 ) {
     let (mr, nr) = (kern.mr, kern.nr);
     let (mv, nv) = (mr.min(m - i), nr.min(n - j));
-    let te = tile_epi(epi, i, j, mv, nv, first, last);
-    let cp = cptr.get().add(i * ldc + j);
+    let te = tile_epi(epi, cl, m, i, j, mv, nv, first, last);
+    let (off, ldc) = cl.at(m, i, j);
+    let cp = cptr.get().add(off);
     if let (true, Some(half_fn)) = (2 * nv <= nr, kern.half_fn) {
         half_fn(mv)(kcur, ap, bp, cp, ldc, &te);
     } else if let (true, Some(plus1_fn)) = (2 * nv == nr + 2, kern.plus1_fn) {
@@ -735,8 +785,11 @@ unsafe fn run_tile(
 ///
 /// # Safety
 /// As `run_tile`: the epilogue's slices must cover the tile (pointers are offset without checks).
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile_epi(
     epi: &Epilogue,
+    cl: CLayout,
+    m: usize,
     i: usize,
     j: usize,
     mv: usize,
@@ -744,6 +797,12 @@ unsafe fn tile_epi(
     first: bool,
     last: bool,
 ) -> TileEpi {
+    // The residual lies like C (row-major with its own ld, or blocked like C).
+    let (roff, ldr) = match (cl, epi.residual) {
+        (CLayout::Blocked, _) => cl.at(m, i, j),
+        (CLayout::Rows(_), Some((_, ldr))) => (i * ldr + j, ldr),
+        (CLayout::Rows(_), None) => (0, 0),
+    };
     TileEpi {
         first,
         beta: epi.beta,
@@ -757,10 +816,10 @@ unsafe fn tile_epi(
             _ => std::ptr::null(),
         },
         res: match epi.residual {
-            Some((r, ldr)) if last => r.as_ptr().add(i * ldr + j),
+            Some((r, _)) if last => r.as_ptr().add(roff),
             _ => std::ptr::null(),
         },
-        ldr: epi.residual.map_or(0, |r| r.1),
+        ldr,
         relu: epi.relu && last,
         rows: mv,
         cols: nv,
@@ -787,7 +846,7 @@ fn gemm_column_split(
     a: &PackedA,
     b: &dyn PackB,
     c: &mut [f32],
-    ldc: usize,
+    cl: CLayout,
     epi: &Epilogue,
     threads: usize,
 ) {
@@ -803,20 +862,29 @@ fn gemm_column_split(
             let mut k0 = 0;
             while k0 < k {
                 let kcur = a.kc.min(k - k0);
-                bbuf.resize((g1 - g0) * kcur * nr);
                 let j0 = g0 * nr;
-                b.pack(k0, kcur, j0, (g1 * nr).min(n) - j0, nr, bbuf.as_mut_slice());
+                // B panels the source holds already (a blocked activation) are read in place.
+                let in_place = b.in_place(k0, kcur, j0, nr).is_some();
+                if !in_place {
+                    bbuf.resize((g1 - g0) * kcur * nr);
+                    b.pack(k0, kcur, j0, (g1 * nr).min(n) - j0, nr, bbuf.as_mut_slice());
+                }
                 let bpan = bbuf.as_slice();
+                let b_at = |jp: usize| match in_place {
+                    true => b.in_place(k0, kcur, jp * nr, nr).expect("every panel of an in-place B"),
+                    false => bpan[(jp - g0) * kcur * nr..].as_ptr(),
+                };
                 let (first, last) = (k0 == 0, k0 + kcur == k);
                 for ip in 0..mp {
                     let ap = a.panel_ptr(k0, kcur, ip);
                     for jp in g0..g1 {
-                        let bp = bpan[(jp - g0) * kcur * nr..].as_ptr();
+                        let bp = b_at(jp);
                         // SAFETY: the A panel holds kcur*MR packed floats, the B panel kcur*NR
-                        // (packed just above, zero-padded); tasks own disjoint column ranges of C;
-                        // the rest as `run_tile` requires (checked by the public entry).
+                        // (packed just above, zero-padded, or the source's own, per `in_place`);
+                        // tasks own disjoint column ranges of C; the rest as `run_tile` requires
+                        // (checked by the public entry).
                         unsafe {
-                            run_tile(kern, epi, m, n, ldc, cptr, ip * mr, jp * nr, kcur, ap, bp, first, last)
+                            run_tile(kern, epi, m, n, cl, cptr, ip * mr, jp * nr, kcur, ap, bp, first, last)
                         };
                     }
                 }
@@ -845,7 +913,7 @@ fn gemm_whole_b(
     a: &PackedA,
     b: &dyn PackB,
     c: &mut [f32],
-    ldc: usize,
+    cl: CLayout,
     epi: &Epilogue,
     threads: usize,
 ) {
@@ -854,8 +922,9 @@ fn gemm_whole_b(
     // Depth block d covers k0 = d*kc .. min(k, (d+1)*kc); its panels start at k0 * np * nr.
     let (kc, nblk) = (a.kc, k.div_ceil(a.kc));
     let mut bbuf = B_BUF.with(|b| b.take());
-    bbuf.resize(np * nr * k);
-    {
+    let in_place = b.in_place(0, kc.min(k), 0, nr).is_some();
+    bbuf.resize(if in_place { 0 } else { np * nr * k });
+    if !in_place {
         // Split the buffer into (depth block, panel) pieces of kcur * nr floats, in order.
         let mut pieces = Vec::with_capacity(nblk * np);
         let mut rest = bbuf.as_mut_slice();
@@ -884,12 +953,15 @@ fn gemm_whole_b(
             for ip in ip0..ip1 {
                 let ap = a.panel_ptr(k0, kcur, ip);
                 for jp in jp0..jp1 {
-                    let bp = bpan[k0 * np * nr + jp * kcur * nr..].as_ptr();
+                    let bp = match in_place {
+                        true => b.in_place(k0, kcur, jp * nr, nr).expect("every panel of an in-place B"),
+                        false => bpan[k0 * np * nr + jp * kcur * nr..].as_ptr(),
+                    };
                     // SAFETY: the A panel holds kcur*MR packed floats, the B piece kcur*NR (packed
-                    // above, zero-padded); tasks own disjoint tiles of C; the rest as `run_tile`
-                    // requires (checked by the public entry).
+                    // above, zero-padded, or the source's own); tasks own disjoint tiles of C; the
+                    // rest as `run_tile` requires (checked by the public entry).
                     unsafe {
-                        run_tile(kern, epi, m, n, ldc, cptr, ip * mr, jp * nr, kcur, ap, bp, first, last)
+                        run_tile(kern, epi, m, n, cl, cptr, ip * mr, jp * nr, kcur, ap, bp, first, last)
                     };
                 }
             }
@@ -1059,7 +1131,7 @@ pub(crate) fn gemm_direct(
     a: &PackedA,
     b: &DirectB,
     c: &mut [f32],
-    ldc: usize,
+    cl: CLayout,
     epi: &Epilogue,
 ) {
     #[cfg(target_arch = "x86_64")]
@@ -1080,7 +1152,7 @@ pub(crate) fn gemm_direct(
         }
         let shape = MatRef { data: &[], rows: m, cols: k, rs: 0, cs: 0 };
         let bshape = MatRef { data: &[], rows: k, cols: n, rs: 0, cs: 0 };
-        check_dims(&shape, &bshape, c, ldc, epi);
+        check_dims_cl(&shape, &bshape, c, cl, epi);
         assert_eq!(b.masks.len(), n.div_ceil(32) * b.ntaps, "gemm_direct: masks");
         let kern = kernel_for(Isa::Avx512);
         let (mr, nr) = (kern.mr, kern.nr);
@@ -1123,7 +1195,8 @@ pub(crate) fn gemm_direct(
                             // of x; check_dims covered C and the epilogue; tasks own disjoint
                             // tiles; AVX-512 was asserted.
                             unsafe {
-                                let te = tile_epi(epi, i, j, mv, nr.min(n - j), first, last);
+                                let te = tile_epi(epi, cl, m, i, j, mv, nr.min(n - j), first, last);
+                                let (off, ldc) = cl.at(m, i, j);
                                 g(
                                     kcur,
                                     ap,
@@ -1132,7 +1205,7 @@ pub(crate) fn gemm_direct(
                                     b.taps.as_ptr().add(k0),
                                     b.masks.as_ptr().add(jp * b.ntaps),
                                     col,
-                                    cptr.get().add(i * ldc + j),
+                                    cptr.get().add(off),
                                     ldc,
                                     &te,
                                 )
@@ -1151,7 +1224,7 @@ pub(crate) fn gemm_direct(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (m, n, k, a, b, c, ldc, epi);
+        let _ = (m, n, k, a, b, c, cl, epi);
         unreachable!("gemm_direct: AVX-512 only");
     }
 }
@@ -1166,7 +1239,7 @@ pub(crate) fn gemm_driver(
     a: &ASrc,
     b: &dyn PackB,
     c: &mut [f32],
-    ldc: usize,
+    cl: CLayout,
     epi: &Epilogue,
 ) {
     if m == 0 || n == 0 {
@@ -1175,7 +1248,15 @@ pub(crate) fn gemm_driver(
     if k == 0 {
         for i in 0..m {
             for j in 0..n {
-                c[i * ldc + j] = epi.apply(i, j, 0.0, c[i * ldc + j]);
+                let o = cl.at(m, i, j).0;
+                c[o] = match (cl, epi.residual) {
+                    // `apply` reads residual element i * ldr + j; a blocked one lies like C, at o
+                    // (>= j): seen from o - j with ldr 0.
+                    (CLayout::Blocked, Some((r, _))) => {
+                        Epilogue { residual: Some((&r[o - j..], 0)), ..*epi }.apply(i, j, 0.0, c[o])
+                    }
+                    _ => epi.apply(i, j, 0.0, c[o]),
+                };
             }
         }
         return;
@@ -1195,11 +1276,11 @@ pub(crate) fn gemm_driver(
         let wide = np >= COL_SPLIT_MIN_PANELS * threads && (m <= COL_SPLIT_MAX_ROWS || np >= 8 * COL_GROUP);
         if threads > 1 && PACKED_A_ORDERS.with(Cell::get) {
             if wide {
-                return gemm_column_split(&kern, m, n, k, pa, b, c, ldc, epi, threads);
+                return gemm_column_split(&kern, m, n, k, pa, b, c, cl, epi, threads);
             }
             // (B whole must stay modest: it lives on in the thread-local buffer.)
             if n <= kern.nc && k > pa.kc && np * nr * k <= WHOLE_B_MAX_FLOATS {
-                return gemm_whole_b(&kern, m, n, k, pa, b, c, ldc, epi, threads);
+                return gemm_whole_b(&kern, m, n, k, pa, b, c, cl, epi, threads);
             }
         }
     }
@@ -1283,21 +1364,7 @@ pub(crate) fn gemm_driver(
                     // SAFETY: A and B panels hold kcur*MR and kcur*NR floats (packed above,
                     // zero-padded); see `run_tile` for the rest.
                     unsafe {
-                        run_tile(
-                            &kern,
-                            epi,
-                            m,
-                            n,
-                            ldc,
-                            cptr,
-                            ip * mr,
-                            j0 + jp * nr,
-                            kcur,
-                            ap,
-                            bp,
-                            first,
-                            last,
-                        )
+                        run_tile(&kern, epi, m, n, cl, cptr, ip * mr, j0 + jp * nr, kcur, ap, bp, first, last)
                     };
                 };
                 // Panel ip of this task's A (for per_panel: the one just packed).
@@ -1355,7 +1422,7 @@ pub fn sgemm(a: MatRef, b: MatRef, c: &mut [f32], ldc: usize, epi: &Epilogue) {
 /// CPU does not support `isa`.
 pub fn sgemm_with_isa(isa: Isa, a: MatRef, b: MatRef, c: &mut [f32], ldc: usize, epi: &Epilogue) {
     check_dims(&a, &b, c, ldc, epi);
-    gemm_driver(isa, a.rows, b.cols, a.cols, &ASrc::Mat(a), &b, c, ldc, epi);
+    gemm_driver(isa, a.rows, b.cols, a.cols, &ASrc::Mat(a), &b, c, CLayout::Rows(ldc), epi);
 }
 
 /// `sgemm` with a pre-packed A (see `pack_a`); runs on the ISA A was packed for.
@@ -1364,7 +1431,7 @@ pub fn sgemm_packed_a(a: &PackedA, b: MatRef, c: &mut [f32], ldc: usize, epi: &E
     // check_dims needs a MatRef for A only for its shape.
     let shape = MatRef { data: &[], rows: a.m, cols: a.k, rs: 0, cs: 0 };
     check_dims(&shape, &b, c, ldc, epi);
-    gemm_driver(a.isa, a.m, b.cols, a.k, &ASrc::Packed(a), &b, c, ldc, epi);
+    gemm_driver(a.isa, a.m, b.cols, a.k, &ASrc::Packed(a), &b, c, CLayout::Rows(ldc), epi);
 }
 
 #[cfg(test)]
@@ -1596,6 +1663,122 @@ mod tests {
                 let (wb, gb): (Vec<u32>, Vec<u32>) =
                     (want.iter().map(|v| v.to_bits()).collect(), got.iter().map(|v| v.to_bits()).collect());
                 assert_eq!(gb, wb, "rows {r}, first {first}");
+            }
+        }
+    }
+
+    /// The epilogue of options `opts` (as in `run_case`; no column bias) with this residual.
+    fn epi_for<'a>(
+        opts: u32,
+        scale: &'a [f32],
+        rb: &'a [f32],
+        residual: Option<(&'a [f32], usize)>,
+    ) -> Epilogue<'a> {
+        Epilogue {
+            beta: if opts & 16 != 0 {
+                1.0
+            } else if opts & 64 != 0 {
+                0.5
+            } else {
+                0.0
+            },
+            row_scale: (opts & 1 != 0).then_some(scale),
+            row_bias: (opts & 2 != 0).then_some(rb),
+            col_bias: None,
+            residual: if opts & 8 != 0 { residual } else { None },
+            relu: opts & 32 != 0,
+        }
+    }
+
+    /// C column-blocked (`CLayout::Blocked`, the residual likewise), and B read in place from a
+    /// blocked matrix (`BlockedB`): bit for bit what the row-major driver gives with the same A
+    /// source (same kernels, same depth order per tile), on every ISA, every driver order (plain
+    /// and pre-packed A; narrow, wide and several depth blocks), edge rows and columns; C's padding
+    /// columns untouched.
+    #[test]
+    fn blocked_c_and_in_place_b_are_bitwise_the_row_major_result() {
+        use crate::cpu::blocked::{blocked_index, blocked_len, to_blocked, BlockedB};
+        let mut seed = 9000;
+        for isa in available_isas() {
+            for &(m, n, k) in &[
+                (37, 53, 71),
+                (29, 65, 300),
+                (14, 32, 16),
+                (20, 2100, 40),
+                (13, 49, 700),
+                (300, 45, 33),
+                (64, 196, 600),
+                (5, 7, 0),
+            ] {
+                for opts in [0u32, 2 | 8 | 32, 1 | 2 | 8 | 16 | 32, 64 | 8] {
+                    seed += 1;
+                    let mut rng = Rng::new(seed);
+                    let (ad, bd) = (rand_vec(&mut rng, m * k), rand_vec(&mut rng, k * n));
+                    let (c0, res) = (rand_vec(&mut rng, m * n), rand_vec(&mut rng, m * n));
+                    let (scale, rb) = (rand_vec(&mut rng, m), rand_vec(&mut rng, m));
+                    let blk = |v: &[f32], rows: usize| {
+                        let mut o = vec![0.0; blocked_len(rows, n)];
+                        to_blocked(v, rows, n, &mut o);
+                        o
+                    };
+                    let (bb, resb) = (blk(&bd, k), blk(&res, m));
+                    let mut cb0 = blk(&c0, m);
+                    // Padding of C: a sentinel that must survive.
+                    for j in n..n.div_ceil(COL_BLOCK) * COL_BLOCK {
+                        for i in 0..m {
+                            cb0[blocked_index(m, i, j)] = 7.5;
+                        }
+                    }
+                    let mk = |residual| epi_for(opts, &scale, &rb, residual);
+                    let am = MatRef::row_major(&ad, m, k);
+                    let pa = pack_a_with_isa(isa, am);
+                    for a in [ASrc::Mat(am), ASrc::Packed(&pa)] {
+                        let mut want = c0.clone();
+                        gemm_driver(
+                            isa,
+                            m,
+                            n,
+                            k,
+                            &a,
+                            &MatRef::row_major(&bd, k, n),
+                            &mut want,
+                            CLayout::Rows(n),
+                            &mk(Some((&res, n))),
+                        );
+                        for in_place in [false, true] {
+                            let mut got = cb0.clone();
+                            let src: &dyn PackB = if in_place {
+                                &BlockedB::new(&bb, k, n)
+                            } else {
+                                &MatRef::row_major(&bd, k, n)
+                            };
+                            gemm_driver(
+                                isa,
+                                m,
+                                n,
+                                k,
+                                &a,
+                                src,
+                                &mut got,
+                                CLayout::Blocked,
+                                &mk(Some((&resb, 0))),
+                            );
+                            for i in 0..m {
+                                for j in 0..n.div_ceil(COL_BLOCK) * COL_BLOCK {
+                                    let g = got[blocked_index(m, i, j)];
+                                    let w = if j < n { want[i * n + j] } else { 7.5 };
+                                    assert_eq!(
+                                        g.to_bits(),
+                                        w.to_bits(),
+                                        "{} m {m} n {n} k {k} opts {opts:#b} packed-A {} in-place B {in_place} at ({i},{j})",
+                                        isa.name(),
+                                        matches!(a, ASrc::Packed(_))
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
             }
         }
     }

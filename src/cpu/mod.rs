@@ -8,6 +8,7 @@ pub mod activation;
 pub mod adam;
 pub mod attention;
 pub mod batchnorm;
+pub mod blocked;
 pub mod conv;
 pub mod dropout;
 pub mod embedding;

@@ -64,16 +64,16 @@ fn at(m: &[[f32; L]; 6]) -> [[f32; L]; 4] {
 }
 
 /// Scratch of one input-transform task: the padded input row (4 phases' worth), 6 row slots and
-/// 6 t-rows of 4 phases each.
+/// 6 t-rows of 4 phases each, then a gathered input row (W <= 4 tw floats; blocked layouts).
 pub(super) fn input_buf_len(tw: usize) -> usize {
-    52 * split_len(tw)
+    52 * split_len(tw) + 4 * tw
 }
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn dispatch_input(
     isa: Isa,
     xc: &[f32],
-    ns: usize,
+    xl: ActLayout,
     geo: &Geo,
     g0: usize,
     g1: usize,
@@ -84,11 +84,11 @@ pub(super) fn dispatch_input(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: weights are only packed for an ISA this CPU supports (`Isa::supported`), so the
         // features the wrapper enables are present.
-        Isa::Avx512 => unsafe { input_channel_avx512(xc, ns, geo, g0, g1, buf, vc) },
+        Isa::Avx512 => unsafe { input_channel_avx512(xc, xl, geo, g0, g1, buf, vc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2Fma => unsafe { input_channel_avx2(xc, ns, geo, g0, g1, buf, vc) },
-        _ => input_channel(xc, ns, geo, g0, g1, buf, vc, split_row),
+        Isa::Avx2Fma => unsafe { input_channel_avx2(xc, xl, geo, g0, g1, buf, vc) },
+        _ => input_channel(xc, xl, geo, g0, g1, buf, vc, split_row),
     }
 }
 
@@ -156,7 +156,7 @@ fn split_row_avx512(row: &[f32], ph: &mut [f32]) {
 #[target_feature(enable = "avx512f")]
 fn input_channel_avx512(
     xc: &[f32],
-    ns: usize,
+    xl: ActLayout,
     geo: &Geo,
     g0: usize,
     g1: usize,
@@ -164,21 +164,21 @@ fn input_channel_avx512(
     vc: &mut [f32],
 ) {
     // (The closure inherits this function's AVX-512 feature, so the call is safe.)
-    input_channel(xc, ns, geo, g0, g1, buf, vc, |row, _, ph| split_row_avx512(row, ph))
+    input_channel(xc, xl, geo, g0, g1, buf, vc, |row, _, ph| split_row_avx512(row, ph))
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn input_channel_avx2(
     xc: &[f32],
-    ns: usize,
+    xl: ActLayout,
     geo: &Geo,
     g0: usize,
     g1: usize,
     buf: &mut [f32],
     vc: &mut [f32],
 ) {
-    input_channel(xc, ns, geo, g0, g1, buf, vc, split_row)
+    input_channel(xc, xl, geo, g0, g1, buf, vc, split_row)
 }
 
 /// One input channel's transform for tile rows g0..g1. The six padded input rows of a tile row
@@ -190,7 +190,7 @@ fn input_channel_avx2(
 #[allow(clippy::too_many_arguments)]
 fn input_channel(
     xc: &[f32],
-    ns: usize,
+    xl: ActLayout,
     geo: &Geo,
     g0: usize,
     g1: usize,
@@ -203,10 +203,10 @@ fn input_channel(
     let twc = tw.div_ceil(L) * L;
     let ld = padded((g1 - g0) * tw);
     let (prow, rest) = buf.split_at_mut(4 * len);
-    let (rows, trows) = rest.split_at_mut(24 * len);
+    let (rows, rest) = rest.split_at_mut(24 * len);
+    let (trows, gather) = rest.split_at_mut(24 * len);
     for g in g0..g1 {
         let (img, ty) = (g / th, g % th);
-        let xi = &xc[img * ns..];
         let first = if g == g0 || ty == 0 { 0 } else { 2 };
         for r in first..6 {
             let slot = (4 * ty + r) % 6;
@@ -216,7 +216,7 @@ fn input_channel(
                 ph.fill(0.0);
                 continue;
             }
-            split(&xi[iy as usize * w..iy as usize * w + w], prow, ph);
+            split(xl.row(xc, img, iy as usize, w, gather), prow, ph);
         }
         let slot = |r: usize| (4 * ty + r) % 6;
         // Bᵀ d down the rows, phase by phase: t-row i, phase q at trows[(4i + q) * len].
@@ -275,7 +275,7 @@ pub(super) fn output_transform(
     (0..k).into_par_iter().with_min_len(min_len).for_each_init(
         || vec![0.0f32; 16 * twc],
         |buf, ko| {
-            let res = residual.map(|(r, rl)| (&r[ko * rl.c_stride..], rl.n_stride));
+            let res = residual.map(|(r, rl)| (&r[ko * rl.c_stride..], rl));
             let job = OutJob { m, k, ko, ld, bias: wt.bias[ko], res, relu, geo, g0, g1 };
             // SAFETY: see `YPtr`: output channel `ko` is written only by this task, and its
             // rows lie within `y` (length checked against the layout by the caller).
@@ -283,12 +283,12 @@ pub(super) fn output_transform(
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the ISA was checked supported when the weights were packed.
-                Isa::Avx512 => unsafe { output_channel_avx512(&job, buf, yk, yl.n_stride) },
+                Isa::Avx512 => unsafe { output_channel_avx512(&job, buf, yk, yl) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
-                Isa::Avx2Fma => unsafe { output_channel_avx2(&job, buf, yk, yl.n_stride) },
+                Isa::Avx2Fma => unsafe { output_channel_avx2(&job, buf, yk, yl) },
                 // SAFETY: as in the dispatch above.
-                _ => unsafe { output_channel(&job, buf, yk, yl.n_stride, interleave) },
+                _ => unsafe { output_channel(&job, buf, yk, yl, interleave) },
             }
         },
     );
@@ -298,18 +298,18 @@ pub(super) fn output_transform(
 #[target_feature(enable = "avx512f")]
 /// # Safety
 /// As `output_channel`, on a CPU with AVX-512F.
-unsafe fn output_channel_avx512(j: &OutJob, buf: &mut [f32], yk: *mut f32, ns: usize) {
+unsafe fn output_channel_avx512(j: &OutJob, buf: &mut [f32], yk: *mut f32, yl: ActLayout) {
     // SAFETY: forwarded contract. (The closure inherits this function's AVX-512 feature.)
-    unsafe { output_channel(j, buf, yk, ns, |y| interleave_avx512(y)) }
+    unsafe { output_channel(j, buf, yk, yl, |y| interleave_avx512(y)) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 /// # Safety
 /// As `output_channel`, on a CPU with AVX2 and FMA.
-unsafe fn output_channel_avx2(j: &OutJob, buf: &mut [f32], yk: *mut f32, ns: usize) {
+unsafe fn output_channel_avx2(j: &OutJob, buf: &mut [f32], yk: *mut f32, yl: ActLayout) {
     // SAFETY: forwarded contract.
-    unsafe { output_channel(j, buf, yk, ns, interleave) }
+    unsafe { output_channel(j, buf, yk, yl, interleave) }
 }
 
 /// The four output columns q of L tiles, y[q][t], interleaved into one output row segment of 4L
@@ -369,7 +369,7 @@ unsafe fn output_channel(
     j: &OutJob,
     buf: &mut [f32],
     yk: *mut f32,
-    ns: usize,
+    yl: ActLayout,
     interleave: impl Fn(&[[f32; L]; 4]) -> [[f32; L]; 4],
 ) {
     let (h, w, th, tw) = (j.geo.h, j.geo.w, j.geo.th, j.geo.tw);
@@ -405,7 +405,7 @@ unsafe fn output_channel(
             }
             // SAFETY: (img, oy) is a valid row of this channel (img < N, oy < H), which the caller
             // guarantees is writable by this task alone.
-            unsafe { store_row(j, &buf[4 * p * twc..4 * p * twc + w], yk, ns, img, oy) };
+            unsafe { store_row(j, &buf[4 * p * twc..4 * p * twc + w], yk, yl, img, oy) };
         }
     }
 }

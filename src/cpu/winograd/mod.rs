@@ -39,41 +39,80 @@
 //! C products instead of 9C, so the error is of the same order as direct convolution's (see
 //! tests/winograd.rs for the bound and the measured values).
 
+use crate::cpu::blocked::runs;
 use crate::cpu::conv::{ConvParams, ConvWeights};
-use crate::cpu::gemm::{detect_isa, pack_a_with_isa, sgemm_packed_a, Epilogue, Isa, MatRef, PackedA};
+use crate::cpu::gemm::{
+    detect_isa, pack_a_with_isa, sgemm_packed_a, Epilogue, Isa, MatRef, PackedA, COL_BLOCK,
+};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
 mod f4;
 
-/// Where element (c, n, y, x) of a channel-major activation of spatial size (H, W) lives:
-/// `c * c_stride + n * n_stride + y * W + x`. NCHW is `nchw(C, H, W)`; a (C, N, H, W) layout is
-/// `cnhw(N, H, W)`.
+/// Where element (c, n, y, x) of an activation of spatial size (H, W) lives. Plain layouts
+/// (`block_stride` 0): `c * c_stride + n * n_stride + y * W + x`; NCHW is `nchw(C, H, W)`, a
+/// (C, N, H, W) layout `cnhw(N, H, W)`. Column-blocked (`blocked(C, H, W)`, `cpu::blocked`): pixel
+/// p = n * H * W + y * W + x of channel c at `c * 32 + (p / 32) * block_stride + p % 32`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ActLayout {
     pub c_stride: usize,
     pub n_stride: usize,
+    /// C * 32 for the column-blocked layout, 0 for the plain ones.
+    pub block_stride: usize,
 }
 
 impl ActLayout {
     /// (N, C, H, W) row-major.
     pub fn nchw(c: usize, h: usize, w: usize) -> Self {
-        ActLayout { c_stride: h * w, n_stride: c * h * w }
+        ActLayout { c_stride: h * w, n_stride: c * h * w, block_stride: 0 }
     }
     /// (C, N, H, W) row-major.
     pub fn cnhw(n: usize, h: usize, w: usize) -> Self {
-        ActLayout { c_stride: n * h * w, n_stride: h * w }
+        ActLayout { c_stride: n * h * w, n_stride: h * w, block_stride: 0 }
+    }
+    /// (C, N*H*W) column-blocked (`cpu::blocked`).
+    pub fn blocked(c: usize, h: usize, w: usize) -> Self {
+        ActLayout { c_stride: COL_BLOCK, n_stride: h * w, block_stride: c * COL_BLOCK }
     }
     /// Smallest slice length that holds (c, n, h, w) elements in this layout.
     pub fn len(&self, c: usize, n: usize, h: usize, w: usize) -> usize {
         if c == 0 || n == 0 || h == 0 || w == 0 {
             return 0;
         }
+        if self.block_stride > 0 {
+            return (n * h * w).div_ceil(COL_BLOCK) * self.block_stride;
+        }
         (c - 1) * self.c_stride + (n - 1) * self.n_stride + h * w
+    }
+    /// The runs of row (img, y) (W wide) of one channel, from the channel's first element
+    /// (`c * c_stride`): (offset, offset within the row, length); one run unless blocked.
+    #[inline]
+    fn row_runs(&self, img: usize, y: usize, w: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+        runs(img * self.n_stride + y * w, w, self.block_stride)
+    }
+    /// Row (img, y) of channel xc (this layout's elements from the channel's first one): a slice
+    /// of xc where the row is contiguous, else gathered into `scratch` (>= W floats).
+    #[inline]
+    fn row<'a>(&self, xc: &'a [f32], img: usize, y: usize, w: usize, scratch: &'a mut [f32]) -> &'a [f32] {
+        let mut it = self.row_runs(img, y, w);
+        let first = it.next().expect("a row of W > 0 columns");
+        if first.2 == w {
+            return &xc[first.0..first.0 + w];
+        }
+        for (o, i, len) in std::iter::once(first).chain(it) {
+            scratch[i..i + len].copy_from_slice(&xc[o..o + len]);
+        }
+        &scratch[..w]
     }
     /// True if no two (c, n, y, x) of a (c, n, h, w) activation share an address: the outer
     /// dimensions (those of size > 1), ordered by stride, each step over at least everything inside.
+    /// (A blocked layout is, when its block holds all c channels and images follow each other.)
     fn injective(&self, c: usize, n: usize, h: usize, w: usize) -> bool {
+        if self.block_stride > 0 {
+            return self.c_stride == COL_BLOCK
+                && self.block_stride >= c * COL_BLOCK
+                && self.n_stride == h * w;
+        }
         let mut dims: Vec<(usize, usize)> =
             [(self.c_stride, c), (self.n_stride, n)].into_iter().filter(|&(_, cnt)| cnt > 1).collect();
         dims.sort_unstable();
@@ -312,6 +351,9 @@ pub fn winograd_forward(
     assert!(yl.injective(k, n, h, w), "winograd: output layout {yl:?} overlaps itself");
     if let Some((r, rl)) = residual {
         assert!(r.len() >= rl.len(k, n, h, w), "winograd: residual slice too short");
+        // (Rows are stored run by run of y; the residual's runs must be the same.)
+        assert!(rl.block_stride == yl.block_stride, "winograd: residual blocked unlike the output");
+        assert!(rl.block_stride == 0 || rl.n_stride == yl.n_stride, "winograd: residual layout {rl:?}");
     }
     let (m, ne) = (wt.tile.m(), wt.tile.positions());
     let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
@@ -392,8 +434,8 @@ fn input_transform(
         |buf, (ci, vc)| {
             let xc = &x[ci * xl.c_stride..];
             match wt.tile {
-                WinoTile::F2 => dispatch_input(isa, xc, xl.n_stride, geo, g0, g1, buf, vc),
-                WinoTile::F4 => f4::dispatch_input(isa, xc, xl.n_stride, geo, g0, g1, buf, vc),
+                WinoTile::F2 => dispatch_input(isa, xc, xl, geo, g0, g1, buf, vc),
+                WinoTile::F4 => f4::dispatch_input(isa, xc, xl, geo, g0, g1, buf, vc),
             }
         },
     );
@@ -403,7 +445,7 @@ fn input_transform(
 fn dispatch_input(
     isa: Isa,
     xc: &[f32],
-    ns: usize,
+    xl: ActLayout,
     geo: &Geo,
     g0: usize,
     g1: usize,
@@ -414,11 +456,11 @@ fn dispatch_input(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: weights are only packed for an ISA this CPU supports (`Isa::supported`), so the
         // features the wrapper enables are present.
-        Isa::Avx512 => unsafe { input_channel_avx512(xc, ns, geo, g0, g1, buf, vc) },
+        Isa::Avx512 => unsafe { input_channel_avx512(xc, xl, geo, g0, g1, buf, vc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2Fma => unsafe { input_channel_avx2(xc, ns, geo, g0, g1, buf, vc) },
-        _ => input_channel(xc, ns, geo, g0, g1, buf, vc, split_row),
+        Isa::Avx2Fma => unsafe { input_channel_avx2(xc, xl, geo, g0, g1, buf, vc) },
+        _ => input_channel(xc, xl, geo, g0, g1, buf, vc, split_row),
     }
 }
 
@@ -483,7 +525,7 @@ fn split_row_avx512(row: &[f32], e: &mut [f32], o: &mut [f32]) {
 #[target_feature(enable = "avx512f")]
 fn input_channel_avx512(
     xc: &[f32],
-    ns: usize,
+    xl: ActLayout,
     geo: &Geo,
     g0: usize,
     g1: usize,
@@ -491,21 +533,21 @@ fn input_channel_avx512(
     vc: &mut [f32],
 ) {
     // (The closure inherits this function's AVX-512 feature, so the call is safe.)
-    input_channel(xc, ns, geo, g0, g1, buf, vc, |row, _, e, o| split_row_avx512(row, e, o))
+    input_channel(xc, xl, geo, g0, g1, buf, vc, |row, _, e, o| split_row_avx512(row, e, o))
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn input_channel_avx2(
     xc: &[f32],
-    ns: usize,
+    xl: ActLayout,
     geo: &Geo,
     g0: usize,
     g1: usize,
     buf: &mut [f32],
     vc: &mut [f32],
 ) {
-    input_channel(xc, ns, geo, g0, g1, buf, vc, split_row)
+    input_channel(xc, xl, geo, g0, g1, buf, vc, split_row)
 }
 
 /// Length of a split row (E or O): the tw + 1 values a tile row reads, rounded up to whole chunks
@@ -514,10 +556,11 @@ fn split_len(tw: usize) -> usize {
     tw.div_ceil(L) * L + L
 }
 
-/// Scratch of one input-transform task: the padded input row, 4 split rows and 4 t-rows.
+/// Scratch of one input-transform task: the padded input row, 4 split rows and 4 t-rows, then a
+/// gathered input row (W <= 2 tw floats; blocked layouts).
 fn input_buf_len(tw: usize) -> usize {
     let len = split_len(tw);
-    2 * len + 16 * len
+    2 * len + 16 * len + 2 * tw
 }
 
 /// One input channel's transform. For each tile row, the four padded input rows (2ty-1 .. 2ty+2)
@@ -534,7 +577,7 @@ fn input_buf_len(tw: usize) -> usize {
 #[allow(clippy::too_many_arguments)]
 fn input_channel(
     xc: &[f32],
-    ns: usize,
+    xl: ActLayout,
     geo: &Geo,
     g0: usize,
     g1: usize,
@@ -548,10 +591,10 @@ fn input_channel(
     let ld = padded((g1 - g0) * tw);
     // prow: [0, row[0..w], 0...] (2 * len; only 1..=w is ever written, so the rest stays zero).
     let (prow, rest) = buf.split_at_mut(2 * len);
-    let (rows, trows) = rest.split_at_mut(8 * len); // 4 slots x (E, O), then 4 t-rows x (E, O)
+    let (rows, rest) = rest.split_at_mut(8 * len); // 4 slots x (E, O), then 4 t-rows x (E, O)
+    let (trows, gather) = rest.split_at_mut(8 * len);
     for g in g0..g1 {
         let (img, ty) = (g / th, g % th);
-        let xi = &xc[img * ns..];
         // Rows 0 and 1 of this tile row are rows 2 and 3 of the previous one (same image).
         let first = if g == g0 || ty == 0 { 0 } else { 2 };
         for r in first..4 {
@@ -563,7 +606,7 @@ fn input_channel(
                 o.fill(0.0);
                 continue;
             }
-            split(&xi[iy as usize * w..iy as usize * w + w], prow, e, o);
+            split(xl.row(xc, img, iy as usize, w, gather), prow, e, o);
         }
         // Bᵀ d on the rows, separately for the even and odd halves (element-wise over columns).
         let slot = |r: usize| (2 * ty + r) % 4;
@@ -633,7 +676,7 @@ fn output_transform(
     (0..k).into_par_iter().with_min_len(min_len).for_each_init(
         || vec![0.0f32; 4 * geo.tw.div_ceil(L) * L],
         |buf, ko| {
-            let res = residual.map(|(r, rl)| (&r[ko * rl.c_stride..], rl.n_stride));
+            let res = residual.map(|(r, rl)| (&r[ko * rl.c_stride..], rl));
             let job = OutJob { m, k, ko, ld, bias: wt.bias[ko], res, relu, geo, g0, g1 };
             // SAFETY: see `YPtr`: output channel `ko` is written only by this task, and its
             // rows lie within `y` (length checked against the layout by the caller).
@@ -641,12 +684,12 @@ fn output_transform(
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the ISA was checked supported when the weights were packed.
-                Isa::Avx512 => unsafe { output_channel_avx512(&job, buf, yk, yl.n_stride) },
+                Isa::Avx512 => unsafe { output_channel_avx512(&job, buf, yk, yl) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
-                Isa::Avx2Fma => unsafe { output_channel_avx2(&job, buf, yk, yl.n_stride) },
+                Isa::Avx2Fma => unsafe { output_channel_avx2(&job, buf, yk, yl) },
                 // SAFETY: as in the dispatch above.
-                _ => unsafe { output_channel(&job, buf, yk, yl.n_stride) },
+                _ => unsafe { output_channel(&job, buf, yk, yl) },
             }
         },
     );
@@ -660,8 +703,8 @@ struct OutJob<'a> {
     /// Row length of M.
     ld: usize,
     bias: f32,
-    /// This channel's residual (offset to channel ko) and its image stride.
-    res: Option<(&'a [f32], usize)>,
+    /// This channel's residual (offset to channel ko) and its layout.
+    res: Option<(&'a [f32], ActLayout)>,
     relu: bool,
     geo: &'a Geo,
     g0: usize,
@@ -672,27 +715,28 @@ struct OutJob<'a> {
 #[target_feature(enable = "avx512f")]
 /// # Safety
 /// As `output_channel`, on a CPU with AVX-512F.
-unsafe fn output_channel_avx512(j: &OutJob, buf: &mut [f32], yk: *mut f32, ns: usize) {
+unsafe fn output_channel_avx512(j: &OutJob, buf: &mut [f32], yk: *mut f32, yl: ActLayout) {
     // SAFETY: forwarded contract.
-    unsafe { output_channel(j, buf, yk, ns) }
+    unsafe { output_channel(j, buf, yk, yl) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 /// # Safety
 /// As `output_channel`, on a CPU with AVX2 and FMA.
-unsafe fn output_channel_avx2(j: &OutJob, buf: &mut [f32], yk: *mut f32, ns: usize) {
+unsafe fn output_channel_avx2(j: &OutJob, buf: &mut [f32], yk: *mut f32, yl: ActLayout) {
     // SAFETY: forwarded contract.
-    unsafe { output_channel(j, buf, yk, ns) }
+    unsafe { output_channel(j, buf, yk, yl) }
 }
 
 /// One output channel's transform for tile rows g0..g1.
 ///
 /// # Safety
-/// `yk` points at output channel k's element (n = 0, y = 0, x = 0); for every image n < N and row
-/// y < H, `yk + n * ns + y * W .. + W` must be writable and written by no one else meanwhile.
+/// `yk` points at output channel k's first element (`k * yl.c_stride`); for every image n < N and
+/// row y < H, the row's runs (`ActLayout::row_runs`) from `yk` must be writable and written by no
+/// one else meanwhile.
 #[inline(always)]
-unsafe fn output_channel(j: &OutJob, buf: &mut [f32], yk: *mut f32, ns: usize) {
+unsafe fn output_channel(j: &OutJob, buf: &mut [f32], yk: *mut f32, yl: ActLayout) {
     let (h, w, th, tw) = (j.geo.h, j.geo.w, j.geo.th, j.geo.tw);
     let (ld, k) = (j.ld, j.k);
     let twc = tw.div_ceil(L) * L;
@@ -737,7 +781,7 @@ unsafe fn output_channel(j: &OutJob, buf: &mut [f32], yk: *mut f32, ns: usize) {
             }
             // SAFETY: (img, oy) is a valid row of this channel (img < N, oy < H), which the caller
             // guarantees is writable by this task alone.
-            unsafe { store_row(j, &src[..w], yk, ns, img, oy) };
+            unsafe { store_row(j, &src[..w], yk, yl, img, oy) };
         }
     }
 }
@@ -747,24 +791,32 @@ unsafe fn output_channel(j: &OutJob, buf: &mut [f32], yk: *mut f32, ns: usize) {
 /// # Safety
 /// As `output_channel`, for this one row (img < N, oy < H).
 #[inline(always)]
-unsafe fn store_row(j: &OutJob, src: &[f32], yk: *mut f32, ns: usize, img: usize, oy: usize) {
+unsafe fn store_row(j: &OutJob, src: &[f32], yk: *mut f32, yl: ActLayout, img: usize, oy: usize) {
     let w = src.len();
-    let off = img * ns + oy * w;
-    // SAFETY: forwarded contract: the row is writable by this task alone.
-    let out = unsafe { std::slice::from_raw_parts_mut(yk.add(off), w) };
     let b = j.bias;
-    match j.res {
-        Some((r, rns)) => {
-            let rr = &r[img * rns + oy * w..img * rns + oy * w + w];
-            for ((o, &s), &rv) in out.iter_mut().zip(src).zip(rr) {
-                let v = s + b + rv;
-                *o = if j.relu { v.max(0.0) } else { v };
+    // Run by run (one unless blocked; the residual's runs are the same, `winograd_forward` checks).
+    for (o, i, len) in yl.row_runs(img, oy, w) {
+        // SAFETY: forwarded contract: the row's runs are writable by this task alone.
+        let out = unsafe { std::slice::from_raw_parts_mut(yk.add(o), len) };
+        let src = &src[i..i + len];
+        match j.res {
+            Some((r, rl)) => {
+                let ro = img * rl.n_stride + oy * w + i;
+                let ro = if rl.block_stride > 0 {
+                    (ro / COL_BLOCK) * rl.block_stride + ro % COL_BLOCK
+                } else {
+                    ro
+                };
+                for ((o, &s), &rv) in out.iter_mut().zip(src).zip(&r[ro..ro + len]) {
+                    let v = s + b + rv;
+                    *o = if j.relu { v.max(0.0) } else { v };
+                }
             }
-        }
-        None => {
-            for (o, &s) in out.iter_mut().zip(src) {
-                let v = s + b;
-                *o = if j.relu { v.max(0.0) } else { v };
+            None => {
+                for (o, &s) in out.iter_mut().zip(src) {
+                    let v = s + b;
+                    *o = if j.relu { v.max(0.0) } else { v };
+                }
             }
         }
     }
