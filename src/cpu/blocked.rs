@@ -37,7 +37,7 @@ pub fn blocked_index(c: usize, ci: usize, p: usize) -> usize {
 
 /// The contiguous runs of the columns p0 .. p0 + len of one channel: (offset from the channel's
 /// first element, i.e. from index `blocked_index(c, ci, 0)`, offset within the range, length).
-/// `block_stride` is C * 32; 0 stands for a plain row-major (C, P) matrix: one run.
+/// `block_stride` is C * 32.
 #[inline]
 pub fn runs(p0: usize, len: usize, block_stride: usize) -> impl Iterator<Item = (usize, usize, usize)> {
     let mut p = p0;
@@ -45,10 +45,6 @@ pub fn runs(p0: usize, len: usize, block_stride: usize) -> impl Iterator<Item = 
     std::iter::from_fn(move || {
         if p >= end {
             return None;
-        }
-        if block_stride == 0 {
-            p = end;
-            return Some((p0, 0, len));
         }
         let run = (COL_BLOCK - p % COL_BLOCK).min(end - p);
         let item = ((p / COL_BLOCK) * block_stride + p % COL_BLOCK, p - p0, run);
@@ -61,40 +57,153 @@ pub fn runs(p0: usize, len: usize, block_stride: usize) -> impl Iterator<Item = 
 pub fn to_blocked(x: &[f32], c: usize, p: usize, out: &mut [f32]) {
     assert_eq!(x.len(), c * p, "to_blocked: input size");
     assert_eq!(out.len(), blocked_len(c, p), "to_blocked: output size");
-    let block = |(b, ob): (usize, &mut [f32])| {
-        let (j0, nv) = (b * COL_BLOCK, COL_BLOCK.min(p - b * COL_BLOCK));
-        for (ci, row) in ob.chunks_exact_mut(COL_BLOCK).enumerate() {
-            row[..nv].copy_from_slice(&x[ci * p + j0..ci * p + j0 + nv]);
-            row[nv..].fill(0.0);
-        }
-    };
-    if c == 0 {
-        return;
-    }
-    if out.len() >= 1 << 16 {
-        out.par_chunks_mut(c * COL_BLOCK).enumerate().for_each(block);
-    } else {
-        out.chunks_mut(c * COL_BLOCK).enumerate().for_each(block);
-    }
+    columns_to_blocked(x, c, 0, p, out, None, false);
+    zero_padding(out, c, p);
 }
 
 /// xb column-blocked (C, P) -> out (C, P) channel-major.
 pub fn from_blocked(xb: &[f32], c: usize, p: usize, out: &mut [f32]) {
     assert_eq!(xb.len(), blocked_len(c, p), "from_blocked: input size");
     assert_eq!(out.len(), c * p, "from_blocked: output size");
-    let chan = |(ci, row): (usize, &mut [f32])| {
-        for (o, i, len) in runs(0, p, c * COL_BLOCK) {
-            row[i..i + len].copy_from_slice(&xb[ci * COL_BLOCK + o..ci * COL_BLOCK + o + len]);
-        }
-    };
-    if p == 0 {
+    columns_from_blocked(xb, c, 0, p, out);
+}
+
+/// A shared base pointer for tasks that write disjoint parts.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only by `columns_from_blocked`, whose tasks write disjoint column ranges and join
+// before the borrow of the output ends.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Columns pa..pb of a column-blocked (C, P) activation into `out` (C, pb - pa), channel-major.
+/// Parallel over blocks, each read in order: its C runs are contiguous, where one channel's runs
+/// lie C * 128 bytes apart (across pages: no prefetcher follows a walk channel by channel).
+pub fn columns_from_blocked(x: &[f32], c: usize, pa: usize, pb: usize, out: &mut [f32]) {
+    let len = pb - pa;
+    assert!(out.len() >= c * len, "columns_from_blocked: output too short");
+    assert!(x.len() >= pb.div_ceil(COL_BLOCK) * c * COL_BLOCK, "columns_from_blocked: input too short");
+    if c == 0 || len == 0 {
         return;
     }
-    if out.len() >= 1 << 16 {
-        out.par_chunks_mut(p).enumerate().for_each(chan);
+    let op = SendPtr(out.as_mut_ptr());
+    let block = |b: usize| {
+        let (j0, j1) = (pa.max(b * COL_BLOCK), pb.min((b + 1) * COL_BLOCK));
+        let blk = &x[b * c * COL_BLOCK..(b + 1) * c * COL_BLOCK];
+        for ci in 0..c {
+            let src = &blk[ci * COL_BLOCK + j0 % COL_BLOCK..][..j1 - j0];
+            // SAFETY: out holds c * len floats (asserted); this task alone writes columns j0..j1
+            // (block b's part of pa..pb) of each channel row, and the tasks join before return.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), op.get().add(ci * len + j0 - pa), j1 - j0) };
+        }
+    };
+    let blocks = pa / COL_BLOCK..pb.div_ceil(COL_BLOCK);
+    if c * len >= 1 << 15 {
+        blocks.into_par_iter().with_min_len(4).for_each(block);
     } else {
-        out.chunks_mut(p).enumerate().for_each(chan);
+        blocks.for_each(block);
     }
+}
+
+/// `win` (K, qb - qa), channel-major, into columns qa..qb of the column-blocked y (K, P), adding
+/// `res` (blocked like y) and applying ReLU: y = act(win + res). Parallel over y's blocks, each
+/// written in order.
+pub fn columns_to_blocked(
+    win: &[f32],
+    k: usize,
+    qa: usize,
+    qb: usize,
+    y: &mut [f32],
+    res: Option<&[f32]>,
+    relu: bool,
+) {
+    let len = qb - qa;
+    assert!(win.len() >= k * len, "columns_to_blocked: window too short");
+    let (b0, b1) = (qa / COL_BLOCK, qb.div_ceil(COL_BLOCK));
+    if k == 0 || len == 0 {
+        return;
+    }
+    let block = |(i, yb): (usize, &mut [f32])| {
+        let b = b0 + i;
+        let (j0, j1) = (qa.max(b * COL_BLOCK), qb.min((b + 1) * COL_BLOCK));
+        let rb = res.map(|r| &r[b * k * COL_BLOCK..(b + 1) * k * COL_BLOCK]);
+        for ko in 0..k {
+            let o = ko * COL_BLOCK + j0 % COL_BLOCK;
+            let out = &mut yb[o..o + j1 - j0];
+            let src = &win[ko * len + j0 - qa..][..j1 - j0];
+            match rb {
+                Some(r) => {
+                    for ((y, &s), &rv) in out.iter_mut().zip(src).zip(&r[o..o + j1 - j0]) {
+                        let v = s + rv;
+                        *y = if relu { v.max(0.0) } else { v };
+                    }
+                }
+                None => {
+                    for (y, &s) in out.iter_mut().zip(src) {
+                        *y = if relu { s.max(0.0) } else { s };
+                    }
+                }
+            }
+        }
+    };
+    let blocks = &mut y[b0 * k * COL_BLOCK..b1 * k * COL_BLOCK];
+    if k * len >= 1 << 15 {
+        blocks.par_chunks_mut(k * COL_BLOCK).with_min_len(4).enumerate().for_each(block);
+    } else {
+        blocks.chunks_mut(k * COL_BLOCK).enumerate().for_each(block);
+    }
+}
+
+/// Zeroes the padding columns (P .. the last block's end) of a column-blocked (C, P) activation.
+pub fn zero_padding(xb: &mut [f32], c: usize, p: usize) {
+    assert_eq!(xb.len(), blocked_len(c, p), "zero_padding: size");
+    if !p.is_multiple_of(COL_BLOCK) {
+        let last = (p / COL_BLOCK) * c * COL_BLOCK;
+        for row in xb[last..].chunks_exact_mut(COL_BLOCK) {
+            row[p % COL_BLOCK..].fill(0.0);
+        }
+    }
+}
+
+/// Global average pool of a column-blocked (C, N*HW) activation: y (N, C), y[n][c] = the mean of
+/// channel c over image n's HW columns (summed in column order, as `pool::global_avg_pool` does,
+/// so the same bits). Parallel over images and channels.
+pub fn global_avg_pool_blocked(xb: &[f32], c: usize, n: usize, hw: usize, y: &mut [f32]) {
+    assert_eq!(xb.len(), blocked_len(c, n * hw), "global_avg_pool_blocked: input size");
+    assert_eq!(y.len(), n * c, "global_avg_pool_blocked: output size");
+    let inv = 1.0 / hw as f32;
+    y.par_iter_mut().enumerate().for_each(|(i, o)| {
+        let (img, ci) = (i / c, i % c);
+        let xc = &xb[ci * COL_BLOCK..];
+        let sum = runs(img * hw, hw, c * COL_BLOCK)
+            .fold(0.0f32, |acc, (o, _, len)| xc[o..o + len].iter().fold(acc, |a, &v| a + v));
+        *o = sum * inv;
+    });
+}
+
+/// A column-blocked (C, N*HW) activation as the spatial-major grid (N, HW, C) (DESIGN.md's features
+/// file): grid[n][p][c] = x[c][n*HW + p]. Parallel over blocks.
+pub fn blocked_to_grid(xb: &[f32], c: usize, n: usize, hw: usize, grid: &mut [f32]) {
+    let cols = n * hw;
+    assert_eq!(xb.len(), blocked_len(c, cols), "blocked_to_grid: input size");
+    assert_eq!(grid.len(), cols * c, "blocked_to_grid: output size");
+    if c == 0 || cols == 0 {
+        return;
+    }
+    // Grid rows (one per column p, C floats each) in groups of 32: one block each.
+    grid.par_chunks_mut(COL_BLOCK * c).zip(xb.par_chunks(COL_BLOCK * c)).for_each(|(g, blk)| {
+        for (l, row) in g.chunks_exact_mut(c).enumerate() {
+            for (ci, v) in row.iter_mut().enumerate() {
+                *v = blk[ci * COL_BLOCK + l];
+            }
+        }
+    });
 }
 
 /// A column-blocked (C, P) activation as the B operand of a GEMM (C rows, P columns): 32-column
@@ -168,6 +277,47 @@ mod tests {
                     seen += l;
                 }
                 assert_eq!(seen, len);
+            }
+        }
+    }
+
+    #[test]
+    fn pooling_grid_and_padding_match_the_channel_major_versions() {
+        let mut rng = Rng::new(5);
+        for &(c, n, hw) in &[(3, 2, 49), (5, 3, 7), (2, 1, 64), (4, 2, 1)] {
+            let x: Vec<f32> = (0..c * n * hw).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let mut b = vec![0.0; blocked_len(c, n * hw)];
+            to_blocked(&x, c, n * hw, &mut b);
+            // (C, N, HW) -> NCHW for the reference pool.
+            let mut nchw = vec![0.0; x.len()];
+            for ci in 0..c {
+                for img in 0..n {
+                    let src = &x[ci * n * hw + img * hw..][..hw];
+                    nchw[(img * c + ci) * hw..][..hw].copy_from_slice(src);
+                }
+            }
+            let (mut want, mut got) = (vec![0.0; n * c], vec![1.0; n * c]);
+            crate::cpu::pool::global_avg_pool(&nchw, n, c, hw, 1, &mut want);
+            global_avg_pool_blocked(&b, c, n, hw, &mut got);
+            assert_eq!(got, want, "c {c} n {n} hw {hw}");
+            let mut grid = vec![0.0; n * hw * c];
+            blocked_to_grid(&b, c, n, hw, &mut grid);
+            for img in 0..n {
+                for p in 0..hw {
+                    for ci in 0..c {
+                        assert_eq!(grid[(img * hw + p) * c + ci], x[ci * n * hw + img * hw + p]);
+                    }
+                }
+            }
+            let mut dirty = b.iter().map(|v| v + 1.0).collect::<Vec<_>>();
+            zero_padding(&mut dirty, c, n * hw);
+            for (i, (&d, &v)) in dirty.iter().zip(&b).enumerate() {
+                let (blk, l) = (i / (c * COL_BLOCK), i % COL_BLOCK);
+                if blk * COL_BLOCK + l >= n * hw {
+                    assert_eq!(d, 0.0);
+                } else {
+                    assert_eq!(d, v + 1.0);
+                }
             }
         }
     }

@@ -19,6 +19,8 @@ pub struct ActivationPool {
     pub allocations: usize,
     /// Scratch for the Winograd convs (grows to the largest layer's need, then is reused).
     pub workspace: Vec<f32>,
+    /// Scratch for the other convs' converted or subsampled inputs (`conv2d_forward_blocked`).
+    pub scratch: Vec<f32>,
 }
 
 impl ActivationPool {

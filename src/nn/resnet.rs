@@ -18,7 +18,8 @@
 
 use std::sync::Mutex;
 
-use crate::cpu::conv::{conv_path, direct_applicable};
+use crate::cpu::blocked;
+use crate::cpu::conv::{blocked_conv_path, conv2d_forward_blocked, conv_path, direct_applicable, ConvInput};
 use crate::cpu::conv::{swap_leading_axes, ConvParams};
 use crate::cpu::pool::PoolParams;
 use crate::cpu::winograd::{winograd_applicable, winograd_forward, ActLayout, WinoTile, WinogradWeights};
@@ -209,9 +210,9 @@ struct NetConv {
 }
 
 impl NetConv {
-    /// The Winograd weights when `run_conv` takes the Winograd path for input x (C, N, H, W).
-    fn winograd_for(&self, x: &Tensor) -> Option<&WinogradWeights> {
-        let (ww, &[_, n, h, w]) = (self.wino.as_ref()?, x.dims()) else { return None };
+    /// The Winograd weights when `run_conv` takes the Winograd path for an N x H x W input.
+    fn winograd_for(&self, n: usize, h: usize, w: usize) -> Option<&WinogradWeights> {
+        let ww = self.wino.as_ref()?;
         let direct = direct_applicable(&self.conv.weights, &self.conv.params);
         let m = ww.tile.m();
         (n * h.div_ceil(m) * w.div_ceil(m) >= WINOGRAD_MIN_TILES
@@ -320,10 +321,11 @@ impl ResNet {
         crate::nn::buffers::with_pool(&self.pool, |pool| self.run_with(x, until, tap, pool))
     }
 
-    /// The forward pass. Inside, activations are channel-major (C, N, H, W) so that every conv is
-    /// ONE GEMM over the whole batch (`Conv2d::forward_cn_into`: n = N*P*Q columns per weight
-    /// panel); at N = 1 that layout is NCHW itself. The input is converted on entry, the outputs
-    /// (and traced activations) back to the public layouts on exit.
+    /// The forward pass. The stem and max-pool run on channel-major (C, N, H, W) activations; from
+    /// layer1 on they are column-blocked (`cpu::blocked`: the (C, N*H*W) matrix in blocks of 32
+    /// columns, `Act`), so every conv is ONE GEMM over the whole batch whose B panels (1x1 convs)
+    /// are read in place and whose output tiles are contiguous. The input is converted on entry, the
+    /// outputs (and traced activations) back to the public layouts on exit.
     fn run_with(
         &self,
         x: &Tensor,
@@ -340,36 +342,44 @@ impl ResNet {
             Err(_) => swap_leading_axes(&x.to_f32_vec(), n, 3, h * w, xc.as_f32_slice_mut()?),
         }
         let mut t = pool.take(&self.stem.conv.out_dims_cn(xc.dims())?);
-        run_conv(&self.stem, &xc, None, true, &mut t, pool)?;
+        run_conv_cn(&self.stem, &xc, &mut t)?;
         pool.give(xc);
         emit(&mut tap, "conv1", &t)?;
         // Max-pool works plane by plane, so (C, N, H, W) passes as a batch of C "images" of N planes.
         let mp = PoolParams::new(3, 2, 1);
-        let mut cur = pool.take(&ops::max_pool2d_out_dims(t.dims(), &mp)?);
-        profile::time(|| ("max-pool 3x3/2".into(), 0.0), || ops::max_pool2d_into(&t, &mp, &mut cur))?;
+        let mut mpo = pool.take(&ops::max_pool2d_out_dims(t.dims(), &mp)?);
+        profile::time(|| ("max-pool 3x3/2".into(), 0.0), || ops::max_pool2d_into(&t, &mp, &mut mpo))?;
         pool.give(t);
-        emit(&mut tap, "maxpool", &cur)?;
+        emit(&mut tap, "maxpool", &mpo)?;
+        let &[c0, _, h0, w0] = mpo.dims() else { unreachable!("max-pool output is 4-D") };
+        let mut cur = Act::take(pool, c0, n, h0, w0);
+        let (src, dst) = (mpo.as_f32_slice()?, cur.data_mut()?);
+        profile::time(|| ("to blocked".into(), 0.0), || blocked::to_blocked(src, c0, n * h0 * w0, dst));
+        pool.give(mpo);
         for (li, stage) in self.stages.iter().enumerate() {
             for block in stage {
                 let next = self.block_forward(block, &cur, pool)?;
-                pool.give(std::mem::replace(&mut cur, next));
+                std::mem::replace(&mut cur, next).give(pool);
             }
-            emit(&mut tap, &format!("layer{}", li + 1), &cur)?;
+            if tap.is_some() {
+                emit(&mut tap, &format!("layer{}", li + 1), &cur.to_channel_major()?)?;
+            }
         }
-        let (c, hw) = (cur.dims()[0], cur.dims()[2] * cur.dims()[3]);
+        let (c, hw) = (cur.c, cur.h * cur.w);
         if until == Until::Layer4 {
-            // (C, N, H*W) -> (N, H*W, C), a fresh tensor; the layer4 buffer goes back to the pool.
-            let grid = cur.reshape(&[c, n * hw])?.transpose(0, 1)?.contiguous().reshape(&[n, hw, c]);
-            pool.give(cur);
-            return grid;
+            // (C, N*H*W) blocked -> (N, H*W, C), a fresh tensor; the layer4 buffer goes back.
+            let mut grid = vec![0.0f32; n * hw * c];
+            blocked::blocked_to_grid(cur.data()?, c, n, hw, &mut grid);
+            cur.give(pool);
+            return Tensor::from_vec(grid, &[n, hw, c]);
         }
-        // (C, N, H, W) -> (C, N), then (N, C).
-        let mut pooled_cn = pool.take(&[c, n]);
-        ops::global_avg_pool_into(&cur, &mut pooled_cn)?;
-        pool.give(cur);
         let mut pooled = pool.take(&[n, c]);
-        swap_leading_axes(pooled_cn.as_f32_slice()?, c, n, 1, pooled.as_f32_slice_mut()?);
-        pool.give(pooled_cn);
+        let (src, dst) = (cur.data()?, pooled.as_f32_slice_mut()?);
+        profile::time(
+            || ("global avg-pool".into(), 0.0),
+            || blocked::global_avg_pool_blocked(src, c, n, hw, dst),
+        );
+        cur.give(pool);
         if let Some(tap) = tap.as_mut() {
             tap("pooled", &pooled);
         }
@@ -385,39 +395,68 @@ impl ResNet {
         Ok(logits)
     }
 
-    /// One residual block on channel-major activations x (C, N, H, W).
-    fn block_forward(&self, b: &Block, x: &Tensor, pool: &mut ActivationPool) -> Result<Tensor> {
+    /// One residual block on column-blocked activations.
+    fn block_forward(&self, b: &Block, x: &Act, pool: &mut ActivationPool) -> Result<Act> {
         let identity = match &b.downsample {
-            Some(ds) => {
-                let mut d = pool.take(&ds.conv.out_dims_cn(x.dims())?);
-                run_conv(ds, x, None, false, &mut d, pool)?;
-                Some(d)
-            }
+            Some(ds) => Some(run_conv(ds, x, None, false, pool)?),
             None => None,
         };
         let last = b.convs.len() - 1;
-        let mut inner: Option<Tensor> = None;
+        let mut inner: Option<Act> = None;
         for (i, conv) in b.convs.iter().enumerate() {
             let input = inner.as_ref().unwrap_or(x);
-            let mut out = pool.take(&conv.conv.out_dims_cn(input.dims())?);
-            if i == last {
-                // The residual add and the final ReLU run in the conv's epilogue.
-                run_conv(conv, input, Some(identity.as_ref().unwrap_or(x)), true, &mut out, pool)?;
-            } else {
-                run_conv(conv, input, None, true, &mut out, pool)?;
-            }
+            // The last conv adds the identity and applies the final ReLU in its epilogue.
+            let residual = (i == last).then(|| identity.as_ref().unwrap_or(x));
+            let out = run_conv(conv, input, residual, true, pool)?;
             if let Some(prev) = inner.replace(out) {
-                pool.give(prev);
+                prev.give(pool);
             }
         }
         if let Some(d) = identity {
-            pool.give(d);
+            d.give(pool);
         }
-        Ok(inner.expect("a block has at least two convs"))
+        inner.ok_or_else(|| Error::msg("a residual block has at least two convs"))
     }
 }
 
-/// The one place a ResNet conv is run: x (C, N, H, W) -> out (K, N, P, Q), channel-major.
+/// An activation inside the ResNet forward from layer1 on: (C, N, H, W) as the column-blocked
+/// (C, N*H*W) matrix (`cpu::blocked`), in a pool buffer of `blocked_len(C, N*H*W)` floats whose
+/// padding columns are zero.
+struct Act {
+    t: Tensor,
+    c: usize,
+    n: usize,
+    h: usize,
+    w: usize,
+}
+
+impl Act {
+    /// A buffer from the pool, padding zeroed (the contents are otherwise unspecified).
+    fn take(pool: &mut ActivationPool, c: usize, n: usize, h: usize, w: usize) -> Act {
+        let mut t = pool.take(&[blocked::blocked_len(c, n * h * w)]);
+        if let Ok(d) = t.as_f32_slice_mut() {
+            blocked::zero_padding(d, c, n * h * w);
+        }
+        Act { t, c, n, h, w }
+    }
+    fn give(self, pool: &mut ActivationPool) {
+        pool.give(self.t);
+    }
+    fn data(&self) -> Result<&[f32]> {
+        self.t.as_f32_slice()
+    }
+    fn data_mut(&mut self) -> Result<&mut [f32]> {
+        self.t.as_f32_slice_mut()
+    }
+    /// A channel-major (C, N, H, W) copy (for trace taps).
+    fn to_channel_major(&self) -> Result<Tensor> {
+        let mut v = vec![0.0f32; self.c * self.n * self.h * self.w];
+        blocked::from_blocked(self.data()?, self.c, self.n * self.h * self.w, &mut v);
+        Tensor::from_vec(v, &[self.c, self.n, self.h, self.w])
+    }
+}
+
+/// The one place a ResNet conv after the stem is run: x -> a new activation, column-blocked.
 ///
 /// Stride-1 3x3 convs run as Winograd (`cpu::winograd`): F(4x4,3x3) up to
 /// `WINOGRAD_F4_MAX_CHANNELS` input channels, F(2x2,3x3) above (see `wino_tile`). Pooled ResNet-50
@@ -425,61 +464,68 @@ impl ResNet {
 /// runs when the batch has at least `WINOGRAD_MIN_TILES` output tiles (below that, layer4 at batch
 /// 1 with 16 F(2x2) tiles, its GEMMs are too narrow for the 32-wide kernel and the direct path is as
 /// fast), except that an F(2x2) conv with fewer than `WINOGRAD_MIN_CHANNELS` input channels runs
-/// the direct convolution where that is available. Every other conv is an implicit GEMM (1x1
-/// straight to GEMM; stride-1 3x3 as a direct convolution reading the input in place on AVX-512,
-/// and the stem as one over its input's four phases; lazy im2col otherwise).
+/// the direct convolution where that is available. Every other conv is an implicit GEMM
+/// (`conv2d_forward_blocked`: 1x1 convs read the blocked input in place, strided ones after a
+/// subsample; stride-1 3x3 as a direct convolution reading the input in place on AVX-512; lazy
+/// im2col otherwise).
 fn run_conv(
     conv: &NetConv,
-    x: &Tensor,
-    residual: Option<&Tensor>,
+    x: &Act,
+    residual: Option<&Act>,
     relu: bool,
-    out: &mut Tensor,
     pool: &mut ActivationPool,
-) -> Result<()> {
-    let outputs = out.numel();
-    profile::time(|| conv_label(conv, x, outputs), || run_conv_untimed(conv, x, residual, relu, out, pool))
-}
-
-/// `profile`'s label of one conv ("3x3/1 64->64 @56x56 F(4x4,3x3)") and its direct-form FLOPs.
-fn conv_label(conv: &NetConv, x: &Tensor, outputs: usize) -> (String, f64) {
-    let (wt, p) = (&conv.conv.weights, &conv.conv.params);
-    let (h, w) = (x.dims()[2], x.dims()[3]);
-    let method = conv.winograd_for(x).map_or_else(|| conv_path(wt, p, h, w).name(), |ww| ww.tile.name());
-    let label = format!("{}x{}/{} {}->{} @{h}x{w} {method}", wt.r, wt.s, p.stride.0, wt.c, wt.k);
-    (label, 2.0 * (wt.c * wt.r * wt.s) as f64 * outputs as f64)
-}
-
-fn run_conv_untimed(
-    conv: &NetConv,
-    x: &Tensor,
-    residual: Option<&Tensor>,
-    relu: bool,
-    out: &mut Tensor,
-    pool: &mut ActivationPool,
-) -> Result<()> {
-    if let (Some(ww), &[_, n, h, w]) = (conv.winograd_for(x), x.dims()) {
-        // Shapes were checked when `out` was sized from `out_dims_cn`; stride 1, pad 1 keeps H x W.
-        let l = ActLayout::cnhw(n, h, w);
-        let res = match residual {
-            Some(r) => Some((r.as_f32_slice()?, l)),
-            None => None,
-        };
-        winograd_forward(
-            ww,
-            x.as_f32_slice()?,
-            l,
-            n,
-            h,
-            w,
-            res,
-            relu,
-            out.as_f32_slice_mut()?,
-            l,
-            &mut pool.workspace,
-        );
-        return Ok(());
+) -> Result<Act> {
+    let wt = &conv.conv.weights;
+    let p = &conv.conv.params;
+    let (oh, ow) = p
+        .out_hw(x.h, x.w, wt.r, wt.s)
+        .ok_or_else(|| Error::shape(format!("conv {}x{}: input {}x{} too small", wt.r, wt.s, x.h, x.w)))?;
+    if x.c != wt.c {
+        return Err(Error::shape(format!("conv: {} input channels, weights want {}", x.c, wt.c)));
     }
-    conv.conv.forward_cn_into(x, residual, relu, out)
+    let mut out = Act::take(pool, wt.k, x.n, oh, ow);
+    if let Some(r) = residual {
+        if (r.c, r.n, r.h, r.w) != (out.c, out.n, out.h, out.w) {
+            return Err(Error::shape("conv: residual shape differs from the output's"));
+        }
+    }
+    let label = || {
+        let method = match conv.winograd_for(x.n, x.h, x.w) {
+            Some(ww) => ww.tile.name(),
+            None => blocked_conv_path(wt, p, x.h, x.w).name(),
+        };
+        let label = format!("{}x{}/{} {}->{} @{}x{} {method}", wt.r, wt.s, p.stride.0, wt.c, wt.k, x.h, x.w);
+        (label, 2.0 * (wt.c * wt.r * wt.s * wt.k * x.n * oh * ow) as f64)
+    };
+    profile::time(label, || -> Result<()> {
+        let (xs, rs) = (x.data()?, residual.map(|r| r.data()).transpose()?);
+        let (n, h, w) = (x.n, x.h, x.w);
+        let ActivationPool { workspace, scratch, .. } = pool;
+        let ys = out.t.as_f32_slice_mut()?;
+        if let Some(ww) = conv.winograd_for(n, h, w) {
+            // Stride 1, pad 1 keeps H x W.
+            let (xl, yl) = (ActLayout::blocked(wt.c, h, w), ActLayout::blocked(wt.k, h, w));
+            winograd_forward(ww, xs, xl, n, h, w, rs.map(|r| (r, yl)), relu, ys, yl, workspace);
+        } else {
+            conv2d_forward_blocked(ConvInput::Blocked(xs), n, h, w, wt, p, rs, relu, ys, scratch);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The stem: x (3, N, H, W) -> out (K, N, P, Q), both channel-major (the max-pool after it works
+/// plane by plane).
+fn run_conv_cn(conv: &NetConv, x: &Tensor, out: &mut Tensor) -> Result<()> {
+    let (wt, p) = (&conv.conv.weights, &conv.conv.params);
+    let &[_, _, h, w] = x.dims() else { return Err(Error::shape("stem input must be (C, N, H, W)")) };
+    let outputs = out.numel();
+    let label = || {
+        let method = conv_path(wt, p, h, w).name();
+        let label = format!("{}x{}/{} {}->{} @{h}x{w} {method}", wt.r, wt.s, p.stride.0, wt.c, wt.k);
+        (label, 2.0 * (wt.c * wt.r * wt.s * outputs) as f64)
+    };
+    profile::time(label, || conv.conv.forward_cn_into(x, None, true, out))
 }
 
 /// The Winograd variant a stride-1 3x3 conv with `c` input channels holds: F(4x4,3x3) up to

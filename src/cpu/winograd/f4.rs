@@ -19,7 +19,7 @@
 //! reads columns P0[tx], P1[tx], P2[tx], P3[tx], P0[tx + 1], P1[tx + 1].
 
 use super::{ch, ch_mut, padded, split_len, store_row, Geo, OutJob, WinogradWeights, YPtr, L};
-use super::{ActLayout, Isa};
+use super::{Isa, Plane};
 use rayon::prelude::*;
 
 /// G (6x3), see the module comment.
@@ -64,16 +64,16 @@ fn at(m: &[[f32; L]; 6]) -> [[f32; L]; 4] {
 }
 
 /// Scratch of one input-transform task: the padded input row (4 phases' worth), 6 row slots and
-/// 6 t-rows of 4 phases each, then a gathered input row (W <= 4 tw floats; blocked layouts).
+/// 6 t-rows of 4 phases each.
 pub(super) fn input_buf_len(tw: usize) -> usize {
-    52 * split_len(tw) + 4 * tw
+    52 * split_len(tw)
 }
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn dispatch_input(
     isa: Isa,
     xc: &[f32],
-    xl: ActLayout,
+    pl: Plane,
     geo: &Geo,
     g0: usize,
     g1: usize,
@@ -84,11 +84,11 @@ pub(super) fn dispatch_input(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: weights are only packed for an ISA this CPU supports (`Isa::supported`), so the
         // features the wrapper enables are present.
-        Isa::Avx512 => unsafe { input_channel_avx512(xc, xl, geo, g0, g1, buf, vc) },
+        Isa::Avx512 => unsafe { input_channel_avx512(xc, pl, geo, g0, g1, buf, vc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2Fma => unsafe { input_channel_avx2(xc, xl, geo, g0, g1, buf, vc) },
-        _ => input_channel(xc, xl, geo, g0, g1, buf, vc, split_row),
+        Isa::Avx2Fma => unsafe { input_channel_avx2(xc, pl, geo, g0, g1, buf, vc) },
+        _ => input_channel(xc, pl, geo, g0, g1, buf, vc, split_row),
     }
 }
 
@@ -156,7 +156,7 @@ fn split_row_avx512(row: &[f32], ph: &mut [f32]) {
 #[target_feature(enable = "avx512f")]
 fn input_channel_avx512(
     xc: &[f32],
-    xl: ActLayout,
+    pl: Plane,
     geo: &Geo,
     g0: usize,
     g1: usize,
@@ -164,21 +164,21 @@ fn input_channel_avx512(
     vc: &mut [f32],
 ) {
     // (The closure inherits this function's AVX-512 feature, so the call is safe.)
-    input_channel(xc, xl, geo, g0, g1, buf, vc, |row, _, ph| split_row_avx512(row, ph))
+    input_channel(xc, pl, geo, g0, g1, buf, vc, |row, _, ph| split_row_avx512(row, ph))
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn input_channel_avx2(
     xc: &[f32],
-    xl: ActLayout,
+    pl: Plane,
     geo: &Geo,
     g0: usize,
     g1: usize,
     buf: &mut [f32],
     vc: &mut [f32],
 ) {
-    input_channel(xc, xl, geo, g0, g1, buf, vc, split_row)
+    input_channel(xc, pl, geo, g0, g1, buf, vc, split_row)
 }
 
 /// One input channel's transform for tile rows g0..g1. The six padded input rows of a tile row
@@ -190,7 +190,7 @@ fn input_channel_avx2(
 #[allow(clippy::too_many_arguments)]
 fn input_channel(
     xc: &[f32],
-    xl: ActLayout,
+    pl: Plane,
     geo: &Geo,
     g0: usize,
     g1: usize,
@@ -203,8 +203,7 @@ fn input_channel(
     let twc = tw.div_ceil(L) * L;
     let ld = padded((g1 - g0) * tw);
     let (prow, rest) = buf.split_at_mut(4 * len);
-    let (rows, rest) = rest.split_at_mut(24 * len);
-    let (trows, gather) = rest.split_at_mut(24 * len);
+    let (rows, trows) = rest.split_at_mut(24 * len);
     for g in g0..g1 {
         let (img, ty) = (g / th, g % th);
         let first = if g == g0 || ty == 0 { 0 } else { 2 };
@@ -216,7 +215,8 @@ fn input_channel(
                 ph.fill(0.0);
                 continue;
             }
-            split(xl.row(xc, img, iy as usize, w, gather), prow, ph);
+            let r0 = pl.row(img, iy as usize, w);
+            split(&xc[r0..r0 + w], prow, ph);
         }
         let slot = |r: usize| (4 * ty + r) % 6;
         // Bᵀ d down the rows, phase by phase: t-row i, phase q at trows[(4i + q) * len].
@@ -262,10 +262,10 @@ pub(super) fn output_transform(
     geo: &Geo,
     g0: usize,
     g1: usize,
-    residual: Option<(&[f32], ActLayout)>,
+    residual: Option<(&[f32], usize, usize)>,
     relu: bool,
     yp: YPtr,
-    yl: ActLayout,
+    (ycs, pl): (usize, Plane),
 ) {
     let k = wt.k;
     let ld = padded((g1 - g0) * geo.tw);
@@ -275,20 +275,20 @@ pub(super) fn output_transform(
     (0..k).into_par_iter().with_min_len(min_len).for_each_init(
         || vec![0.0f32; 16 * twc],
         |buf, ko| {
-            let res = residual.map(|(r, rl)| (&r[ko * rl.c_stride..], rl));
+            let res = residual.map(|(r, rcs, rns)| (&r[ko * rcs..], rns));
             let job = OutJob { m, k, ko, ld, bias: wt.bias[ko], res, relu, geo, g0, g1 };
             // SAFETY: see `YPtr`: output channel `ko` is written only by this task, and its
             // rows lie within `y` (length checked against the layout by the caller).
-            let yk = unsafe { yp.get().add(ko * yl.c_stride) };
+            let yk = unsafe { yp.get().add(ko * ycs) };
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the ISA was checked supported when the weights were packed.
-                Isa::Avx512 => unsafe { output_channel_avx512(&job, buf, yk, yl) },
+                Isa::Avx512 => unsafe { output_channel_avx512(&job, buf, yk, pl) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
-                Isa::Avx2Fma => unsafe { output_channel_avx2(&job, buf, yk, yl) },
+                Isa::Avx2Fma => unsafe { output_channel_avx2(&job, buf, yk, pl) },
                 // SAFETY: as in the dispatch above.
-                _ => unsafe { output_channel(&job, buf, yk, yl, interleave) },
+                _ => unsafe { output_channel(&job, buf, yk, pl, interleave) },
             }
         },
     );
@@ -298,18 +298,18 @@ pub(super) fn output_transform(
 #[target_feature(enable = "avx512f")]
 /// # Safety
 /// As `output_channel`, on a CPU with AVX-512F.
-unsafe fn output_channel_avx512(j: &OutJob, buf: &mut [f32], yk: *mut f32, yl: ActLayout) {
+unsafe fn output_channel_avx512(j: &OutJob, buf: &mut [f32], yk: *mut f32, pl: Plane) {
     // SAFETY: forwarded contract. (The closure inherits this function's AVX-512 feature.)
-    unsafe { output_channel(j, buf, yk, yl, |y| interleave_avx512(y)) }
+    unsafe { output_channel(j, buf, yk, pl, |y| interleave_avx512(y)) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 /// # Safety
 /// As `output_channel`, on a CPU with AVX2 and FMA.
-unsafe fn output_channel_avx2(j: &OutJob, buf: &mut [f32], yk: *mut f32, yl: ActLayout) {
+unsafe fn output_channel_avx2(j: &OutJob, buf: &mut [f32], yk: *mut f32, pl: Plane) {
     // SAFETY: forwarded contract.
-    unsafe { output_channel(j, buf, yk, yl, interleave) }
+    unsafe { output_channel(j, buf, yk, pl, interleave) }
 }
 
 /// The four output columns q of L tiles, y[q][t], interleaved into one output row segment of 4L
@@ -369,7 +369,7 @@ unsafe fn output_channel(
     j: &OutJob,
     buf: &mut [f32],
     yk: *mut f32,
-    yl: ActLayout,
+    pl: Plane,
     interleave: impl Fn(&[[f32; L]; 4]) -> [[f32; L]; 4],
 ) {
     let (h, w, th, tw) = (j.geo.h, j.geo.w, j.geo.th, j.geo.tw);
@@ -405,7 +405,7 @@ unsafe fn output_channel(
             }
             // SAFETY: (img, oy) is a valid row of this channel (img < N, oy < H), which the caller
             // guarantees is writable by this task alone.
-            unsafe { store_row(j, &buf[4 * p * twc..4 * p * twc + w], yk, yl, img, oy) };
+            unsafe { store_row(j, &buf[4 * p * twc..4 * p * twc + w], yk, pl, img, oy) };
         }
     }
 }

@@ -39,7 +39,7 @@
 //! C products instead of 9C, so the error is of the same order as direct convolution's (see
 //! tests/winograd.rs for the bound and the measured values).
 
-use crate::cpu::blocked::runs;
+use crate::cpu::blocked::{columns_from_blocked, columns_to_blocked};
 use crate::cpu::conv::{ConvParams, ConvWeights};
 use crate::cpu::gemm::{
     detect_isa, pack_a_with_isa, sgemm_packed_a, Epilogue, Isa, MatRef, PackedA, COL_BLOCK,
@@ -51,8 +51,9 @@ mod f4;
 
 /// Where element (c, n, y, x) of an activation of spatial size (H, W) lives. Plain layouts
 /// (`block_stride` 0): `c * c_stride + n * n_stride + y * W + x`; NCHW is `nchw(C, H, W)`, a
-/// (C, N, H, W) layout `cnhw(N, H, W)`. Column-blocked (`blocked(C, H, W)`, `cpu::blocked`): pixel
-/// p = n * H * W + y * W + x of channel c at `c * 32 + (p / 32) * block_stride + p % 32`.
+/// (C, N, H, W) layout `cnhw(N, H, W)`. Column-blocked (`blocked(C, H, W)`, `cpu::blocked`): the
+/// (C, N*H*W) matrix in blocks of 32 columns (`c_stride` 32, `n_stride` H*W, `block_stride` C*32);
+/// `winograd_forward` moves such activations through plain windows (see there).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ActLayout {
     pub c_stride: usize,
@@ -74,43 +75,26 @@ impl ActLayout {
     pub fn blocked(c: usize, h: usize, w: usize) -> Self {
         ActLayout { c_stride: COL_BLOCK, n_stride: h * w, block_stride: c * COL_BLOCK }
     }
+    fn is_blocked(&self) -> bool {
+        self.block_stride > 0
+    }
     /// Smallest slice length that holds (c, n, h, w) elements in this layout.
     pub fn len(&self, c: usize, n: usize, h: usize, w: usize) -> usize {
         if c == 0 || n == 0 || h == 0 || w == 0 {
             return 0;
         }
-        if self.block_stride > 0 {
+        if self.is_blocked() {
             return (n * h * w).div_ceil(COL_BLOCK) * self.block_stride;
         }
         (c - 1) * self.c_stride + (n - 1) * self.n_stride + h * w
     }
-    /// The runs of row (img, y) (W wide) of one channel, from the channel's first element
-    /// (`c * c_stride`): (offset, offset within the row, length); one run unless blocked.
-    #[inline]
-    fn row_runs(&self, img: usize, y: usize, w: usize) -> impl Iterator<Item = (usize, usize, usize)> {
-        runs(img * self.n_stride + y * w, w, self.block_stride)
-    }
-    /// Row (img, y) of channel xc (this layout's elements from the channel's first one): a slice
-    /// of xc where the row is contiguous, else gathered into `scratch` (>= W floats).
-    #[inline]
-    fn row<'a>(&self, xc: &'a [f32], img: usize, y: usize, w: usize, scratch: &'a mut [f32]) -> &'a [f32] {
-        let mut it = self.row_runs(img, y, w);
-        let first = it.next().expect("a row of W > 0 columns");
-        if first.2 == w {
-            return &xc[first.0..first.0 + w];
-        }
-        for (o, i, len) in std::iter::once(first).chain(it) {
-            scratch[i..i + len].copy_from_slice(&xc[o..o + len]);
-        }
-        &scratch[..w]
-    }
     /// True if no two (c, n, y, x) of a (c, n, h, w) activation share an address: the outer
     /// dimensions (those of size > 1), ordered by stride, each step over at least everything inside.
-    /// (A blocked layout is, when its block holds all c channels and images follow each other.)
+    /// (A blocked layout is, when its blocks hold c channels and its images follow each other.)
     fn injective(&self, c: usize, n: usize, h: usize, w: usize) -> bool {
-        if self.block_stride > 0 {
+        if self.is_blocked() {
             return self.c_stride == COL_BLOCK
-                && self.block_stride >= c * COL_BLOCK
+                && self.block_stride == c * COL_BLOCK
                 && self.n_stride == h * w;
         }
         let mut dims: Vec<(usize, usize)> =
@@ -124,6 +108,22 @@ impl ActLayout {
             span = stride.saturating_mul(cnt);
         }
         true
+    }
+}
+
+/// How the rows of one channel lie in a plain layout, or in a window of one: row (img, y) of
+/// width W starts at `img * ns + y * W - org` from the channel's first element (`org` is the
+/// window's first pixel, 0 for a whole activation).
+#[derive(Clone, Copy, Debug)]
+struct Plane {
+    ns: usize,
+    org: usize,
+}
+
+impl Plane {
+    #[inline]
+    fn row(self, img: usize, y: usize, w: usize) -> usize {
+        img * self.ns + y * w - self.org
     }
 }
 
@@ -351,19 +351,27 @@ pub fn winograd_forward(
     assert!(yl.injective(k, n, h, w), "winograd: output layout {yl:?} overlaps itself");
     if let Some((r, rl)) = residual {
         assert!(r.len() >= rl.len(k, n, h, w), "winograd: residual slice too short");
-        // (Rows are stored run by run of y; the residual's runs must be the same.)
-        assert!(rl.block_stride == yl.block_stride, "winograd: residual blocked unlike the output");
-        assert!(rl.block_stride == 0 || rl.n_stride == yl.n_stride, "winograd: residual layout {rl:?}");
+        // A blocked output gets its residual added in `columns_to_blocked`, a plain one row by row.
+        assert_eq!(rl.is_blocked(), yl.is_blocked(), "winograd: residual {rl:?} and output {yl:?} layouts");
+        assert!(!rl.is_blocked() || rl.injective(k, n, h, w), "winograd: residual layout {rl:?}");
     }
     let (m, ne) = (wt.tile.m(), wt.tile.positions());
     let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
     let rows_total = n * th;
     let rpb = rows_per_block(ne, c, k, tw).min(rows_total);
-    let need = block_floats(ne, c, k, rpb * tw);
+    let geo = Geo { h, w, th, tw };
+    // Column-blocked input or output goes through a plain (channel-major) window of the tile rows
+    // at hand: the transforms walk one channel's rows, which blocked lie in 32-column pieces C*128
+    // bytes apart (across pages, where no prefetcher follows: ~15-20% slower at batch 8), while the
+    // copies between window and blocks walk both in order.
+    let (win_in, win_out) = (
+        if xl.is_blocked() { c * window_cols(&geo, m, rows_total, rpb, true) } else { 0 },
+        if yl.is_blocked() { k * window_cols(&geo, m, rows_total, rpb, false) } else { 0 },
+    );
+    let need = block_floats(ne, c, k, rpb * tw) + win_in + win_out;
     if ws.len() < need {
         ws.resize(need, 0.0);
     }
-    let geo = Geo { h, w, th, tw };
     let yp = YPtr(y.as_mut_ptr());
     let mut g0 = 0;
     while g0 < rows_total {
@@ -371,17 +379,74 @@ pub fn winograd_forward(
         let tb = (g1 - g0) * tw;
         let ld = padded(tb);
         let (v, rest) = ws.split_at_mut(ne * c * ld);
-        let mm = &mut rest[..ne * k * ld];
-        input_transform(wt, x, xl, &geo, g0, g1, v);
+        let (mm, rest) = rest.split_at_mut(ne * k * ld);
+        let (xwin, ywin) = rest.split_at_mut(win_in);
+        let (xs, xpl) = if xl.is_blocked() {
+            // Input rows m*ty - 1 .. m*ty + m + 1 of tile rows g0..g1.
+            let (pa, pb) = window(&geo, m, g0, g1, true);
+            let xwin = &mut xwin[..c * (pb - pa)];
+            columns_from_blocked(x, c, pa, pb, xwin);
+            (&xwin[..], (pb - pa, Plane { ns: h * w, org: pa }))
+        } else {
+            (x, (xl.c_stride, Plane { ns: xl.n_stride, org: 0 }))
+        };
+        input_transform(wt, xs, xpl, &geo, g0, g1, v);
         // E GEMMs: M[e] (K, tb) = U[e] (K, C) · V[e] (C, tb); rows of V[e] are E*ld apart.
         let v: &[f32] = v;
         mm.par_chunks_mut(k * ld).zip(wt.u.par_iter()).enumerate().for_each(|(e, (me, ue))| {
             let b = MatRef::row_major_ld(&v[e * ld..], c, tb, ne * ld);
             sgemm_packed_a(ue, b, me, ld, &Epilogue::default());
         });
-        output_transform(wt, mm, &geo, g0, g1, residual, relu, yp, yl);
+        if yl.is_blocked() {
+            // Output rows m*ty .. m*ty + m: bias only into the window, then residual and ReLU on
+            // the way to the blocks ((s + bias) + residual, as `store_row` sums it).
+            let (qa, qb) = window(&geo, m, g0, g1, false);
+            let ywin = &mut ywin[..k * (qb - qa)];
+            let wp = YPtr(ywin.as_mut_ptr());
+            output_transform(wt, mm, &geo, g0, g1, None, false, wp, (qb - qa, Plane { ns: h * w, org: qa }));
+            // SAFETY: the output tasks have joined; y is borrowed mutably by this call.
+            let yb = unsafe { std::slice::from_raw_parts_mut(yp.get(), yl.len(k, n, h, w)) };
+            columns_to_blocked(ywin, k, qa, qb, yb, residual.map(|(r, _)| r), relu);
+        } else {
+            let res = residual.map(|(r, rl)| (r, rl.c_stride, rl.n_stride));
+            output_transform(
+                wt,
+                mm,
+                &geo,
+                g0,
+                g1,
+                res,
+                relu,
+                yp,
+                (yl.c_stride, Plane { ns: yl.n_stride, org: 0 }),
+            );
+        }
         g0 = g1;
     }
+}
+
+/// The pixels (columns of the (C, N*H*W) matrix) that tile rows g0..g1 of F(m x m, 3x3) touch:
+/// input rows m*ty - 1 ..= m*ty + m of each (`input`) or output rows m*ty .. m*ty + m, clipped to
+/// the image; consecutive in pixel order (images follow each other), as (first, end).
+fn window(geo: &Geo, m: usize, g0: usize, g1: usize, input: bool) -> (usize, usize) {
+    let (lo, hi) = if input { (1, m + 1) } else { (0, m) };
+    let (img0, ty0) = (g0 / geo.th, g0 % geo.th);
+    let (img1, ty1) = ((g1 - 1) / geo.th, (g1 - 1) % geo.th);
+    let first = (m * ty0).saturating_sub(lo);
+    let last = (m * ty1 + hi).min(geo.h);
+    (img0 * geo.h * geo.w + first * geo.w, img1 * geo.h * geo.w + last * geo.w)
+}
+
+/// The widest `window` over the blocks of `rpb` tile rows that `winograd_forward` walks.
+fn window_cols(geo: &Geo, m: usize, rows_total: usize, rpb: usize, input: bool) -> usize {
+    (0..rows_total)
+        .step_by(rpb.max(1))
+        .map(|g0| {
+            let (a, b) = window(geo, m, g0, (g0 + rpb).min(rows_total), input);
+            b - a
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// `winograd_forward` on NCHW tensors, with the argument order of `conv::conv2d_forward`:
@@ -415,7 +480,7 @@ struct Geo {
 fn input_transform(
     wt: &WinogradWeights,
     x: &[f32],
-    xl: ActLayout,
+    (cs, pl): (usize, Plane),
     geo: &Geo,
     g0: usize,
     g1: usize,
@@ -432,10 +497,10 @@ fn input_transform(
     v[..c * ne * ld].par_chunks_mut(ne * ld).with_min_len(min_len).enumerate().for_each_init(
         || vec![0.0f32; buf_len],
         |buf, (ci, vc)| {
-            let xc = &x[ci * xl.c_stride..];
+            let xc = &x[ci * cs..];
             match wt.tile {
-                WinoTile::F2 => dispatch_input(isa, xc, xl, geo, g0, g1, buf, vc),
-                WinoTile::F4 => f4::dispatch_input(isa, xc, xl, geo, g0, g1, buf, vc),
+                WinoTile::F2 => dispatch_input(isa, xc, pl, geo, g0, g1, buf, vc),
+                WinoTile::F4 => f4::dispatch_input(isa, xc, pl, geo, g0, g1, buf, vc),
             }
         },
     );
@@ -445,7 +510,7 @@ fn input_transform(
 fn dispatch_input(
     isa: Isa,
     xc: &[f32],
-    xl: ActLayout,
+    pl: Plane,
     geo: &Geo,
     g0: usize,
     g1: usize,
@@ -456,11 +521,11 @@ fn dispatch_input(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: weights are only packed for an ISA this CPU supports (`Isa::supported`), so the
         // features the wrapper enables are present.
-        Isa::Avx512 => unsafe { input_channel_avx512(xc, xl, geo, g0, g1, buf, vc) },
+        Isa::Avx512 => unsafe { input_channel_avx512(xc, pl, geo, g0, g1, buf, vc) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2Fma => unsafe { input_channel_avx2(xc, xl, geo, g0, g1, buf, vc) },
-        _ => input_channel(xc, xl, geo, g0, g1, buf, vc, split_row),
+        Isa::Avx2Fma => unsafe { input_channel_avx2(xc, pl, geo, g0, g1, buf, vc) },
+        _ => input_channel(xc, pl, geo, g0, g1, buf, vc, split_row),
     }
 }
 
@@ -525,7 +590,7 @@ fn split_row_avx512(row: &[f32], e: &mut [f32], o: &mut [f32]) {
 #[target_feature(enable = "avx512f")]
 fn input_channel_avx512(
     xc: &[f32],
-    xl: ActLayout,
+    pl: Plane,
     geo: &Geo,
     g0: usize,
     g1: usize,
@@ -533,21 +598,21 @@ fn input_channel_avx512(
     vc: &mut [f32],
 ) {
     // (The closure inherits this function's AVX-512 feature, so the call is safe.)
-    input_channel(xc, xl, geo, g0, g1, buf, vc, |row, _, e, o| split_row_avx512(row, e, o))
+    input_channel(xc, pl, geo, g0, g1, buf, vc, |row, _, e, o| split_row_avx512(row, e, o))
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn input_channel_avx2(
     xc: &[f32],
-    xl: ActLayout,
+    pl: Plane,
     geo: &Geo,
     g0: usize,
     g1: usize,
     buf: &mut [f32],
     vc: &mut [f32],
 ) {
-    input_channel(xc, xl, geo, g0, g1, buf, vc, split_row)
+    input_channel(xc, pl, geo, g0, g1, buf, vc, split_row)
 }
 
 /// Length of a split row (E or O): the tw + 1 values a tile row reads, rounded up to whole chunks
@@ -556,11 +621,10 @@ fn split_len(tw: usize) -> usize {
     tw.div_ceil(L) * L + L
 }
 
-/// Scratch of one input-transform task: the padded input row, 4 split rows and 4 t-rows, then a
-/// gathered input row (W <= 2 tw floats; blocked layouts).
+/// Scratch of one input-transform task: the padded input row, 4 split rows and 4 t-rows.
 fn input_buf_len(tw: usize) -> usize {
     let len = split_len(tw);
-    2 * len + 16 * len + 2 * tw
+    2 * len + 16 * len
 }
 
 /// One input channel's transform. For each tile row, the four padded input rows (2ty-1 .. 2ty+2)
@@ -577,7 +641,7 @@ fn input_buf_len(tw: usize) -> usize {
 #[allow(clippy::too_many_arguments)]
 fn input_channel(
     xc: &[f32],
-    xl: ActLayout,
+    pl: Plane,
     geo: &Geo,
     g0: usize,
     g1: usize,
@@ -591,8 +655,7 @@ fn input_channel(
     let ld = padded((g1 - g0) * tw);
     // prow: [0, row[0..w], 0...] (2 * len; only 1..=w is ever written, so the rest stays zero).
     let (prow, rest) = buf.split_at_mut(2 * len);
-    let (rows, rest) = rest.split_at_mut(8 * len); // 4 slots x (E, O), then 4 t-rows x (E, O)
-    let (trows, gather) = rest.split_at_mut(8 * len);
+    let (rows, trows) = rest.split_at_mut(8 * len); // 4 slots x (E, O), then 4 t-rows x (E, O)
     for g in g0..g1 {
         let (img, ty) = (g / th, g % th);
         // Rows 0 and 1 of this tile row are rows 2 and 3 of the previous one (same image).
@@ -606,7 +669,8 @@ fn input_channel(
                 o.fill(0.0);
                 continue;
             }
-            split(xl.row(xc, img, iy as usize, w, gather), prow, e, o);
+            let r0 = pl.row(img, iy as usize, w);
+            split(&xc[r0..r0 + w], prow, e, o);
         }
         // Bᵀ d on the rows, separately for the even and odd halves (element-wise over columns).
         let slot = |r: usize| (2 * ty + r) % 4;
@@ -660,10 +724,10 @@ fn output_transform(
     geo: &Geo,
     g0: usize,
     g1: usize,
-    residual: Option<(&[f32], ActLayout)>,
+    residual: Option<(&[f32], usize, usize)>,
     relu: bool,
     yp: YPtr,
-    yl: ActLayout,
+    (ycs, pl): (usize, Plane),
 ) {
     let k = wt.k;
     let ld = padded((g1 - g0) * geo.tw);
@@ -671,25 +735,25 @@ fn output_transform(
     let min_len = (16384 / (ne * ld)).max(1);
     let isa = wt.isa;
     if wt.tile == WinoTile::F4 {
-        return f4::output_transform(wt, m, geo, g0, g1, residual, relu, yp, yl);
+        return f4::output_transform(wt, m, geo, g0, g1, residual, relu, yp, (ycs, pl));
     }
     (0..k).into_par_iter().with_min_len(min_len).for_each_init(
         || vec![0.0f32; 4 * geo.tw.div_ceil(L) * L],
         |buf, ko| {
-            let res = residual.map(|(r, rl)| (&r[ko * rl.c_stride..], rl));
+            let res = residual.map(|(r, rcs, rns)| (&r[ko * rcs..], rns));
             let job = OutJob { m, k, ko, ld, bias: wt.bias[ko], res, relu, geo, g0, g1 };
             // SAFETY: see `YPtr`: output channel `ko` is written only by this task, and its
             // rows lie within `y` (length checked against the layout by the caller).
-            let yk = unsafe { yp.get().add(ko * yl.c_stride) };
+            let yk = unsafe { yp.get().add(ko * ycs) };
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the ISA was checked supported when the weights were packed.
-                Isa::Avx512 => unsafe { output_channel_avx512(&job, buf, yk, yl) },
+                Isa::Avx512 => unsafe { output_channel_avx512(&job, buf, yk, pl) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
-                Isa::Avx2Fma => unsafe { output_channel_avx2(&job, buf, yk, yl) },
+                Isa::Avx2Fma => unsafe { output_channel_avx2(&job, buf, yk, pl) },
                 // SAFETY: as in the dispatch above.
-                _ => unsafe { output_channel(&job, buf, yk, yl) },
+                _ => unsafe { output_channel(&job, buf, yk, pl) },
             }
         },
     );
@@ -703,8 +767,8 @@ struct OutJob<'a> {
     /// Row length of M.
     ld: usize,
     bias: f32,
-    /// This channel's residual (offset to channel ko) and its layout.
-    res: Option<(&'a [f32], ActLayout)>,
+    /// This channel's residual (offset to channel ko) and its image stride.
+    res: Option<(&'a [f32], usize)>,
     relu: bool,
     geo: &'a Geo,
     g0: usize,
@@ -715,28 +779,27 @@ struct OutJob<'a> {
 #[target_feature(enable = "avx512f")]
 /// # Safety
 /// As `output_channel`, on a CPU with AVX-512F.
-unsafe fn output_channel_avx512(j: &OutJob, buf: &mut [f32], yk: *mut f32, yl: ActLayout) {
+unsafe fn output_channel_avx512(j: &OutJob, buf: &mut [f32], yk: *mut f32, pl: Plane) {
     // SAFETY: forwarded contract.
-    unsafe { output_channel(j, buf, yk, yl) }
+    unsafe { output_channel(j, buf, yk, pl) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 /// # Safety
 /// As `output_channel`, on a CPU with AVX2 and FMA.
-unsafe fn output_channel_avx2(j: &OutJob, buf: &mut [f32], yk: *mut f32, yl: ActLayout) {
+unsafe fn output_channel_avx2(j: &OutJob, buf: &mut [f32], yk: *mut f32, pl: Plane) {
     // SAFETY: forwarded contract.
-    unsafe { output_channel(j, buf, yk, yl) }
+    unsafe { output_channel(j, buf, yk, pl) }
 }
 
 /// One output channel's transform for tile rows g0..g1.
 ///
 /// # Safety
-/// `yk` points at output channel k's first element (`k * yl.c_stride`); for every image n < N and
-/// row y < H, the row's runs (`ActLayout::row_runs`) from `yk` must be writable and written by no
-/// one else meanwhile.
+/// `yk` points at output channel k's element (n = 0, y = 0, x = 0); for every image n < N and row
+/// y < H, `yk + n * ns + y * W .. + W` must be writable and written by no one else meanwhile.
 #[inline(always)]
-unsafe fn output_channel(j: &OutJob, buf: &mut [f32], yk: *mut f32, yl: ActLayout) {
+unsafe fn output_channel(j: &OutJob, buf: &mut [f32], yk: *mut f32, pl: Plane) {
     let (h, w, th, tw) = (j.geo.h, j.geo.w, j.geo.th, j.geo.tw);
     let (ld, k) = (j.ld, j.k);
     let twc = tw.div_ceil(L) * L;
@@ -781,7 +844,7 @@ unsafe fn output_channel(j: &OutJob, buf: &mut [f32], yk: *mut f32, yl: ActLayou
             }
             // SAFETY: (img, oy) is a valid row of this channel (img < N, oy < H), which the caller
             // guarantees is writable by this task alone.
-            unsafe { store_row(j, &src[..w], yk, yl, img, oy) };
+            unsafe { store_row(j, &src[..w], yk, pl, img, oy) };
         }
     }
 }
@@ -791,32 +854,24 @@ unsafe fn output_channel(j: &OutJob, buf: &mut [f32], yk: *mut f32, yl: ActLayou
 /// # Safety
 /// As `output_channel`, for this one row (img < N, oy < H).
 #[inline(always)]
-unsafe fn store_row(j: &OutJob, src: &[f32], yk: *mut f32, yl: ActLayout, img: usize, oy: usize) {
+unsafe fn store_row(j: &OutJob, src: &[f32], yk: *mut f32, pl: Plane, img: usize, oy: usize) {
     let w = src.len();
+    let off = pl.row(img, oy, w);
+    // SAFETY: forwarded contract: the row is writable by this task alone.
+    let out = unsafe { std::slice::from_raw_parts_mut(yk.add(off), w) };
     let b = j.bias;
-    // Run by run (one unless blocked; the residual's runs are the same, `winograd_forward` checks).
-    for (o, i, len) in yl.row_runs(img, oy, w) {
-        // SAFETY: forwarded contract: the row's runs are writable by this task alone.
-        let out = unsafe { std::slice::from_raw_parts_mut(yk.add(o), len) };
-        let src = &src[i..i + len];
-        match j.res {
-            Some((r, rl)) => {
-                let ro = img * rl.n_stride + oy * w + i;
-                let ro = if rl.block_stride > 0 {
-                    (ro / COL_BLOCK) * rl.block_stride + ro % COL_BLOCK
-                } else {
-                    ro
-                };
-                for ((o, &s), &rv) in out.iter_mut().zip(src).zip(&r[ro..ro + len]) {
-                    let v = s + b + rv;
-                    *o = if j.relu { v.max(0.0) } else { v };
-                }
+    match j.res {
+        Some((r, rns)) => {
+            let rr = &r[img * rns + oy * w..img * rns + oy * w + w];
+            for ((o, &s), &rv) in out.iter_mut().zip(src).zip(rr) {
+                let v = s + b + rv;
+                *o = if j.relu { v.max(0.0) } else { v };
             }
-            None => {
-                for (o, &s) in out.iter_mut().zip(src) {
-                    let v = s + b;
-                    *o = if j.relu { v.max(0.0) } else { v };
-                }
+        }
+        None => {
+            for (o, &s) in out.iter_mut().zip(src) {
+                let v = s + b;
+                *o = if j.relu { v.max(0.0) } else { v };
             }
         }
     }
