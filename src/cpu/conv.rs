@@ -746,10 +746,12 @@ pub fn direct_s2_applicable(wt: &ConvWeights, p: &ConvParams, h: usize, w: usize
 }
 
 /// Most input channels for the stride-2 direct conv. Measured in ResNet-50: the stem (C = 3) runs
-/// ~10% faster than through im2col, the 3x3/2 convs of layers 2-4 (C >= 128) up to 20% slower at
-/// batch 8 (each depth step reads one of four phase planes per channel, and the split is a full
-/// copy of a large input), so those keep im2col.
-const DIRECT_S2_MAX_CHANNELS: usize = 16;
+/// ~10% faster than through im2col. The 3x3/2 convs of layers 2-4 depend on the CPU: on an AVX-512
+/// Xeon (48 KiB L1d, 2 MiB L2) they ran up to 20% slower at batch 8 (each depth step reads one of
+/// four phase planes per channel, and the split is a full copy of a large input); on Zen 4 (32 KiB
+/// L1d, 1 MiB L2) layers 2 and 3 (C = 128, 256) run 7-9% faster at batch 1 and 8, layer4 (C = 512)
+/// 5% faster at batch 1 but 7% slower at batch 8. Up to 256, then.
+const DIRECT_S2_MAX_CHANNELS: usize = 256;
 
 /// The stride-2 direct convolution (`direct_s2_applicable` holds): split x (C, N, H, W) into its
 /// phases, then one GEMM with B read from them in place. y (K, N, H/2, W/2), laid out as `cl` says.

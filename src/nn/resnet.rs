@@ -461,9 +461,8 @@ impl Act {
 /// Stride-1 3x3 convs run as Winograd (`cpu::winograd`): F(4x4,3x3) up to
 /// `WINOGRAD_F4_MAX_CHANNELS` input channels, F(2x2,3x3) above (see `wino_tile`). Pooled ResNet-50
 /// features differ from the direct path by ~1e-6 relative L2, far inside the 1e-4 bound. Winograd
-/// runs when the batch has at least `WINOGRAD_MIN_TILES` output tiles (below that, layer4 at batch
-/// 1 with 16 F(2x2) tiles, its GEMMs are too narrow for the 32-wide kernel and the direct path is as
-/// fast), except that an F(2x2) conv with fewer than `WINOGRAD_MIN_CHANNELS` input channels runs
+/// runs when the batch has at least `WINOGRAD_MIN_TILES` output tiles, except that an F(2x2) conv
+/// with fewer than `WINOGRAD_MIN_CHANNELS` input channels runs
 /// the direct convolution where that is available. Every other conv is an implicit GEMM
 /// (`conv2d_forward_blocked`: 1x1 convs read the blocked input in place, strided ones after a
 /// subsample; stride-1 3x3 as a direct convolution reading the input in place on AVX-512; lazy
@@ -546,8 +545,10 @@ fn wino_tile(c: usize) -> WinoTile {
 const WINOGRAD_F4_MAX_CHANNELS: usize = 128;
 
 /// Fewest output tiles (m x m for F(m x m, 3x3), over the batch) for which a stride-1 3x3 conv takes
-/// the Winograd path.
-const WINOGRAD_MIN_TILES: usize = 32;
+/// the Winograd path. Layer4 at batch 1 has 16 F(2x2) tiles: its 16 GEMMs are half a 32-wide kernel
+/// panel each, yet on Zen 4 they beat the direct conv (2 convs: 2.64 -> 2.11 ms); on the AVX-512
+/// Xeon of earlier sessions the two were level, so the bound stays for still narrower inputs.
+const WINOGRAD_MIN_TILES: usize = 16;
 
 /// Fewest input channels for which Winograd beats the direct convolution (when that is available):
 /// at 64 (layer1) the transforms' memory traffic outweighs the 2.25x fewer multiplies (measured on
