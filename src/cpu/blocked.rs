@@ -16,8 +16,8 @@
 //! (C, P) it is 14 rows a whole activation row apart: the output and the residual stream through
 //! memory in order. (onnxruntime's NCHWc layout does the same with the channels as the vector.)
 //!
-//! Columns past P in the last block are padding. The buffers start zeroed (`to_blocked` and
-//! `ResNet`'s pool zero them), the kernels store only real columns, and no result reads padding:
+//! Columns past P in the last block are padding. It starts zeroed (`to_blocked` writes it, `ResNet`
+//! zeroes it in every buffer it takes), the kernels store only real columns, and no result reads it:
 //! a GEMM column depends on its own B column only, so the padding columns of B flow only into
 //! padding columns of C, which are not stored.
 
@@ -222,7 +222,11 @@ impl<'a> BlockedB<'a> {
     }
 }
 
-impl PackB for BlockedB<'_> {
+// SAFETY: `in_place` returns a pointer only for a 32-wide panel starting on block b = j0 / 32 <
+// ceil(cols / 32) with k0 + kc <= rows: the kc * 32 floats from `b * rows * 32 + k0 * 32` end at
+// most at `(b + 1) * rows * 32 <= x.len()` (`new` checked the length), inside `x`, borrowed for
+// as long as `self`; they are exactly the panel `pack` writes, padding columns included.
+unsafe impl PackB for BlockedB<'_> {
     fn pack(&self, k0: usize, kc: usize, j0: usize, nc: usize, nr: usize, out: &mut [f32]) {
         for (t, panel) in out.chunks_mut(kc * nr).take(nc.div_ceil(nr)).enumerate() {
             let jb = j0 + t * nr;

@@ -189,7 +189,8 @@ struct Im2col<'a> {
     isa: Isa,
 }
 
-impl PackB for Im2col<'_> {
+// SAFETY: `in_place` is the default (None): every panel is packed.
+unsafe impl PackB for Im2col<'_> {
     fn pack(&self, k0: usize, kc: usize, j0: usize, nc: usize, nr: usize, out: &mut [f32]) {
         // The same code compiled three times, so that LLVM vectorises the copies and the stride-2
         // gathers for the widest ISA the GEMM itself runs (the crate is built for baseline x86-64).
@@ -1394,7 +1395,11 @@ mod tests {
             (7, 24, 7, 7, 40, 3, 3, 1, 1, 1, true),
             (8, 64, 14, 14, 48, 3, 3, 2, 1, 1, true),
             (1, 300, 7, 7, 33, 1, 1, 1, 0, 1, true), // depth 300: two depth blocks, n = 49
-            (2, 70, 28, 28, 64, 1, 1, 1, 0, 1, true), // wide: the column-split order
+            // B read in place (AVX-512; 2+ threads): the column-split order (wide), and the
+            // whole-B order (n <= NC, depth 300 > KC); the smaller 1x1 cases above run
+            // single-threaded in the default order, which packs B from the blocks.
+            (2, 70, 28, 28, 64, 1, 1, 1, 0, 1, true),
+            (1, 300, 14, 14, 64, 1, 1, 1, 0, 1, true),
         ];
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for (i, &g) in cases.iter().enumerate() {
@@ -1408,9 +1413,16 @@ mod tests {
                 to_blocked(v, rows, cols, &mut o);
                 o
             };
-            let (xb, resb) = (blk(&cs.xc, c, n * h * w), blk(&cs.res_cn, k, cols));
+            let (mut xb, mut resb) = (blk(&cs.xc, c, n * h * w), blk(&cs.res_cn, k, cols));
+            // NaN in the padding of the input and the residual: it must not reach a stored value.
+            for j in n * h * w..(n * h * w).div_ceil(COL_BLOCK) * COL_BLOCK {
+                (0..c).for_each(|ci| xb[blocked_index(c, ci, j)] = f32::NAN);
+            }
+            for j in cols..cols.div_ceil(COL_BLOCK) * COL_BLOCK {
+                (0..k).for_each(|ki| resb[blocked_index(k, ki, j)] = f32::NAN);
+            }
             for input in [ConvInput::Blocked(&xb), ConvInput::ChannelMajor(&cs.xc)] {
-                let mut yb = vec![0.0; blocked_len(k, cols)];
+                let mut yb = vec![7.5; blocked_len(k, cols)];
                 let mut scratch = vec![f32::NAN; 7];
                 pool.install(|| {
                     conv2d_forward_blocked(
@@ -1437,7 +1449,7 @@ mod tests {
                 );
                 for j in cols..cols.div_ceil(COL_BLOCK) * COL_BLOCK {
                     for ki in 0..k {
-                        assert_eq!(yb[blocked_index(k, ki, j)], 0.0, "case {i}: padding ({ki}, {j}) written");
+                        assert_eq!(yb[blocked_index(k, ki, j)], 7.5, "case {i}: padding ({ki}, {j}) written");
                     }
                 }
             }

@@ -144,7 +144,12 @@ fn check_dims_cl(a: &MatRef, b: &MatRef, c: &[f32], cl: CLayout, epi: &Epilogue)
     if let Some((r, ldr)) = epi.residual {
         let rl = match cl {
             CLayout::Rows(_) => CLayout::Rows(ldr),
-            CLayout::Blocked => CLayout::Blocked,
+            CLayout::Blocked => {
+                // (0 by convention: a blocked residual has no leading dimension; anything else
+                // is a row-major one passed by mistake.)
+                assert_eq!(ldr, 0, "sgemm: a blocked C needs a blocked residual (ld 0)");
+                CLayout::Blocked
+            }
         };
         if let CLayout::Rows(_) = rl {
             assert!(ldr >= n, "sgemm: residual ld {ldr} < n {n}");
@@ -378,8 +383,15 @@ impl TileEpi {
 }
 
 /// A source of the B operand that can pack itself into NR-column panels. `MatRef` packs a strided
-/// matrix; the convolution packs image patches ("lazy im2col").
-pub(crate) trait PackB: Sync {
+/// matrix; the convolution packs image patches ("lazy im2col"); a column-blocked activation
+/// (`cpu::blocked::BlockedB`) hands out its 32-wide panels in place.
+///
+/// # Safety
+/// The GEMM orders read through the pointer `in_place` returns: where it returns `Some(p)`, `p`
+/// must be valid for reads of `kc * nr` floats (kc rows of nr, row-major) for as long as `self`
+/// is borrowed, holding what `pack` would write for that panel (or, past the matrix's last
+/// column, any values: those columns are never stored).
+pub(crate) unsafe trait PackB: Sync {
     /// Packs rows `k0..k0+kc` and columns `j0..j0+nc` into `ceil(nc/nr)` panels, panel t holding
     /// columns `j0 + t*nr ..` laid out (kc, nr) row-major in `out[t*kc*nr ..]`; columns past `nc`
     /// are zero.
@@ -392,7 +404,8 @@ pub(crate) trait PackB: Sync {
     }
 }
 
-impl PackB for MatRef<'_> {
+// SAFETY: `in_place` is the default (None): every panel is packed.
+unsafe impl PackB for MatRef<'_> {
     fn pack(&self, k0: usize, kc: usize, j0: usize, nc: usize, nr: usize, out: &mut [f32]) {
         if self.cs == 1 {
             // Row-major B: walk it row by row, each row's nc columns in one sequential run that
@@ -741,9 +754,10 @@ fn task_grid(mp: usize, np: usize, mc_panels: usize, threads: usize) -> (usize, 
 ///
 /// # Safety
 /// `ap` / `bp` must hold `kcur * MR` / `kcur * NR` packed floats; `check_dims` (run by every public
-/// entry) must have verified that C holds (m-1)*ldc + n elements and that row_scale/row_bias (m),
-/// col_bias (n) and the residual ((m-1)*ldr + n) are long enough, so every offset stays in bounds
-/// for this tile's (mv x nv) elements; the ISA must be supported (kernel_for checks); no other
+/// entry) must have verified that C and the residual hold an (m x n) matrix in layout `cl`
+/// (`CLayout::min_len`) and that row_scale/row_bias (m) and col_bias (n) are long enough, so every
+/// offset stays in bounds for this tile's (mv x nv) elements (in the blocked layout a tile lies in
+/// one column block: NR divides 32); the ISA must be supported (kernel_for checks); no other
 /// thread may write this tile meanwhile (see CPtr).
 #[allow(clippy::too_many_arguments)]
 unsafe fn run_tile(
@@ -1263,6 +1277,8 @@ pub(crate) fn gemm_driver(
     }
     let kern = kernel_for(isa);
     let (mr, nr) = (kern.mr, kern.nr);
+    // A blocked C's tiles must each lie in one 32-column block.
+    assert!(cl != CLayout::Blocked || COL_BLOCK.is_multiple_of(nr), "sgemm: NR {nr} splits a column block");
     let kc_blk = match a {
         ASrc::Packed(p) => {
             assert!(p.isa == isa && p.m == m && p.k == k, "sgemm: packed A does not fit");
@@ -1697,6 +1713,14 @@ mod tests {
     /// columns untouched.
     #[test]
     fn blocked_c_and_in_place_b_are_bitwise_the_row_major_result() {
+        // Two workers: the packed-A orders (where B is read in place) need 2+ threads and
+        // 2*m*n*k >= PARALLEL_MIN_FLOPS: (20, 2100, 64) takes the column split, (64, 196, 600)
+        // the whole-B order, the others the default order (B packed from the blocked source).
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        pool.install(blocked_c_cases);
+    }
+
+    fn blocked_c_cases() {
         use crate::cpu::blocked::{blocked_index, blocked_len, to_blocked, BlockedB};
         let mut seed = 9000;
         for isa in available_isas() {
@@ -1704,7 +1728,7 @@ mod tests {
                 (37, 53, 71),
                 (29, 65, 300),
                 (14, 32, 16),
-                (20, 2100, 40),
+                (20, 2100, 64),
                 (13, 49, 700),
                 (300, 45, 33),
                 (64, 196, 600),
@@ -1721,12 +1745,17 @@ mod tests {
                         to_blocked(v, rows, n, &mut o);
                         o
                     };
-                    let (bb, resb) = (blk(&bd, k), blk(&res, m));
+                    let (mut bb, mut resb) = (blk(&bd, k), blk(&res, m));
                     let mut cb0 = blk(&c0, m);
-                    // Padding of C: a sentinel that must survive.
+                    // Padding of C: a sentinel that must survive; of B and the residual: NaN,
+                    // which must not reach a stored value (columns are independent).
                     for j in n..n.div_ceil(COL_BLOCK) * COL_BLOCK {
                         for i in 0..m {
                             cb0[blocked_index(m, i, j)] = 7.5;
+                            resb[blocked_index(m, i, j)] = f32::NAN;
+                        }
+                        for p in 0..k {
+                            bb[blocked_index(k, p, j)] = f32::NAN;
                         }
                     }
                     let mk = |residual| epi_for(opts, &scale, &rb, residual);

@@ -20,9 +20,10 @@ pub fn isa_name() -> &'static str {
 /// swamp timer and thread-start noise, short enough for a bench preamble.
 const ITERS: usize = 2_000_000;
 
-/// Measured peak f32 throughput in GFLOP/s (an FMA counts 2 FLOPs) of `threads` cores, using the
-/// widest FMA this CPU has: one core's peak, measured on one thread (best of 7 runs: the peak is a
-/// maximum, so noise only lowers it), times `threads`.
+/// Measured peak f32 throughput in GFLOP/s (an FMA counts 2 FLOPs) of `threads` threads, using
+/// the widest FMA this CPU has: one core's peak, measured on one thread (best of 7 runs: the peak
+/// is a maximum, so noise only lowers it), times the cores those threads can occupy, i.e. `threads`
+/// but at most the physical cores (`physical_cores`: two hyperthreads share one core's FMA units).
 ///
 /// Why not all threads at once: on a shared VM the vCPUs are sometimes placed on the two
 /// hyperthreads of one core. Measured here (Zen 4, 2 vCPUs), one thread read 116-118 GFLOP/s in
@@ -38,7 +39,27 @@ pub fn fma_peak_gflops(threads: usize) -> f64 {
         let flops = run_loop(isa, ITERS);
         best = best.max(flops / t0.elapsed().as_secs_f64() / 1e9);
     }
-    best * threads.max(1) as f64
+    let cores = physical_cores().map_or(threads, |p| threads.min(p));
+    best * cores.max(1) as f64
+}
+
+/// Physical cores of this machine where Linux tells them (distinct (package, core) pairs among the
+/// online CPUs in /sys), else `None`. A VM sees what its hypervisor presents (here: 2 cores of one
+/// thread each).
+pub fn physical_cores() -> Option<usize> {
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
+    let mut cpus = Vec::new();
+    for part in online.trim().split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        cpus.extend(a.parse::<usize>().ok()?..=b.parse::<usize>().ok()?);
+    }
+    let mut cores = std::collections::BTreeSet::new();
+    for cpu in cpus {
+        let read =
+            |f: &str| std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu{cpu}/topology/{f}")).ok();
+        cores.insert((read("physical_package_id")?.trim().to_string(), read("core_id")?.trim().to_string()));
+    }
+    (!cores.is_empty()).then_some(cores.len())
 }
 
 /// Runs the FMA loop once; returns the FLOPs it performed.
@@ -139,5 +160,9 @@ mod tests {
         let p = fma_peak_gflops(1);
         assert!(p.is_finite() && p > 0.1, "peak {p}");
         assert!(["avx512", "avx2+fma", "portable"].contains(&isa_name()));
+        if let Some(c) = physical_cores() {
+            let cpus = std::thread::available_parallelism().map_or(c, |n| n.get());
+            assert!(c >= 1 && c <= cpus, "{c} cores of {cpus} CPUs");
+        }
     }
 }

@@ -1,16 +1,19 @@
 //! Per-op wall times inside an encoder forward, for `capgen bench resnet50 --layers`.
 //!
-//! Off by default: each op then costs one relaxed atomic load. When on, every timed op appends
-//! (label, FLOPs, milliseconds) to one global log, which `take` empties. Ops that run inside one
-//! forward are timed one after the other on the calling thread (the forward is sequential; each op
-//! is parallel inside), so the times add up to the forward's wall time, less the glue between ops.
+//! Off by default: each op then costs one thread-local flag read. When on, every timed op appends
+//! (label, FLOPs, milliseconds) to the log, which `take` empties. Flag and log belong to the
+//! calling thread: a forward times its ops one after the other on the thread that runs it (the
+//! forward is sequential; each op is parallel inside), so the times add up to the forward's wall
+//! time, less the glue between ops, and forwards on other threads (tests running in parallel)
+//! neither record nor disturb the log.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::cell::{Cell, RefCell};
 use std::time::Instant;
 
-static ON: AtomicBool = AtomicBool::new(false);
-static LOG: Mutex<Vec<OpTime>> = Mutex::new(Vec::new());
+thread_local! {
+    static ON: Cell<bool> = const { Cell::new(false) };
+    static LOG: RefCell<Vec<OpTime>> = const { RefCell::new(Vec::new()) };
+}
 
 /// One timed op.
 #[derive(Clone, Debug, PartialEq)]
@@ -22,28 +25,28 @@ pub struct OpTime {
     pub ms: f64,
 }
 
-/// Turns recording on or off (for the whole process).
+/// Turns recording on or off for the calling thread.
 pub fn set_enabled(on: bool) {
-    ON.store(on, Ordering::Relaxed);
+    ON.with(|f| f.set(on));
 }
 
 /// Runs `f`; when recording is on, logs its wall time under `label()` with `flops`.
 #[inline]
 pub fn time<R>(label: impl FnOnce() -> (String, f64), f: impl FnOnce() -> R) -> R {
-    if !ON.load(Ordering::Relaxed) {
+    if !ON.with(Cell::get) {
         return f();
     }
     let t = Instant::now();
     let r = f();
     let ms = t.elapsed().as_secs_f64() * 1e3;
     let (label, flops) = label();
-    LOG.lock().unwrap_or_else(|e| e.into_inner()).push(OpTime { label, flops, ms });
+    LOG.with(|l| l.borrow_mut().push(OpTime { label, flops, ms }));
     r
 }
 
-/// Everything logged since the last call, in order.
+/// Everything the calling thread logged since the last call, in order.
 pub fn take() -> Vec<OpTime> {
-    std::mem::take(&mut *LOG.lock().unwrap_or_else(|e| e.into_inner()))
+    LOG.with(|l| std::mem::take(&mut *l.borrow_mut()))
 }
 
 /// Sums a log of `forwards` forwards by label, in first-seen order: (label, ops per forward, FLOPs
@@ -70,7 +73,7 @@ mod tests {
 
     #[test]
     fn records_only_when_on_and_sums_per_forward() {
-        // The only test touching the global log (unit tests share the process).
+        // (Thread-local: the other tests' forwards, in parallel, do not log here.)
         set_enabled(false);
         time(|| ("off".into(), 1.0), || ());
         set_enabled(true);

@@ -19,7 +19,7 @@
 use std::sync::Mutex;
 
 use crate::cpu::blocked;
-use crate::cpu::conv::{blocked_conv_path, conv2d_forward_blocked, conv_path, direct_applicable, ConvInput};
+use crate::cpu::conv::{blocked_conv_path, conv2d_forward_blocked, conv_path, ConvInput};
 use crate::cpu::conv::{swap_leading_axes, ConvParams};
 use crate::cpu::pool::PoolParams;
 use crate::cpu::winograd::{winograd_applicable, winograd_forward, ActLayout, WinoTile, WinogradWeights};
@@ -201,8 +201,8 @@ struct Block {
     downsample: Option<NetConv>,
 }
 
-/// A conv of the inference net, with its Winograd F(2x2,3x3) weights when it is a stride-1 3x3 conv
-/// (see `run_conv` for when they are used).
+/// A conv of the inference net, with its Winograd weights (F(4x4,3x3) or F(2x2,3x3), `wino_tile`)
+/// when it is a stride-1 3x3 conv (see `run_conv` for when they are used).
 #[derive(Debug)]
 struct NetConv {
     conv: Conv2d,
@@ -213,11 +213,8 @@ impl NetConv {
     /// The Winograd weights when `run_conv` takes the Winograd path for an N x H x W input.
     fn winograd_for(&self, n: usize, h: usize, w: usize) -> Option<&WinogradWeights> {
         let ww = self.wino.as_ref()?;
-        let direct = direct_applicable(&self.conv.weights, &self.conv.params);
         let m = ww.tile.m();
-        (n * h.div_ceil(m) * w.div_ceil(m) >= WINOGRAD_MIN_TILES
-            && (ww.tile == WinoTile::F4 || ww.c >= WINOGRAD_MIN_CHANNELS || !direct))
-            .then_some(ww)
+        (n * h.div_ceil(m) * w.div_ceil(m) >= WINOGRAD_MIN_TILES).then_some(ww)
     }
 }
 
@@ -461,9 +458,8 @@ impl Act {
 /// Stride-1 3x3 convs run as Winograd (`cpu::winograd`): F(4x4,3x3) up to
 /// `WINOGRAD_F4_MAX_CHANNELS` input channels, F(2x2,3x3) above (see `wino_tile`). Pooled ResNet-50
 /// features differ from the direct path by ~1e-6 relative L2, far inside the 1e-4 bound. Winograd
-/// runs when the batch has at least `WINOGRAD_MIN_TILES` output tiles, except that an F(2x2) conv
-/// with fewer than `WINOGRAD_MIN_CHANNELS` input channels runs
-/// the direct convolution where that is available. Every other conv is an implicit GEMM
+/// runs when the batch has at least `WINOGRAD_MIN_TILES` output tiles (else the direct convolution
+/// where available). Every other conv is an implicit GEMM
 /// (`conv2d_forward_blocked`: 1x1 convs read the blocked input in place, strided ones after a
 /// subsample; stride-1 3x3 as a direct convolution reading the input in place on AVX-512; lazy
 /// im2col otherwise).
@@ -549,11 +545,6 @@ const WINOGRAD_F4_MAX_CHANNELS: usize = 128;
 /// panel each, yet on Zen 4 they beat the direct conv (2 convs: 2.64 -> 2.11 ms); on the AVX-512
 /// Xeon of earlier sessions the two were level, so the bound stays for still narrower inputs.
 const WINOGRAD_MIN_TILES: usize = 16;
-
-/// Fewest input channels for which Winograd beats the direct convolution (when that is available):
-/// at 64 (layer1) the transforms' memory traffic outweighs the 2.25x fewer multiplies (measured on
-/// the whole net: b1 and b8 ~1% faster with layer1 direct, ~2% slower with layer2 direct too).
-const WINOGRAD_MIN_CHANNELS: usize = 128;
 
 /// A trace callback (see `Encoder::forward_trace`).
 pub(crate) type Tap<'a> = &'a mut dyn FnMut(&str, &Tensor);

@@ -123,7 +123,9 @@ struct Plane {
 impl Plane {
     #[inline]
     fn row(self, img: usize, y: usize, w: usize) -> usize {
-        img * self.ns + y * w - self.org
+        let p = img * self.ns + y * w;
+        debug_assert!(p >= self.org, "row ({img}, {y}) lies before the window at {}", self.org);
+        p - self.org
     }
 }
 
@@ -300,7 +302,8 @@ fn rows_per_block(ne: usize, c: usize, k: usize, tw: usize) -> usize {
     fit.max(MIN_TILES.div_ceil(tw)).max(1)
 }
 
-/// Workspace length (floats) `winograd_forward` uses for this layer and input size.
+/// Workspace length (floats) `winograd_forward` uses for this layer and input size, with plain
+/// layouts (a blocked input or output adds its windows).
 pub fn workspace_len(wt: &WinogradWeights, n: usize, h: usize, w: usize) -> usize {
     let (m, ne) = (wt.tile.m(), wt.tile.positions());
     let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
@@ -308,12 +311,14 @@ pub fn workspace_len(wt: &WinogradWeights, n: usize, h: usize, w: usize) -> usiz
     block_floats(ne, wt.c, wt.k, rows * tw)
 }
 
-/// The output's base pointer, shared by the output-transform tasks, which write disjoint rows.
+/// The output's (or an output window's) base pointer, shared by the output-transform tasks, which
+/// write disjoint rows.
 #[derive(Clone, Copy)]
 struct YPtr(*mut f32);
-// SAFETY: each task writes only the output rows of its own output channel k; the layout is checked
-// injective before any task starts and the tasks are joined before `winograd_forward` returns, so
-// no element is written twice concurrently and no access outlives the borrow of `y`.
+// SAFETY: each task writes only the output rows of its own output channel k; the output layout is
+// checked injective before any task starts (a window, channel rows of the window's length one
+// after another, is by construction), and the tasks are joined before the transform returns, so
+// no element is written twice concurrently and no access outlives the borrow of `y` / the window.
 unsafe impl Send for YPtr {}
 // SAFETY: as above.
 unsafe impl Sync for YPtr {}
@@ -323,7 +328,8 @@ impl YPtr {
     }
 }
 
-/// y = act(conv3x3(x, w, pad 1, stride 1) + bias + residual) by F(2x2, 3x3).
+/// y = act(conv3x3(x, w, pad 1, stride 1) + bias + residual) by F(2x2, 3x3) or F(4x4, 3x3) (as
+/// the weights were transformed).
 ///
 /// x: (C, N, H, W) elements in layout `xl`; y and the optional residual: (K, N, H, W) elements in
 /// their layouts (see `ActLayout`). `ws` is scratch, grown as needed and reusable across calls
@@ -355,6 +361,8 @@ pub fn winograd_forward(
         assert_eq!(rl.is_blocked(), yl.is_blocked(), "winograd: residual {rl:?} and output {yl:?} layouts");
         assert!(!rl.is_blocked() || rl.injective(k, n, h, w), "winograd: residual layout {rl:?}");
     }
+    // (A blocked input is read through `columns_from_blocked` with C = wt.c and H*W per image.)
+    assert!(!xl.is_blocked() || xl.injective(c, n, h, w), "winograd: input layout {xl:?}");
     let (m, ne) = (wt.tile.m(), wt.tile.positions());
     let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
     let rows_total = n * th;
@@ -796,8 +804,9 @@ unsafe fn output_channel_avx2(j: &OutJob, buf: &mut [f32], yk: *mut f32, pl: Pla
 /// One output channel's transform for tile rows g0..g1.
 ///
 /// # Safety
-/// `yk` points at output channel k's element (n = 0, y = 0, x = 0); for every image n < N and row
-/// y < H, `yk + n * ns + y * W .. + W` must be writable and written by no one else meanwhile.
+/// `yk` points at output channel k's first element (of the activation or of the window); for
+/// every row (n, y) of tile rows `j.g0..j.g1`, `yk + pl.row(n, y, W) .. + W` must be writable and
+/// written by no one else meanwhile.
 #[inline(always)]
 unsafe fn output_channel(j: &OutJob, buf: &mut [f32], yk: *mut f32, pl: Plane) {
     let (h, w, th, tw) = (j.geo.h, j.geo.w, j.geo.th, j.geo.tw);
