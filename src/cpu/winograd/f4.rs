@@ -18,9 +18,8 @@
 //! padded input row is split into its four column phases P_q[i] = padded[4i + q], so that tile tx
 //! reads columns P0[tx], P1[tx], P2[tx], P3[tx], P0[tx + 1], P1[tx + 1].
 
-use super::{ch, ch_mut, padded, split_len, store_row, Geo, OutJob, WinogradWeights, YPtr, L};
+use super::{ch, ch_mut, padded, split_len, store_row, Geo, OutJob, L};
 use super::{Isa, Plane};
-use rayon::prelude::*;
 
 /// G (6x3), see the module comment.
 pub(super) const G: [[f64; 3]; 6] = [
@@ -69,28 +68,7 @@ pub(super) fn input_buf_len(tw: usize) -> usize {
     52 * split_len(tw)
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn dispatch_input(
-    isa: Isa,
-    xc: &[f32],
-    pl: Plane,
-    geo: &Geo,
-    g0: usize,
-    g1: usize,
-    buf: &mut [f32],
-    vc: &mut [f32],
-) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: weights are only packed for an ISA this CPU supports (`Isa::supported`), so the
-        // features the wrapper enables are present.
-        Isa::Avx512 => unsafe { input_channel_avx512(xc, pl, geo, g0, g1, buf, vc) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2Fma => unsafe { input_channel_avx2(xc, pl, geo, g0, g1, buf, vc) },
-        _ => input_channel(xc, pl, geo, g0, g1, buf, vc, split_row),
-    }
-}
+input_dispatch!(pub(super) fn dispatch_input, split_row, |row, _, ph| split_row_avx512(row, ph));
 
 /// Splits one input row into the four phases of its zero-padded version:
 /// P_q[i] = padded[4i + q] = row[4i + q - 1] (zero outside the row), for i < len, where `ph` holds
@@ -150,35 +128,6 @@ fn split_row_avx512(row: &[f32], ph: &mut [f32]) {
             }
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn input_channel_avx512(
-    xc: &[f32],
-    pl: Plane,
-    geo: &Geo,
-    g0: usize,
-    g1: usize,
-    buf: &mut [f32],
-    vc: &mut [f32],
-) {
-    // (The closure inherits this function's AVX-512 feature, so the call is safe.)
-    input_channel(xc, pl, geo, g0, g1, buf, vc, |row, _, ph| split_row_avx512(row, ph))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn input_channel_avx2(
-    xc: &[f32],
-    pl: Plane,
-    geo: &Geo,
-    g0: usize,
-    g1: usize,
-    buf: &mut [f32],
-    vc: &mut [f32],
-) {
-    input_channel(xc, pl, geo, g0, g1, buf, vc, split_row)
 }
 
 /// One input channel's transform for tile rows g0..g1. The six padded input rows of a tile row
@@ -252,46 +201,24 @@ fn input_channel(
     }
 }
 
-/// y[k, 4x4 block] = Aᵀ M[., k, tile] A + bias[k] (+ residual), ReLU; parallel over output
-/// channels, each output row assembled in `buf` (columns interleaved: buf[4tx + q]) and stored
-/// once, clipped to W.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn output_transform(
-    wt: &WinogradWeights,
-    m: &[f32],
-    geo: &Geo,
-    g0: usize,
-    g1: usize,
-    residual: Option<(&[f32], usize, usize)>,
-    relu: bool,
-    yp: YPtr,
-    (ycs, pl): (usize, Plane),
-) {
-    let k = wt.k;
-    let ld = padded((g1 - g0) * geo.tw);
-    let min_len = (16384 / (36 * ld)).max(1);
-    let isa = wt.isa;
-    let twc = geo.tw.div_ceil(L) * L;
-    (0..k).into_par_iter().with_min_len(min_len).for_each_init(
-        || vec![0.0f32; 16 * twc],
-        |buf, ko| {
-            let res = residual.map(|(r, rcs, rns)| (&r[ko * rcs..], rns));
-            let job = OutJob { m, k, ko, ld, bias: wt.bias[ko], res, relu, geo, g0, g1 };
-            // SAFETY: see `YPtr`: output channel `ko` is written only by this task, and its
-            // rows lie within `y` (length checked against the layout by the caller).
-            let yk = unsafe { yp.get().add(ko * ycs) };
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the ISA was checked supported when the weights were packed.
-                Isa::Avx512 => unsafe { output_channel_avx512(&job, buf, yk, pl) },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: as above.
-                Isa::Avx2Fma => unsafe { output_channel_avx2(&job, buf, yk, pl) },
-                // SAFETY: as in the dispatch above.
-                _ => unsafe { output_channel(&job, buf, yk, pl, interleave) },
-            }
-        },
-    );
+/// y[ko, 4x4 block] = Aᵀ M[., ko, tile] A + bias[ko] (+ residual), ReLU for one output channel on
+/// the ISA the weights were packed for (the parent's `output_transform` runs it over the
+/// channels); each output row is assembled in `buf` (16 tw rounded up to chunks; columns
+/// interleaved: buf[4tx + q]) and stored once, clipped to W.
+///
+/// # Safety
+/// As the parent module's `output_channel`.
+pub(super) unsafe fn output_channel_for(isa: Isa, job: &OutJob, buf: &mut [f32], yk: *mut f32, pl: Plane) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the ISA was checked supported when the weights were packed; the rest forwarded.
+        Isa::Avx512 => unsafe { output_channel_avx512(job, buf, yk, pl) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2Fma => unsafe { output_channel_avx2(job, buf, yk, pl) },
+        // SAFETY: forwarded contract.
+        _ => unsafe { output_channel(job, buf, yk, pl, interleave) },
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -47,8 +47,6 @@ use crate::cpu::gemm::{
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
-mod f4;
-
 /// Where element (c, n, y, x) of an activation of spatial size (H, W) lives. Plain layouts
 /// (`block_stride` 0): `c * c_stride + n * n_stride + y * W + x`; NCHW is `nchw(C, H, W)`, a
 /// (C, N, H, W) layout `cnhw(N, H, W)`. Column-blocked (`blocked(C, H, W)`, `cpu::blocked`): the
@@ -483,6 +481,68 @@ struct Geo {
     tw: usize,
 }
 
+/// Defines `dispatch_input` (one input channel's transform on the ISA the weights were packed
+/// for) and its two `target_feature` wrappers around this module's (or `f4`'s) `input_channel`,
+/// given the portable and the AVX-512 row splitters: the same body compiled per ISA. (The AVX-512
+/// splitter is a closure inside the AVX-512 wrapper, whose feature it inherits, so calling the
+/// `target_feature` function in it is safe.)
+macro_rules! input_dispatch {
+    ($vis:vis fn $name:ident, $split:expr, $split_avx512:expr) => {
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name(
+            isa: Isa,
+            xc: &[f32],
+            pl: Plane,
+            geo: &Geo,
+            g0: usize,
+            g1: usize,
+            buf: &mut [f32],
+            vc: &mut [f32],
+        ) {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: weights are only packed for an ISA this CPU supports
+                // (`Isa::supported`), so the features the wrapper enables are present.
+                Isa::Avx512 => unsafe { input_channel_avx512(xc, pl, geo, g0, g1, buf, vc) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                Isa::Avx2Fma => unsafe { input_channel_avx2(xc, pl, geo, g0, g1, buf, vc) },
+                _ => input_channel(xc, pl, geo, g0, g1, buf, vc, $split),
+            }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        fn input_channel_avx512(
+            xc: &[f32],
+            pl: Plane,
+            geo: &Geo,
+            g0: usize,
+            g1: usize,
+            buf: &mut [f32],
+            vc: &mut [f32],
+        ) {
+            input_channel(xc, pl, geo, g0, g1, buf, vc, $split_avx512)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn input_channel_avx2(
+            xc: &[f32],
+            pl: Plane,
+            geo: &Geo,
+            g0: usize,
+            g1: usize,
+            buf: &mut [f32],
+            vc: &mut [f32],
+        ) {
+            input_channel(xc, pl, geo, g0, g1, buf, vc, $split)
+        }
+    };
+}
+
+mod f4;
+
 /// V[c][e][t] = (Bᵀ d B)[e] for the tiles of tile rows g0..g1 (g = image * th + ty), parallel over
 /// input channels. v: (C, E, ld).
 fn input_transform(
@@ -514,28 +574,7 @@ fn input_transform(
     );
 }
 
-#[allow(clippy::too_many_arguments)]
-fn dispatch_input(
-    isa: Isa,
-    xc: &[f32],
-    pl: Plane,
-    geo: &Geo,
-    g0: usize,
-    g1: usize,
-    buf: &mut [f32],
-    vc: &mut [f32],
-) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: weights are only packed for an ISA this CPU supports (`Isa::supported`), so the
-        // features the wrapper enables are present.
-        Isa::Avx512 => unsafe { input_channel_avx512(xc, pl, geo, g0, g1, buf, vc) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2Fma => unsafe { input_channel_avx2(xc, pl, geo, g0, g1, buf, vc) },
-        _ => input_channel(xc, pl, geo, g0, g1, buf, vc, split_row),
-    }
-}
+input_dispatch!(fn dispatch_input, split_row, |row, _, e, o| split_row_avx512(row, e, o));
 
 /// Splits one input row into the even and odd columns of its zero-padded version:
 /// E[i] = padded[2i] = row[2i - 1], O[i] = padded[2i + 1] = row[2i] (zero outside the row), for
@@ -592,35 +631,6 @@ fn split_row_avx512(row: &[f32], e: &mut [f32], o: &mut [f32]) {
             _mm512_storeu_ps(ch_mut(o, c0).as_mut_ptr(), _mm512_permutex2var_ps(a, io, b));
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn input_channel_avx512(
-    xc: &[f32],
-    pl: Plane,
-    geo: &Geo,
-    g0: usize,
-    g1: usize,
-    buf: &mut [f32],
-    vc: &mut [f32],
-) {
-    // (The closure inherits this function's AVX-512 feature, so the call is safe.)
-    input_channel(xc, pl, geo, g0, g1, buf, vc, |row, _, e, o| split_row_avx512(row, e, o))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn input_channel_avx2(
-    xc: &[f32],
-    pl: Plane,
-    geo: &Geo,
-    g0: usize,
-    g1: usize,
-    buf: &mut [f32],
-    vc: &mut [f32],
-) {
-    input_channel(xc, pl, geo, g0, g1, buf, vc, split_row)
 }
 
 /// Length of a split row (E or O): the tw + 1 values a tile row reads, rounded up to whole chunks
@@ -742,29 +752,43 @@ fn output_transform(
     let ne = wt.tile.positions();
     let min_len = (16384 / (ne * ld)).max(1);
     let isa = wt.isa;
-    if wt.tile == WinoTile::F4 {
-        return f4::output_transform(wt, m, geo, g0, g1, residual, relu, yp, (ycs, pl));
-    }
+    let f4 = wt.tile == WinoTile::F4;
+    let twc = geo.tw.div_ceil(L) * L;
     (0..k).into_par_iter().with_min_len(min_len).for_each_init(
-        || vec![0.0f32; 4 * geo.tw.div_ceil(L) * L],
+        || vec![0.0f32; if f4 { 16 * twc } else { 4 * twc }],
         |buf, ko| {
             let res = residual.map(|(r, rcs, rns)| (&r[ko * rcs..], rns));
             let job = OutJob { m, k, ko, ld, bias: wt.bias[ko], res, relu, geo, g0, g1 };
             // SAFETY: see `YPtr`: output channel `ko` is written only by this task, and its
-            // rows lie within `y` (length checked against the layout by the caller).
-            let yk = unsafe { yp.get().add(ko * ycs) };
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the ISA was checked supported when the weights were packed.
-                Isa::Avx512 => unsafe { output_channel_avx512(&job, buf, yk, pl) },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: as above.
-                Isa::Avx2Fma => unsafe { output_channel_avx2(&job, buf, yk, pl) },
-                // SAFETY: as in the dispatch above.
-                _ => unsafe { output_channel(&job, buf, yk, pl) },
+            // rows lie within `y` (length checked against the layout by the caller); buf is the
+            // length the tile's `output_channel` assembles its rows in.
+            unsafe {
+                let yk = yp.get().add(ko * ycs);
+                if f4 {
+                    f4::output_channel_for(isa, &job, buf, yk, pl)
+                } else {
+                    output_channel_for(isa, &job, buf, yk, pl)
+                }
             }
         },
     );
+}
+
+/// `output_channel` on the ISA the weights were packed for.
+///
+/// # Safety
+/// As `output_channel`.
+unsafe fn output_channel_for(isa: Isa, job: &OutJob, buf: &mut [f32], yk: *mut f32, pl: Plane) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the ISA was checked supported when the weights were packed; the rest forwarded.
+        Isa::Avx512 => unsafe { output_channel_avx512(job, buf, yk, pl) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2Fma => unsafe { output_channel_avx2(job, buf, yk, pl) },
+        // SAFETY: forwarded contract.
+        _ => unsafe { output_channel(job, buf, yk, pl) },
+    }
 }
 
 /// What one output channel's transform reads.
