@@ -22,6 +22,7 @@
 //! padding columns of C, which are not stored.
 
 use crate::cpu::gemm::{PackB, COL_BLOCK};
+use crate::cpu::SharedMut;
 use rayon::prelude::*;
 
 /// Floats a (C, P) activation takes column-blocked (padding included).
@@ -68,20 +69,6 @@ pub fn from_blocked(xb: &[f32], c: usize, p: usize, out: &mut [f32]) {
     columns_from_blocked(xb, c, 0, p, out);
 }
 
-/// A shared base pointer for tasks that write disjoint parts.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only by `columns_from_blocked`, whose tasks write disjoint column ranges and join
-// before the borrow of the output ends.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Columns pa..pb of a column-blocked (C, P) activation into `out` (C, pb - pa), channel-major.
 /// Parallel over blocks, each read in order: its C runs are contiguous, where one channel's runs
 /// lie C * 128 bytes apart (across pages: no prefetcher follows a walk channel by channel).
@@ -92,7 +79,7 @@ pub fn columns_from_blocked(x: &[f32], c: usize, pa: usize, pb: usize, out: &mut
     if c == 0 || len == 0 {
         return;
     }
-    let op = SendPtr(out.as_mut_ptr());
+    let op = SharedMut::new(out.as_mut_ptr());
     let block = |b: usize| {
         let (j0, j1) = (pa.max(b * COL_BLOCK), pb.min((b + 1) * COL_BLOCK));
         let blk = &x[b * c * COL_BLOCK..(b + 1) * c * COL_BLOCK];

@@ -109,6 +109,18 @@ impl CLayout {
             CLayout::Blocked => ((j / COL_BLOCK) * m * COL_BLOCK + i * COL_BLOCK + j % COL_BLOCK, COL_BLOCK),
         }
     }
+    /// The residual's layout, given its leading dimension `ldr`: row-major with `ldr` beside a
+    /// row-major C; blocked like a blocked C (whose residual has no leading dimension: `ldr` 0 by
+    /// convention, anything else is a row-major one passed by mistake).
+    fn residual(self, ldr: usize) -> CLayout {
+        match self {
+            CLayout::Rows(_) => CLayout::Rows(ldr),
+            CLayout::Blocked => {
+                assert_eq!(ldr, 0, "sgemm: a blocked C needs a blocked residual (ld 0)");
+                CLayout::Blocked
+            }
+        }
+    }
     /// Length a slice needs to hold an (m x n) matrix in this layout.
     fn min_len(self, m: usize, n: usize) -> usize {
         match self {
@@ -142,15 +154,7 @@ fn check_dims_cl(a: &MatRef, b: &MatRef, c: &[f32], cl: CLayout, epi: &Epilogue)
         assert!(s.len() >= n);
     }
     if let Some((r, ldr)) = epi.residual {
-        let rl = match cl {
-            CLayout::Rows(_) => CLayout::Rows(ldr),
-            CLayout::Blocked => {
-                // (0 by convention: a blocked residual has no leading dimension; anything else
-                // is a row-major one passed by mistake.)
-                assert_eq!(ldr, 0, "sgemm: a blocked C needs a blocked residual (ld 0)");
-                CLayout::Blocked
-            }
-        };
+        let rl = cl.residual(ldr);
         if let CLayout::Rows(_) = rl {
             assert!(ldr >= n, "sgemm: residual ld {ldr} < n {n}");
         }
@@ -194,6 +198,7 @@ pub fn sgemm_reference(a: MatRef, b: MatRef, c: &mut [f32], ldc: usize, epi: &Ep
 mod kernels;
 pub use kernels::madd;
 
+use crate::cpu::SharedMut;
 use rayon::prelude::*;
 use std::cell::Cell;
 use std::sync::OnceLock;
@@ -697,22 +702,6 @@ thread_local! {
     static PACKED_A_ORDERS: Cell<bool> = const { Cell::new(true) };
 }
 
-/// C's base pointer, shared by the tasks, which write disjoint tiles.
-#[derive(Clone, Copy)]
-struct CPtr(*mut f32);
-// SAFETY: tasks write disjoint (row chunk x column range) tiles of C, and the driver joins all tasks
-// before returning, so no two threads touch the same element and no access outlives the borrow.
-unsafe impl Send for CPtr {}
-// SAFETY: as above.
-unsafe impl Sync for CPtr {}
-
-impl CPtr {
-    /// (A method, so closures capture the whole Sync wrapper, not its raw-pointer field.)
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// The A operand: a strided view packed per call, or pre-packed panels.
 pub(crate) enum ASrc<'a> {
     Mat(MatRef<'a>),
@@ -758,7 +747,8 @@ fn task_grid(mp: usize, np: usize, mc_panels: usize, threads: usize) -> (usize, 
 /// (`CLayout::min_len`) and that row_scale/row_bias (m) and col_bias (n) are long enough, so every
 /// offset stays in bounds for this tile's (mv x nv) elements (in the blocked layout a tile lies in
 /// one column block: NR divides 32); the ISA must be supported (kernel_for checks); no other
-/// thread may write this tile meanwhile (see CPtr).
+/// thread may write this tile meanwhile (tasks own disjoint tiles of C and are joined before the
+/// driver returns).
 #[allow(clippy::too_many_arguments)]
 unsafe fn run_tile(
     kern: &Kernel,
@@ -766,7 +756,7 @@ unsafe fn run_tile(
     m: usize,
     n: usize,
     cl: CLayout,
-    cptr: CPtr,
+    cptr: SharedMut,
     i: usize,
     j: usize,
     kcur: usize,
@@ -811,12 +801,7 @@ unsafe fn tile_epi(
     first: bool,
     last: bool,
 ) -> TileEpi {
-    // The residual lies like C (row-major with its own ld, or blocked like C).
-    let (roff, ldr) = match (cl, epi.residual) {
-        (CLayout::Blocked, _) => cl.at(m, i, j),
-        (CLayout::Rows(_), Some((_, ldr))) => (i * ldr + j, ldr),
-        (CLayout::Rows(_), None) => (0, 0),
-    };
+    let (roff, ldr) = cl.residual(epi.residual.map_or(0, |r| r.1)).at(m, i, j);
     TileEpi {
         first,
         beta: epi.beta,
@@ -866,7 +851,7 @@ fn gemm_column_split(
 ) {
     let (mr, nr) = (kern.mr, kern.nr);
     let (mp, np) = (m.div_ceil(mr), n.div_ceil(nr));
-    let cptr = CPtr(c.as_mut_ptr());
+    let cptr = SharedMut::new(c.as_mut_ptr());
     let task = |t: usize| {
         let (jp0, jp1) = (t * np / threads, (t + 1) * np / threads);
         let mut bbuf = B_BUF.with(|b| b.take());
@@ -955,7 +940,7 @@ fn gemm_whole_b(
             .for_each(|(k0, kcur, t, out)| b.pack(k0, kcur, t * nr, nr.min(n - t * nr), nr, out));
     }
     let bpan = bbuf.as_slice();
-    let cptr = CPtr(c.as_mut_ptr());
+    let cptr = SharedMut::new(c.as_mut_ptr());
     let (mt, nt) = task_grid(mp, np, kern.mc / mr, threads);
     let task = |t: usize| {
         let (mi, ni) = (t / nt, t % nt);
@@ -1179,7 +1164,7 @@ pub(crate) fn gemm_direct(
             task_grid(mp, np, kern.mc / mr, threads)
         };
         let (kc, nblk) = (a.kc, k.div_ceil(a.kc));
-        let cptr = CPtr(c.as_mut_ptr());
+        let cptr = SharedMut::new(c.as_mut_ptr());
         let task = |t: usize| {
             let (mi, ni) = (t / nt, t % nt);
             let (ip0, ip1) = (mi * mp / mt, (mi + 1) * mp / mt);
@@ -1263,14 +1248,10 @@ pub(crate) fn gemm_driver(
         for i in 0..m {
             for j in 0..n {
                 let o = cl.at(m, i, j).0;
-                c[o] = match (cl, epi.residual) {
-                    // `apply` reads residual element i * ldr + j; a blocked one lies like C, at o
-                    // (>= j): seen from o - j with ldr 0.
-                    (CLayout::Blocked, Some((r, _))) => {
-                        Epilogue { residual: Some((&r[o - j..], 0)), ..*epi }.apply(i, j, 0.0, c[o])
-                    }
-                    _ => epi.apply(i, j, 0.0, c[o]),
-                };
+                // `apply` reads residual element i * ldr + j; in either layout it lies at
+                // ro >= j, so it is seen from ro - j with ld 0.
+                let residual = epi.residual.map(|(r, ldr)| (&r[cl.residual(ldr).at(m, i, j).0 - j..], 0));
+                c[o] = Epilogue { residual, ..*epi }.apply(i, j, 0.0, c[o]);
             }
         }
         return;
@@ -1301,7 +1282,7 @@ pub(crate) fn gemm_driver(
         }
     }
     let mp = m.div_ceil(mr);
-    let cptr = CPtr(c.as_mut_ptr());
+    let cptr = SharedMut::new(c.as_mut_ptr());
     let mut bbuf = B_BUF.with(|b| b.take());
 
     // When n spans several B blocks, pack A's (m, kc) slab once per depth block, shared by all

@@ -44,6 +44,7 @@ use crate::cpu::conv::{ConvParams, ConvWeights};
 use crate::cpu::gemm::{
     detect_isa, pack_a_with_isa, sgemm_packed_a, Epilogue, Isa, MatRef, PackedA, COL_BLOCK,
 };
+use crate::cpu::SharedMut;
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -309,23 +310,6 @@ pub fn workspace_len(wt: &WinogradWeights, n: usize, h: usize, w: usize) -> usiz
     block_floats(ne, wt.c, wt.k, rows * tw)
 }
 
-/// The output's (or an output window's) base pointer, shared by the output-transform tasks, which
-/// write disjoint rows.
-#[derive(Clone, Copy)]
-struct YPtr(*mut f32);
-// SAFETY: each task writes only the output rows of its own output channel k; the output layout is
-// checked injective before any task starts (a window, channel rows of the window's length one
-// after another, is by construction), and the tasks are joined before the transform returns, so
-// no element is written twice concurrently and no access outlives the borrow of `y` / the window.
-unsafe impl Send for YPtr {}
-// SAFETY: as above.
-unsafe impl Sync for YPtr {}
-impl YPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// y = act(conv3x3(x, w, pad 1, stride 1) + bias + residual) by F(2x2, 3x3) or F(4x4, 3x3) (as
 /// the weights were transformed).
 ///
@@ -378,7 +362,7 @@ pub fn winograd_forward(
     if ws.len() < need {
         ws.resize(need, 0.0);
     }
-    let yp = YPtr(y.as_mut_ptr());
+    let yp = SharedMut::new(y.as_mut_ptr());
     let mut g0 = 0;
     while g0 < rows_total {
         let g1 = (g0 + rpb).min(rows_total);
@@ -408,7 +392,7 @@ pub fn winograd_forward(
             // the way to the blocks ((s + bias) + residual, as `store_row` sums it).
             let (qa, qb) = window(&geo, m, g0, g1, false);
             let ywin = &mut ywin[..k * (qb - qa)];
-            let wp = YPtr(ywin.as_mut_ptr());
+            let wp = SharedMut::new(ywin.as_mut_ptr());
             output_transform(wt, mm, &geo, g0, g1, None, false, wp, (qb - qa, Plane { ns: h * w, org: qa }));
             // SAFETY: the output tasks have joined; y is borrowed mutably by this call.
             let yb = unsafe { std::slice::from_raw_parts_mut(yp.get(), yl.len(k, n, h, w)) };
@@ -744,7 +728,7 @@ fn output_transform(
     g1: usize,
     residual: Option<(&[f32], usize, usize)>,
     relu: bool,
-    yp: YPtr,
+    yp: SharedMut,
     (ycs, pl): (usize, Plane),
 ) {
     let k = wt.k;
@@ -759,7 +743,9 @@ fn output_transform(
         |buf, ko| {
             let res = residual.map(|(r, rcs, rns)| (&r[ko * rcs..], rns));
             let job = OutJob { m, k, ko, ld, bias: wt.bias[ko], res, relu, geo, g0, g1 };
-            // SAFETY: see `YPtr`: output channel `ko` is written only by this task, and its
+            // SAFETY: output channel `ko` is written only by this task (the output layout was
+            // checked injective; a window's channel rows follow each other), the tasks join before
+            // the transform returns, and its
             // rows lie within `y` (length checked against the layout by the caller); buf is the
             // length the tile's `output_channel` assembles its rows in.
             unsafe {
