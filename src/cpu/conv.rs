@@ -475,39 +475,50 @@ pub fn conv2d_forward_cn(
 ) {
     let (oh, ow) = p.out_hw(h, w, wt.r, wt.s).expect("conv output is empty");
     let (c, k) = (wt.c, wt.k);
-    let (cols, crs) = (n * oh * ow, c * wt.r * wt.s);
+    let cols = n * oh * ow;
     assert_eq!(x.len(), c * n * h * w, "conv input size");
     assert_eq!(y.len(), k * cols, "conv output size");
     if let Some(r) = residual {
         assert_eq!(r.len(), y.len(), "conv residual size");
     }
-    let a = ASrc::Packed(&wt.packed);
     let epi = Epilogue {
         row_bias: Some(&wt.bias),
         residual: residual.map(|r| (r, cols)),
         relu,
         ..Default::default()
     };
-    match conv_path(wt, p, h, w) {
-        ConvPath::Gemm => gemm_driver(
-            wt.packed.isa(),
-            k,
-            cols,
-            crs,
-            &a,
-            &MatRef::row_major(x, c, n * h * w),
-            y,
-            CLayout::Rows(cols),
-            &epi,
-        ),
+    conv_channel_major_input(conv_path(wt, p, h, w), x, n, h, w, wt, p, y, CLayout::Rows(cols), &epi);
+}
+
+/// Runs a conv whose input x (C, N, H, W) is channel-major on `path`, C laid out as `cl`: the
+/// routing `conv2d_forward_cn` and `conv2d_forward_blocked` share.
+#[allow(clippy::too_many_arguments)]
+fn conv_channel_major_input(
+    path: ConvPath,
+    x: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    wt: &ConvWeights,
+    p: &ConvParams,
+    y: &mut [f32],
+    cl: CLayout,
+    epi: &Epilogue,
+) {
+    let (oh, ow) = p.out_hw(h, w, wt.r, wt.s).expect("conv output is empty");
+    let (c, k, isa) = (wt.c, wt.k, wt.packed.isa());
+    let (cols, crs) = (n * oh * ow, c * wt.r * wt.s);
+    let a = ASrc::Packed(&wt.packed);
+    match path {
+        ConvPath::Gemm => gemm_driver(isa, k, cols, crs, &a, &MatRef::row_major(x, c, n * h * w), y, cl, epi),
         ConvPath::Direct => {
             let b = DirectB::new(x, c, n, h, w, wt.r, wt.s);
-            gemm_direct(k, cols, crs, &wt.packed, &b, y, CLayout::Rows(cols), &epi);
+            gemm_direct(k, cols, crs, &wt.packed, &b, y, cl, epi);
         }
-        ConvPath::DirectS2 => conv2d_direct_s2(x, n, h, w, wt, &epi, y, CLayout::Rows(cols)),
+        ConvPath::DirectS2 => conv2d_direct_s2(x, n, h, w, wt, epi, y, cl),
         ConvPath::Im2col | ConvPath::SubsampledGemm => {
-            let im = Im2col { x, n, h, w, r: wt.r, s: wt.s, p: *p, oh, ow, isa: wt.packed.isa() };
-            gemm_driver(wt.packed.isa(), k, cols, crs, &a, &im, y, CLayout::Rows(cols), &epi);
+            let im = Im2col { x, n, h, w, r: wt.r, s: wt.s, p: *p, oh, ow, isa };
+            gemm_driver(isa, k, cols, crs, &a, &im, y, cl, epi);
         }
     }
 }
@@ -581,17 +592,7 @@ pub fn conv2d_forward_blocked(
                     scratch
                 }
             };
-            match path {
-                ConvPath::Direct => {
-                    let b = DirectB::new(xc, c, n, h, w, wt.r, wt.s);
-                    gemm_direct(k, cols, crs, &wt.packed, &b, y, CLayout::Blocked, &epi);
-                }
-                ConvPath::DirectS2 => conv2d_direct_s2(xc, n, h, w, wt, &epi, y, CLayout::Blocked),
-                _ => {
-                    let im = Im2col { x: xc, n, h, w, r: wt.r, s: wt.s, p: *p, oh, ow, isa };
-                    gemm_driver(isa, k, cols, crs, &a, &im, y, CLayout::Blocked, &epi);
-                }
-            }
+            conv_channel_major_input(path, xc, n, h, w, wt, p, y, CLayout::Blocked, &epi);
         }
     }
 }

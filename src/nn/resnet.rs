@@ -349,7 +349,7 @@ impl ResNet {
         pool.give(t);
         emit(&mut tap, "maxpool", &mpo)?;
         let &[c0, _, h0, w0] = mpo.dims() else { unreachable!("max-pool output is 4-D") };
-        let mut cur = Act::take(pool, c0, n, h0, w0);
+        let mut cur = Act::take(pool, c0, n, h0, w0)?;
         let (src, dst) = (mpo.as_f32_slice()?, cur.data_mut()?);
         profile::time(|| ("to blocked".into(), 0.0), || blocked::to_blocked(src, c0, n * h0 * w0, dst));
         pool.give(mpo);
@@ -429,12 +429,10 @@ struct Act {
 
 impl Act {
     /// A buffer from the pool, padding zeroed (the contents are otherwise unspecified).
-    fn take(pool: &mut ActivationPool, c: usize, n: usize, h: usize, w: usize) -> Act {
+    fn take(pool: &mut ActivationPool, c: usize, n: usize, h: usize, w: usize) -> Result<Act> {
         let mut t = pool.take(&[blocked::blocked_len(c, n * h * w)]);
-        if let Ok(d) = t.as_f32_slice_mut() {
-            blocked::zero_padding(d, c, n * h * w);
-        }
-        Act { t, c, n, h, w }
+        blocked::zero_padding(t.as_f32_slice_mut()?, c, n * h * w);
+        Ok(Act { t, c, n, h, w })
     }
     fn give(self, pool: &mut ActivationPool) {
         pool.give(self.t);
@@ -478,7 +476,7 @@ fn run_conv(
     if x.c != wt.c {
         return Err(Error::shape(format!("conv: {} input channels, weights want {}", x.c, wt.c)));
     }
-    let mut out = Act::take(pool, wt.k, x.n, oh, ow);
+    let mut out = Act::take(pool, wt.k, x.n, oh, ow)?;
     if let Some(r) = residual {
         if (r.c, r.n, r.h, r.w) != (out.c, out.n, out.h, out.w) {
             return Err(Error::shape("conv: residual shape differs from the output's"));
