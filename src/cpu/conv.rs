@@ -29,6 +29,7 @@ use crate::cpu::gemm::{
     gemm_direct, gemm_driver, pack_a, sgemm, ASrc, CLayout, DirectB, Epilogue, Isa, MatRef, PackB, PackedA,
     COL_BLOCK,
 };
+use crate::cpu::SharedMut;
 
 /// Geometry of a convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -515,7 +516,7 @@ fn conv_channel_major_input(
             let b = DirectB::new(x, c, n, h, w, wt.r, wt.s);
             gemm_direct(k, cols, crs, &wt.packed, &b, y, cl, epi);
         }
-        ConvPath::DirectS2 => conv2d_direct_s2(x, n, h, w, wt, epi, y, cl),
+        ConvPath::DirectS2 => conv2d_direct_s2(ConvInput::ChannelMajor(x), n, h, w, wt, epi, y, cl),
         ConvPath::Im2col | ConvPath::SubsampledGemm => {
             let im = Im2col { x, n, h, w, r: wt.r, s: wt.s, p: *p, oh, ow, isa };
             gemm_driver(isa, k, cols, crs, &a, &im, y, cl, epi);
@@ -583,6 +584,8 @@ pub fn conv2d_forward_blocked(
             };
             gemm_driver(isa, k, cols, crs, &a, &BlockedB::new(xb, c, cols), y, CLayout::Blocked, &epi);
         }
+        // (Split into phases straight from the blocks: one copy, not two.)
+        ConvPath::DirectS2 => conv2d_direct_s2(x, n, h, w, wt, &epi, y, CLayout::Blocked),
         path => {
             let xc: &[f32] = match x {
                 ConvInput::ChannelMajor(v) => v,
@@ -755,11 +758,12 @@ pub fn direct_s2_applicable(wt: &ConvWeights, p: &ConvParams, h: usize, w: usize
 /// 5% faster at batch 1 but 7% slower at batch 8. Up to 256, then.
 const DIRECT_S2_MAX_CHANNELS: usize = 256;
 
-/// The stride-2 direct convolution (`direct_s2_applicable` holds): split x (C, N, H, W) into its
-/// phases, then one GEMM with B read from them in place. y (K, N, H/2, W/2), laid out as `cl` says.
+/// The stride-2 direct convolution (`direct_s2_applicable` holds): split x (C, N, H, W),
+/// channel-major or column-blocked, into its phases, then one GEMM with B read from them in place.
+/// y (K, N, H/2, W/2), laid out as `cl` says.
 #[allow(clippy::too_many_arguments)]
 fn conv2d_direct_s2(
-    x: &[f32],
+    x: ConvInput,
     n: usize,
     h: usize,
     w: usize,
@@ -771,8 +775,11 @@ fn conv2d_direct_s2(
     let (c, k, crs) = (wt.c, wt.k, wt.c * wt.r * wt.s);
     let cols = n * (h / 2) * (w / 2);
     let mut xp = PHASES.with(|b| b.take());
-    xp.resize(x.len(), 0.0);
-    split_phases(x, c, n, h, w, &mut xp);
+    xp.resize(c * n * h * w, 0.0);
+    match x {
+        ConvInput::ChannelMajor(v) => split_phases(v, c, n, h, w, &mut xp),
+        ConvInput::Blocked(v) => split_phases_blocked(v, c, n, h, w, &mut xp),
+    }
     let b = DirectB::phases(&xp, c, n, h / 2, w / 2, wt.r, wt.s);
     gemm_direct(k, cols, crs, &wt.packed, &b, y, cl, epi);
     PHASES.with(|b| b.set(xp));
@@ -818,6 +825,57 @@ pub fn split_phases(x: &[f32], c: usize, n: usize, h: usize, w: usize, xp: &mut 
         x.par_chunks(chan).zip(xp.par_chunks_mut(chan)).for_each(one);
     } else {
         x.chunks(chan).zip(xp.chunks_mut(chan)).for_each(one);
+    }
+}
+
+/// `split_phases` of a column-blocked x (`cpu::blocked`: the (C, N*H*W) matrix in blocks of 32
+/// columns), H and W even: the same xp (C, 2, 2, N, H/2, W/2). Parallel over x's blocks, each read
+/// in order (a walk channel by channel would jump C * 128 bytes per block). A block's 32 columns
+/// fall into runs within one image row; as W and 32 are even, every run starts at an even column
+/// and has even length, so it deinterleaves into one row of phase (a, 0) and one of (a, 1).
+pub fn split_phases_blocked(xb: &[f32], c: usize, n: usize, h: usize, w: usize, xp: &mut [f32]) {
+    assert!(h.is_multiple_of(2) && w.is_multiple_of(2), "split_phases: H and W must be even");
+    let cols = n * h * w;
+    assert_eq!(xb.len(), blocked_len(c, cols), "split_phases input size");
+    assert_eq!(xp.len(), c * cols, "split_phases output size");
+    if c == 0 || cols == 0 {
+        return;
+    }
+    let (ph, pw) = (h / 2, w / 2);
+    let plane = n * ph * pw; // one phase of one channel
+    let avx512 = Isa::Avx512.supported();
+    let out = SharedMut::new(xp.as_mut_ptr());
+    let block = |b: usize| {
+        let blk = &xb[b * c * COL_BLOCK..(b + 1) * c * COL_BLOCK];
+        let (mut j, end) = (b * COL_BLOCK, cols.min((b + 1) * COL_BLOCK));
+        while j < end {
+            let (img, y, x0) = (j / (h * w), (j / w) % h, j % w);
+            let len = (w - x0).min(end - j);
+            // Phase (y % 2, 0) and (y % 2, 1), row y / 2, columns x0 / 2 .. (x0 + len) / 2.
+            let at = img * ph * pw + (y / 2) * pw + x0 / 2;
+            let (e0, o0) = ((2 * (y % 2)) * plane + at, (2 * (y % 2) + 1) * plane + at);
+            for ci in 0..c {
+                let src = &blk[ci * COL_BLOCK + j % COL_BLOCK..][..len];
+                // SAFETY: xp holds c * 4 * plane floats (asserted); e0, o0 + len / 2 stay within
+                // their phase plane (x0 + len <= W); the runs of distinct blocks are distinct
+                // columns, so no two tasks write the same element, and they join before return.
+                let (e, o) = unsafe {
+                    let base = out.get().add(ci * 4 * plane);
+                    (
+                        std::slice::from_raw_parts_mut(base.add(e0), len / 2),
+                        std::slice::from_raw_parts_mut(base.add(o0), len / 2),
+                    )
+                };
+                deinterleave(src, e, o, avx512);
+            }
+            j += len;
+        }
+    };
+    let blocks = 0..cols.div_ceil(COL_BLOCK);
+    if c * cols >= 1 << 16 {
+        blocks.into_par_iter().with_min_len(4).for_each(block);
+    } else {
+        blocks.for_each(block);
     }
 }
 
@@ -1395,6 +1453,8 @@ mod tests {
             (2, 3, 32, 30, 20, 7, 7, 2, 3, 1, true), // even: the stride-2 direct path (AVX-512)
             (7, 24, 7, 7, 40, 3, 3, 1, 1, 1, true),
             (8, 64, 14, 14, 48, 3, 3, 2, 1, 1, true),
+            // The stride-2 direct path from blocks (AVX-512): runs split at rows and blocks.
+            (3, 40, 14, 14, 24, 3, 3, 2, 1, 1, true),
             (1, 300, 7, 7, 33, 1, 1, 1, 0, 1, true), // depth 300: two depth blocks, n = 49
             // B read in place (AVX-512; 2+ threads): the column-split order (wide), and the
             // whole-B order (n <= NC, depth 300 > KC); the smaller 1x1 cases above run
@@ -1546,7 +1606,16 @@ mod tests {
             };
             let direct = pool.install(|| {
                 let mut y = vec![f32::NAN; want.len()];
-                conv2d_direct_s2(&cs.xc, n, h, w, &cs.cw, &epi, &mut y, CLayout::Rows(want.len() / k));
+                conv2d_direct_s2(
+                    ConvInput::ChannelMajor(&cs.xc),
+                    n,
+                    h,
+                    w,
+                    &cs.cw,
+                    &epi,
+                    &mut y,
+                    CLayout::Rows(want.len() / k),
+                );
                 y
             });
             let e = rel_l2(&direct, want);
@@ -1561,23 +1630,34 @@ mod tests {
         }
     }
 
+    /// `split_phases` and `split_phases_blocked` against the definition: tiny rows, several
+    /// images, and (blocked) rows and images that straddle blocks.
     #[test]
     fn split_phases_deinterleaves_rows_and_columns() {
-        let (c, n, h, w) = (3, 2, 6, 4);
-        let mut rng = Rng::new(5);
-        let x: Vec<f32> = (0..c * n * h * w).map(|_| rng.uniform(-1.0, 1.0)).collect();
-        let mut xp = vec![f32::NAN; x.len()];
-        split_phases(&x, c, n, h, w, &mut xp);
-        let (ph, pw) = (h / 2, w / 2);
-        for ci in 0..c {
-            for a in 0..2 {
-                for b in 0..2 {
-                    for img in 0..n {
-                        for u in 0..ph {
-                            for v in 0..pw {
-                                let got = xp[(((ci * 4 + a * 2 + b) * n + img) * ph + u) * pw + v];
-                                let want = x[((ci * n + img) * h + 2 * u + a) * w + 2 * v + b];
-                                assert_eq!(got, want, "c {ci} phase ({a}, {b}) image {img} ({u}, {v})");
+        use crate::cpu::blocked::to_blocked;
+        for (c, n, h, w) in [(3, 2, 6, 4), (5, 3, 10, 14), (2, 1, 4, 70)] {
+            let mut rng = Rng::new(5 + w as u64);
+            let x: Vec<f32> = (0..c * n * h * w).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            let mut xb = vec![f32::NAN; blocked_len(c, n * h * w)];
+            to_blocked(&x, c, n * h * w, &mut xb);
+            let (mut xp, mut xpb) = (vec![f32::NAN; x.len()], vec![f32::NAN; x.len()]);
+            split_phases(&x, c, n, h, w, &mut xp);
+            split_phases_blocked(&xb, c, n, h, w, &mut xpb);
+            let (ph, pw) = (h / 2, w / 2);
+            for ci in 0..c {
+                for a in 0..2 {
+                    for b in 0..2 {
+                        for img in 0..n {
+                            for u in 0..ph {
+                                for v in 0..pw {
+                                    let at = (((ci * 4 + a * 2 + b) * n + img) * ph + u) * pw + v;
+                                    let want = x[((ci * n + img) * h + 2 * u + a) * w + 2 * v + b];
+                                    let what = format!(
+                                        "{c}x{n}x{h}x{w}: c {ci} phase ({a}, {b}) image {img} ({u}, {v})"
+                                    );
+                                    assert_eq!(xp[at], want, "{what}");
+                                    assert_eq!(xpb[at], want, "blocked {what}");
+                                }
                             }
                         }
                     }
