@@ -2005,7 +2005,8 @@ mod tests {
     #[test]
     fn direct_masks_match_the_per_lane_definition() {
         // (n, h, w, row shifts, column shifts)
-        let cases: [(usize, usize, usize, &[isize], &[isize]); 7] = [
+        type Case = (usize, usize, usize, &'static [isize], &'static [isize]);
+        let cases: [Case; 7] = [
             (1, 112, 112, &[-2, -1, 0, 1], &[-2, -1, 0, 1]), // the stem's phases
             (2, 28, 28, &[-1, 0], &[-1, 0]),
             (3, 7, 7, &[-1, 0, 1], &[-1, 0, 1]),
