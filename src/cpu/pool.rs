@@ -65,6 +65,58 @@ pub fn max_pool2d(x: &[f32], n: usize, c: usize, h: usize, w: usize, p: &PoolPar
     );
 }
 
+/// `max_pool2d` of a channel-major x (C, N, H, W) into a column-blocked y (`cpu::blocked`: the
+/// (C, N*P*Q) matrix in blocks of 32 columns; padding zeroed), as ResNet's stem pool feeds layer1:
+/// each (channel, image) plane is pooled into a plane buffer (L1-sized), then copied to its runs
+/// in the blocks, instead of a channel-major output and a second pass converting it. Same
+/// selects as `max_pool2d`, so the same bits.
+pub fn max_pool2d_blocked(x: &[f32], c: usize, n: usize, h: usize, w: usize, p: &PoolParams, y: &mut [f32]) {
+    use crate::cpu::blocked::{blocked_len, runs, zero_padding};
+    use crate::cpu::gemm::COL_BLOCK;
+    let (oh, ow) = p.out_hw(h, w).expect("max_pool2d: empty output");
+    let cols = n * oh * ow;
+    assert_eq!(x.len(), c * n * h * w, "max_pool2d input size");
+    assert_eq!(y.len(), blocked_len(c, cols), "max_pool2d output size");
+    assert!(
+        p.kernel.0 >= 1 && p.kernel.1 >= 1 && 2 * p.pad.0 <= p.kernel.0 && 2 * p.pad.1 <= p.kernel.1,
+        "max_pool2d: kernel {:?} with padding {:?}: every window must hold a pixel",
+        p.kernel,
+        p.pad
+    );
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = crate::cpu::gemm::Isa::Avx512.supported();
+    let out = crate::cpu::SharedMut::new(y.as_mut_ptr());
+    x.par_chunks(h * w).enumerate().for_each_init(
+        || (vec![0.0f32; w], vec![0.0f32; oh * ow]),
+        |(colmax, plane), (pi, xp)| {
+            #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                // SAFETY: `Isa::supported` checked every feature the function enables.
+                unsafe { pool_plane_avx512(xp, plane, colmax, h, w, ow, p) };
+            } else {
+                pool_plane(xp, plane, colmax, h, w, ow, p);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            pool_plane(xp, plane, colmax, h, w, ow, p);
+            // Plane pi = (channel ci, image img): columns img*P*Q .. + P*Q of row ci.
+            let (ci, img) = (pi / n, pi % n);
+            for (off, at, len) in runs(img * oh * ow, oh * ow, c * COL_BLOCK) {
+                // SAFETY: y holds blocked_len(c, cols) floats (asserted) and channel ci's run lies
+                // inside it; distinct planes are distinct (channel, column) elements, so no two
+                // tasks write the same float, and they join before return.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        plane[at..].as_ptr(),
+                        out.get().add(ci * COL_BLOCK + off),
+                        len,
+                    )
+                };
+            }
+        },
+    );
+    zero_padding(y, c, cols);
+}
+
 /// `pool_plane` compiled for AVX-512, so that the column and window maxima vectorise 16 wide (the
 /// crate is built for baseline x86-64). Same selects, so the same result bit for bit.
 ///
@@ -361,6 +413,32 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// `max_pool2d_blocked` is `max_pool2d` (on C planes of N images) then `to_blocked`, bit for
+    /// bit, with its padding zeroed: planes whose columns straddle blocks, several images, and
+    /// the stem's geometry.
+    #[test]
+    fn max_pool_blocked_is_pool_then_blocked() {
+        use crate::cpu::blocked::{blocked_len, to_blocked};
+        for (c, n, h, w, p) in [
+            (3, 2, 9, 7, PoolParams::new(3, 2, 1)),
+            (5, 3, 12, 12, PoolParams::new(3, 2, 1)),
+            (4, 1, 10, 11, PoolParams::new(2, 2, 0)),
+            (2, 2, 112, 112, PoolParams::new(3, 2, 1)),
+        ] {
+            let x = uniform_vec(9, "x", c * n * h * w, -1.0, 1.0);
+            let (oh, ow) = p.out_hw(h, w).unwrap();
+            let cols = n * oh * ow;
+            let mut plain = vec![f32::NAN; c * cols];
+            max_pool2d(&x, c, n, h, w, &p, &mut plain);
+            let mut want = vec![f32::NAN; blocked_len(c, cols)];
+            to_blocked(&plain, c, cols, &mut want);
+            let mut got = vec![f32::NAN; blocked_len(c, cols)];
+            max_pool2d_blocked(&x, c, n, h, w, &p, &mut got);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&got) == bits(&want), "{c}x{n}x{h}x{w} {p:?}");
         }
     }
 

@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use crate::cpu::blocked;
 use crate::cpu::conv::{blocked_conv_path, conv2d_forward_blocked, conv_path, ConvInput};
 use crate::cpu::conv::{swap_leading_axes, ConvParams};
-use crate::cpu::pool::PoolParams;
+use crate::cpu::pool::{max_pool2d_blocked, PoolParams};
 use crate::cpu::winograd::{winograd_applicable, winograd_forward, ActLayout, WinoTile, WinogradWeights};
 use crate::error::{Error, Result};
 use crate::nn::buffers::ActivationPool;
@@ -29,7 +29,6 @@ use crate::nn::conv::{Conv2d, ParamFn};
 use crate::nn::encoder::{Encoder, EncoderKind, FeatureLayer};
 use crate::nn::linear::FrozenLinear;
 use crate::nn::profile;
-use crate::ops;
 use crate::tensor::Tensor;
 use crate::weights::TensorFile;
 
@@ -342,17 +341,18 @@ impl ResNet {
         run_conv_cn(&self.stem, &xc, &mut t)?;
         pool.give(xc);
         emit(&mut tap, "conv1", &t)?;
-        // Max-pool works plane by plane, so (C, N, H, W) passes as a batch of C "images" of N planes.
+        // Max-pool works plane by plane, so (C, N, H, W) passes as a batch of C "images" of N
+        // planes; the output goes straight into the column-blocked layout of layer1 on.
         let mp = PoolParams::new(3, 2, 1);
-        let mut mpo = pool.take(&ops::max_pool2d_out_dims(t.dims(), &mp)?);
-        profile::time(|| ("max-pool 3x3/2".into(), 0.0), || ops::max_pool2d_into(&t, &mp, &mut mpo))?;
-        pool.give(t);
-        emit(&mut tap, "maxpool", &mpo)?;
-        let &[c0, _, h0, w0] = mpo.dims() else { unreachable!("max-pool output is 4-D") };
+        let &[c0, _, sh, sw] = t.dims() else { unreachable!("stem output is 4-D") };
+        let (h0, w0) = mp.out_hw(sh, sw).ok_or_else(|| Error::shape("max-pool: empty output"))?;
         let mut cur = Act::take(pool, c0, n, h0, w0)?;
-        let (src, dst) = (mpo.as_f32_slice()?, cur.data_mut()?);
-        profile::time(|| ("to blocked".into(), 0.0), || blocked::to_blocked(src, c0, n * h0 * w0, dst));
-        pool.give(mpo);
+        let (src, dst) = (t.as_f32_slice()?, cur.data_mut()?);
+        profile::time(|| ("max-pool 3x3/2".into(), 0.0), || max_pool2d_blocked(src, c0, n, sh, sw, &mp, dst));
+        pool.give(t);
+        if tap.is_some() {
+            emit(&mut tap, "maxpool", &cur.to_channel_major()?)?;
+        }
         for (li, stage) in self.stages.iter().enumerate() {
             for block in stage {
                 let next = self.block_forward(block, &cur, pool)?;
