@@ -555,8 +555,9 @@ impl PackedA {
 /// y (m) = epilogue(A x) for a pre-packed A and a vector x (k): the one-column case of
 /// `sgemm_packed_a`, which would spend a 32-column micro-kernel (NR) on one column. Reads the panels
 /// in place (each depth block's (kc, MR) panel, MR rows side by side) and is bound by streaming A
-/// from memory (ResNet-50's fc: 8 MB). Panels in parallel; each row's sum runs over four
-/// interleaved partial sums (depth p mod 4), added at the end.
+/// from memory (ResNet-50's fc: 8 MB). One run of consecutive panels per thread, read depth block
+/// by depth block (`gemv_chunk`); each row's sum runs over four interleaved partial sums (depth p
+/// mod 4), added at the end.
 pub fn gemv_packed_a(a: &PackedA, x: &[f32], y: &mut [f32], epi: &Epilogue) {
     assert_eq!(x.len(), a.k, "gemv: x has {} entries, A is {}x{}", x.len(), a.m, a.k);
     assert_eq!(y.len(), a.m, "gemv: y has {} entries, A is {}x{}", y.len(), a.m, a.k);
@@ -569,73 +570,88 @@ pub fn gemv_packed_a(a: &PackedA, x: &[f32], y: &mut [f32], epi: &Epilogue) {
 
 fn gemv_panels<const MR: usize>(a: &PackedA, x: &[f32], y: &mut [f32], epi: &Epilogue) {
     let (m, k) = (a.m, a.k);
-    let panel = |(ip, yp): (usize, &mut [f32])| {
+    let chunk = |(ci, yc): (usize, &mut [f32]), per: usize| {
+        let (p0, p1) = (ci * per, ci * per + yc.len().div_ceil(MR));
         #[cfg(target_arch = "x86_64")]
         if a.isa == Isa::Avx512 {
             // SAFETY: the panels were packed for AVX-512, which `pack_a_with_isa` only does on a
             // CPU that supports it (`Isa::supported`: every feature the wrapper enables).
-            unsafe { gemv_panel_avx512::<MR>(a, x, ip, yp, epi) };
+            unsafe { gemv_chunk_avx512::<MR>(a, x, p0, p1, yc, epi) };
             return;
         }
-        gemv_panel::<MR>(a, x, ip, yp, epi)
+        gemv_chunk::<MR>(a, x, p0, p1, yc, epi)
     };
-    // Memory-bound: worth a fork/join (~10 us) once A is a few hundred KB.
+    // Memory-bound: worth a fork/join (~10 us) once A is a few hundred KB; then one run of
+    // consecutive panels per thread, so each streams contiguous memory (see `gemv_chunk`).
+    let np = m.div_ceil(MR);
     if m * k >= 1 << 16 {
-        y.par_chunks_mut(MR).enumerate().for_each(panel);
+        let per = np.div_ceil(rayon::current_num_threads().max(1));
+        y.par_chunks_mut(per * MR).enumerate().for_each(|c| chunk(c, per));
     } else {
-        y.chunks_mut(MR).enumerate().for_each(panel);
+        chunk((0, y), np);
     }
 }
 
-/// `gemv_panel` compiled for AVX-512 (the crate is built for baseline x86-64), so the MR lanes of
+/// `gemv_chunk` compiled for AVX-512 (the crate is built for baseline x86-64), so the MR lanes of
 /// a depth step are one masked vector; same multiplies and adds, so the same result.
 ///
 /// # Safety
 /// `Isa::Avx512.supported()` (the features enabled here).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
-unsafe fn gemv_panel_avx512<const MR: usize>(
+unsafe fn gemv_chunk_avx512<const MR: usize>(
     a: &PackedA,
     x: &[f32],
-    ip: usize,
-    yp: &mut [f32],
+    p0: usize,
+    p1: usize,
+    yc: &mut [f32],
     epi: &Epilogue,
 ) {
-    gemv_panel::<MR>(a, x, ip, yp, epi)
+    gemv_chunk::<MR>(a, x, p0, p1, yc, epi)
 }
 
-/// Rows `ip * MR ..` (`yp`) of `gemv_packed_a`.
+/// Panels p0..p1 (rows p0 * MR .. into `yc`) of `gemv_packed_a`, depth block by depth block: a
+/// block's panels lie side by side in the packed buffer, so the chunk reads one contiguous run per
+/// block (where panel by panel it would read kc * MR floats, then jump a block ahead). Each row
+/// keeps four partial sums (depth p mod 4) across the blocks, added at the end.
 #[inline(always)]
-fn gemv_panel<const MR: usize>(a: &PackedA, x: &[f32], ip: usize, yp: &mut [f32], epi: &Epilogue) {
+fn gemv_chunk<const MR: usize>(a: &PackedA, x: &[f32], p0: usize, p1: usize, yc: &mut [f32], epi: &Epilogue) {
     let k = a.k;
-    let mut acc = [[0.0f32; MR]; 4];
+    let mut accs = vec![[[0.0f32; MR]; 4]; p1 - p0];
     let mut k0 = 0;
     while k0 < k {
         let kcur = a.kc.min(k - k0);
-        let base = a.panel_ptr(k0, kcur, ip);
-        // SAFETY: panel_ptr points at this depth block's panel ip, kcur * MR packed floats
-        // inside the buffer (pack_a_with_isa laid out every panel of every block).
-        let pan = unsafe { std::slice::from_raw_parts(base, kcur * MR) };
         let xs = &x[k0..k0 + kcur];
-        let (p4, x4) = (pan.chunks_exact(4 * MR), xs.chunks_exact(4));
-        let (pr, xr) = (p4.remainder(), x4.remainder());
-        for (cols, xv) in p4.zip(x4) {
-            for (u, acc) in acc.iter_mut().enumerate() {
-                for (s, &v) in acc.iter_mut().zip(&cols[u * MR..(u + 1) * MR]) {
-                    *s = madd(v, xv[u], *s);
+        for (ip, saved) in (p0..p1).zip(accs.iter_mut()) {
+            // (A local copy: the compiler keeps it in registers.)
+            let mut acc = *saved;
+            let base = a.panel_ptr(k0, kcur, ip);
+            // SAFETY: panel_ptr points at this depth block's panel ip, kcur * MR packed floats
+            // inside the buffer (pack_a_with_isa laid out every panel of every block).
+            let pan = unsafe { std::slice::from_raw_parts(base, kcur * MR) };
+            let (p4, x4) = (pan.chunks_exact(4 * MR), xs.chunks_exact(4));
+            let (pr, xr) = (p4.remainder(), x4.remainder());
+            for (cols, xv) in p4.zip(x4) {
+                for (u, acc) in acc.iter_mut().enumerate() {
+                    for (s, &v) in acc.iter_mut().zip(&cols[u * MR..(u + 1) * MR]) {
+                        *s = madd(v, xv[u], *s);
+                    }
                 }
             }
-        }
-        for (col, &xv) in pr.chunks_exact(MR).zip(xr) {
-            for (s, &v) in acc[0].iter_mut().zip(col) {
-                *s = madd(v, xv, *s);
+            for (col, &xv) in pr.chunks_exact(MR).zip(xr) {
+                for (s, &v) in acc[0].iter_mut().zip(col) {
+                    *s = madd(v, xv, *s);
+                }
             }
+            *saved = acc;
         }
         k0 += kcur;
     }
-    for (r, out) in yp.iter_mut().enumerate() {
-        let sum = (acc[0][r] + acc[1][r]) + (acc[2][r] + acc[3][r]);
-        *out = epi.apply(ip * MR + r, 0, sum, *out);
+    for ((ip, acc), yp) in (p0..p1).zip(&accs).zip(yc.chunks_mut(MR)) {
+        for (r, out) in yp.iter_mut().enumerate() {
+            let sum = (acc[0][r] + acc[1][r]) + (acc[2][r] + acc[3][r]);
+            *out = epi.apply(ip * MR + r, 0, sum, *out);
+        }
     }
 }
 
