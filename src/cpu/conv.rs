@@ -532,11 +532,27 @@ pub enum ConvInput<'a> {
     Blocked(&'a [f32]),
 }
 
+/// The residual a conv adds before its ReLU (`conv2d_forward_blocked`).
+#[derive(Clone, Copy, Debug)]
+pub enum Residual<'a> {
+    None,
+    /// A separate activation laid out like the output: y = act((W*x + bias) + r).
+    Add(&'a [f32]),
+    /// The output buffer holds the residual on entry and the sum replaces it: y = act((y + W*x) +
+    /// bias), the GEMM's first depth block accumulating onto C (beta = 1). A ResNet block's
+    /// identity is not needed after its last conv, and reading the residual where the output goes
+    /// spares a separate write stream (each output line is fetched once, not once as residual and
+    /// again for the store). Same terms as `Add`, summed in another order (y + W*x first): equal
+    /// up to rounding, not bit for bit.
+    InOutput,
+}
+
 /// `conv2d_forward_cn` with a column-blocked output: y (K, N*P*Q) and the residual like y, in
 /// `cpu::blocked` layout. A 1x1 conv reads a blocked input in place (stride 1: the GEMM's B panels
 /// are the input's blocks) or subsamples it into `scratch` first (stride 2, ResNet's
 /// downsampling); the other paths (`conv_path`) read a channel-major input, which a blocked one is
-/// converted to, in `scratch`. Each path writes the same values `conv2d_forward_cn` would.
+/// converted to, in `scratch`. Without `Residual::InOutput` each path writes the same values
+/// `conv2d_forward_cn` would.
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_forward_blocked(
     x: ConvInput,
@@ -545,7 +561,7 @@ pub fn conv2d_forward_blocked(
     w: usize,
     wt: &ConvWeights,
     p: &ConvParams,
-    residual: Option<&[f32]>,
+    residual: Residual,
     relu: bool,
     y: &mut [f32],
     scratch: &mut Vec<f32>,
@@ -559,14 +575,18 @@ pub fn conv2d_forward_blocked(
     };
     assert_eq!(xlen.0, xlen.1, "conv input size");
     assert_eq!(y.len(), blocked_len(k, cols), "conv output size");
-    if let Some(r) = residual {
+    if let Residual::Add(r) = residual {
         assert_eq!(r.len(), y.len(), "conv residual size");
     }
     let a = ASrc::Packed(&wt.packed);
     let epi = Epilogue {
         row_bias: Some(&wt.bias),
         // (Blocked like y; the leading dimension is not used.)
-        residual: residual.map(|r| (r, 0)),
+        residual: match residual {
+            Residual::Add(r) => Some((r, 0)),
+            _ => None,
+        },
+        beta: if matches!(residual, Residual::InOutput) { 1.0 } else { 0.0 },
         relu,
         ..Default::default()
     };
@@ -1439,7 +1459,8 @@ mod tests {
     /// subsampled, im2col, direct, stride-2 direct) from a blocked and from a channel-major input,
     /// batches whose columns straddle blocks, images and rows, with and without residual + ReLU.
     /// The same kernels see the same B panels in the same order, so the values are the same bits;
-    /// the output's padding columns stay as they were (zero).
+    /// the output's padding columns stay as they were (zero). With the residual in the output
+    /// buffer (`Residual::InOutput`), every path gives the same values up to rounding.
     #[test]
     fn blocked_conv_is_the_channel_major_conv() {
         use crate::cpu::blocked::to_blocked;
@@ -1485,19 +1506,9 @@ mod tests {
             for input in [ConvInput::Blocked(&xb), ConvInput::ChannelMajor(&cs.xc)] {
                 let mut yb = vec![7.5; blocked_len(k, cols)];
                 let mut scratch = vec![f32::NAN; 7];
+                let res = if fused { Residual::Add(&resb) } else { Residual::None };
                 pool.install(|| {
-                    conv2d_forward_blocked(
-                        input,
-                        n,
-                        h,
-                        w,
-                        &cs.cw,
-                        &p,
-                        fused.then_some(&resb[..]),
-                        fused,
-                        &mut yb,
-                        &mut scratch,
-                    )
+                    conv2d_forward_blocked(input, n, h, w, &cs.cw, &p, res, fused, &mut yb, &mut scratch)
                 });
                 let mut got = vec![0.0; k * cols];
                 from_blocked(&yb, k, cols, &mut got);
@@ -1511,6 +1522,39 @@ mod tests {
                 for j in cols..cols.div_ceil(COL_BLOCK) * COL_BLOCK {
                     for ki in 0..k {
                         assert_eq!(yb[blocked_index(k, ki, j)], 7.5, "case {i}: padding ({ki}, {j}) written");
+                    }
+                }
+                if !fused {
+                    continue;
+                }
+                // The residual in the output buffer: the same terms in another order, so equal
+                // up to a few roundings of the output's magnitude (1e-6 relative L2: ~8 ulps);
+                // the padding is left alone.
+                let mut yi = resb.clone();
+                for j in cols..cols.div_ceil(COL_BLOCK) * COL_BLOCK {
+                    (0..k).for_each(|ki| yi[blocked_index(k, ki, j)] = 7.5);
+                }
+                pool.install(|| {
+                    conv2d_forward_blocked(
+                        input,
+                        n,
+                        h,
+                        w,
+                        &cs.cw,
+                        &p,
+                        Residual::InOutput,
+                        true,
+                        &mut yi,
+                        &mut scratch,
+                    )
+                });
+                let mut got_in = vec![0.0; k * cols];
+                from_blocked(&yi, k, cols, &mut got_in);
+                let e = rel_l2(&got_in, &want);
+                assert!(e <= 1e-6, "case {i} {g:?} ({path}): residual in the output {e:.3e} off");
+                for j in cols..cols.div_ceil(COL_BLOCK) * COL_BLOCK {
+                    for ki in 0..k {
+                        assert_eq!(yi[blocked_index(k, ki, j)], 7.5, "case {i}: padding ({ki}, {j}) written");
                     }
                 }
             }
