@@ -1477,9 +1477,9 @@ mod tests {
             // The stride-2 direct path from blocks (AVX-512): runs split at rows and blocks.
             (3, 40, 14, 14, 24, 3, 3, 2, 1, 1, true),
             (1, 300, 7, 7, 33, 1, 1, 1, 0, 1, true), // depth 300: two depth blocks, n = 49
-            // B read in place (AVX-512; 2+ threads): the column-split order (wide), and the
-            // whole-B order (n <= NC, depth 300 > KC); the smaller 1x1 cases above run
-            // single-threaded in the default order, which packs B from the blocks.
+            // B read in place (AVX-512): the column-split order (wide, 2+ threads), the whole-B
+            // order (n <= NC, depth 300 > KC); the smaller 1x1 cases above run single-threaded
+            // in the default order, which reads B in place too.
             (2, 70, 28, 28, 64, 1, 1, 1, 0, 1, true),
             (1, 300, 14, 14, 64, 1, 1, 1, 0, 1, true),
         ];

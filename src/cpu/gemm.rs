@@ -1356,16 +1356,22 @@ pub(crate) fn gemm_driver(
         while j0 < n {
             let ncur = kern.nc.min(n - j0);
             let np = ncur.div_ceil(nr);
-            bbuf.resize(np * nr * kcur);
+            // B panels the source holds already (a blocked activation) are read in place.
+            let in_place = b.in_place(k0, kcur, j0, nr).is_some();
+            bbuf.resize(if in_place { 0 } else { np * nr * kcur });
             let bpan = bbuf.as_mut_slice();
-            if threads > 1 && np > 1 {
+            if !in_place && threads > 1 && np > 1 {
                 bpan.par_chunks_mut(kcur * nr)
                     .enumerate()
                     .for_each(|(t, out)| b.pack(k0, kcur, j0 + t * nr, nr.min(ncur - t * nr), nr, out));
-            } else {
+            } else if !in_place {
                 b.pack(k0, kcur, j0, ncur, nr, bpan);
             }
             let bpan: &[f32] = bpan;
+            let b_at = |jp: usize| match in_place {
+                true => b.in_place(k0, kcur, j0 + jp * nr, nr).expect("every panel of an in-place B"),
+                false => bpan[jp * kcur * nr..].as_ptr(),
+            };
             let (mt, nt) = task_grid(mp, np, kern.mc / mr, threads);
             let first = k0 == 0;
             let last = k0 + kcur == k;
@@ -1401,9 +1407,10 @@ pub(crate) fn gemm_driver(
                     ASrc::Packed(pa) => pa.panel_ptr(k0, kcur, ip0),
                 };
                 let tile = |ip: usize, jp: usize, ap: *const f32| {
-                    let bp = bpan[jp * kcur * nr..].as_ptr();
+                    let bp = b_at(jp);
                     // SAFETY: A and B panels hold kcur*MR and kcur*NR floats (packed above,
-                    // zero-padded); see `run_tile` for the rest.
+                    // zero-padded, or the source's own, per `in_place`); see `run_tile` for the
+                    // rest.
                     unsafe {
                         run_tile(&kern, epi, m, n, cl, cptr, ip * mr, j0 + jp * nr, kcur, ap, bp, first, last)
                     };
@@ -1738,9 +1745,9 @@ mod tests {
     /// columns untouched.
     #[test]
     fn blocked_c_and_in_place_b_are_bitwise_the_row_major_result() {
-        // Two workers: the packed-A orders (where B is read in place) need 2+ threads and
-        // 2*m*n*k >= PARALLEL_MIN_FLOPS: (20, 2100, 64) takes the column split, (64, 196, 600)
-        // the whole-B order, the others the default order (B packed from the blocked source).
+        // Two workers: the packed-A orders need 2+ threads and 2*m*n*k >= PARALLEL_MIN_FLOPS:
+        // (20, 2100, 64) takes the column split, (64, 196, 600) the whole-B order, the others the
+        // default order ((8, 1100, 40): two B blocks); all read B in place on AVX-512.
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         pool.install(blocked_c_cases);
     }
@@ -1757,6 +1764,7 @@ mod tests {
                 (13, 49, 700),
                 (300, 45, 33),
                 (64, 196, 600),
+                (8, 1100, 40),
                 (5, 7, 0),
             ] {
                 for opts in [0u32, 2 | 8 | 32, 1 | 2 | 8 | 16 | 32, 64 | 8] {
