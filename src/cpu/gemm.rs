@@ -662,9 +662,15 @@ pub fn pack_a(a: MatRef) -> PackedA {
 
 /// Packs A for a given (supported) ISA's kernel.
 pub fn pack_a_with_isa(isa: Isa, a: MatRef) -> PackedA {
+    pack_a_deep(isa, a, 1)
+}
+
+/// `pack_a_with_isa` with depth blocks up to `deep` times the kernel's KC: for A operands whose
+/// GEMMs run faster in fewer, longer depth blocks (the convolutions, `conv::ConvWeights`).
+pub fn pack_a_deep(isa: Isa, a: MatRef, deep: usize) -> PackedA {
     let kern = kernel_for(isa);
     let (m, k) = (a.rows, a.cols);
-    let kc = depth_block(k, kern.kc);
+    let kc = depth_block(k, kern.kc * deep.max(1));
     let np = m.div_ceil(kern.mr);
     let mpad = np * kern.mr;
     let mut buf = AlignedBuf::new(mpad * k);
