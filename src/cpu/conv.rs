@@ -26,8 +26,8 @@ use rayon::prelude::*;
 
 use crate::cpu::blocked::{blocked_index, blocked_len, from_blocked, BlockedB};
 use crate::cpu::gemm::{
-    detect_isa, gemm_direct, gemm_driver, pack_a_deep, sgemm, ASrc, CLayout, DirectB, Epilogue, Isa, MatRef,
-    PackB, PackedA, COL_BLOCK,
+    gemm_direct, gemm_driver, pack_a, sgemm, ASrc, CLayout, DirectB, Epilogue, Isa, MatRef, PackB, PackedA,
+    COL_BLOCK,
 };
 use crate::cpu::SharedMut;
 
@@ -77,23 +77,12 @@ pub struct ConvWeights {
     packed: PackedA,
 }
 
-/// A conv's depth (C*R*S) runs through the GEMM in blocks of up to this many times the AVX-512
-/// kernel's KC (256), i.e. 1024. Each depth block is one more pass over the B panels and one more
-/// load and store of every C tile; the kernel streams its A panel and B rows with prefetches, so
-/// panels larger than L1 cost less than the passes. Measured in ResNet-50 on Zen 4 (2 threads, per
-/// op, the minimum over 3 alternating rounds, 1024 against 256): the 1x1 convs with 512-2048 input
-/// channels 0.94-0.99x at batch 1 and 8, the 3x3/2 convs 0.89-0.96x at batch 1 (about even at
-/// batch 8), the rest unchanged (the forward 0.98-0.99x). Other ISAs keep their kernel's KC.
-const CONV_DEPTH_BLOCKS: usize = 4;
-
 impl ConvWeights {
     pub fn new(weight: Vec<f32>, bias: Option<Vec<f32>>, k: usize, c: usize, r: usize, s: usize) -> Self {
         assert_eq!(weight.len(), k * c * r * s, "conv weight size");
         let bias = bias.unwrap_or_else(|| vec![0.0; k]);
         assert_eq!(bias.len(), k, "conv bias size");
-        let isa = detect_isa();
-        let deep = if isa == Isa::Avx512 { CONV_DEPTH_BLOCKS } else { 1 };
-        let packed = pack_a_deep(isa, MatRef::row_major(&weight, k, c * r * s), deep);
+        let packed = pack_a(MatRef::row_major(&weight, k, c * r * s));
         ConvWeights { k, c, r, s, weight, bias, packed }
     }
 

@@ -294,13 +294,18 @@ fn kernel_for(isa: Isa) -> Kernel {
     assert!(isa.supported(), "sgemm: ISA {} not supported on this CPU", isa.name());
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // A micro-panel 14 x 256 x 4 B = 14 KiB stays in L1 (a_in_l1); the B block 256 x 1024 x 4 B
-        // = 1 MiB stays in L2 (2 MiB/core here) and streams through L1 (prefetched in the kernel).
-        // Measured against the BLIS order (B panel in L1) and KC 128..512, NC 512..1536: see PERF.md.
+        // The A micro-panel is the register tile's stationary operand (a_in_l1: it is reused
+        // across the B panels), B panels stream from L2 (prefetched in the kernel). KC 1024: the
+        // A panel (56 KiB) outgrows L1 and the B block (4 MiB) L2, but every depth block costs a
+        // pass over B and a reload of each C tile, and with the prefetches the longer blocks win.
+        // Measured on Zen 4 (32 KiB L1d, 1 MiB L2; 2 threads): sgemm 1024 / 2048 85-86% of peak at
+        // KC 256, 87-88% at 512, 89-90% at 1024; ResNet-50's convs 0.94-0.99x per op. (On the
+        // AVX-512 Xeon of sessions 2-4, 48 KiB L1d and 2 MiB L2, KC 256 measured best among
+        // 128..512: see PERF.md.)
         Isa::Avx512 => Kernel {
             mr: kernels::x86::AVX512_MR,
             nr: kernels::x86::AVX512_NR,
-            kc: 256,
+            kc: 1024,
             mc: 14 * 20,
             nc: 32 * 32,
             a_in_l1: true,
@@ -662,15 +667,9 @@ pub fn pack_a(a: MatRef) -> PackedA {
 
 /// Packs A for a given (supported) ISA's kernel.
 pub fn pack_a_with_isa(isa: Isa, a: MatRef) -> PackedA {
-    pack_a_deep(isa, a, 1)
-}
-
-/// `pack_a_with_isa` with depth blocks up to `deep` times the kernel's KC: for A operands whose
-/// GEMMs run faster in fewer, longer depth blocks (the convolutions, `conv::ConvWeights`).
-pub fn pack_a_deep(isa: Isa, a: MatRef, deep: usize) -> PackedA {
     let kern = kernel_for(isa);
     let (m, k) = (a.rows, a.cols);
-    let kc = depth_block(k, kern.kc * deep.max(1));
+    let kc = depth_block(k, kern.kc);
     let np = m.div_ceil(kern.mr);
     let mpad = np * kern.mr;
     let mut buf = AlignedBuf::new(mpad * k);
@@ -1602,8 +1601,8 @@ mod tests {
         (37, 53, 71),
         (14, 32, 16),   // exactly one AVX-512 tile
         (6, 16, 16),    // exactly one AVX2 tile
-        (29, 65, 300),  // k > KC, split in two depth blocks
-        (13, 40, 700),  // three depth blocks
+        (29, 65, 300),  // two depth blocks at KC 256 (AVX2, portable)
+        (13, 40, 2100), // three depth blocks at KC 1024 (AVX-512), nine at 256
         (300, 45, 33),  // m > MC
         (20, 2100, 40), // n > NC; few rows, so threads split columns
         (131, 257, 129),
@@ -1629,7 +1628,7 @@ mod tests {
         let opts_list = [1, 2, 4, 8, 16, 32, 64, 2 | 8 | 32, 1 | 2 | 4 | 8 | 16 | 32, 64 | 1 | 32];
         for isa in available_isas() {
             // Single depth block, and several (partial sums through C with beta and scale).
-            for &(m, n, k) in &[(37, 53, 71), (29, 65, 300), (45, 70, 600), (29, 49, 300)] {
+            for &(m, n, k) in &[(37, 53, 71), (29, 65, 300), (45, 70, 1100), (29, 49, 300)] {
                 for &opts in &opts_list {
                     seed += 1;
                     check(isa, Case { m, n, k, ta: false, tb: false, pad: 2 }, opts, seed);
@@ -1641,7 +1640,8 @@ mod tests {
     #[test]
     fn sgemm_every_edge_row_count() {
         // m = 1..=29 covers every remainder m % MR for MR = 6, 8, 14 (the AVX-512 path has a kernel
-        // per remainder); k = 300 gives two depth blocks (partial sums in C), n = 45 a column edge.
+        // per remainder); k = 1100 gives two depth blocks at every KC (partial sums in C), n = 45
+        // a column edge.
         // n = 49 = 32 + 17 runs the AVX-512 16+1-column kernel on its last panel.
         let mut seed = 5000;
         for isa in available_isas() {
@@ -1650,7 +1650,7 @@ mod tests {
                     seed += 1;
                     check(
                         isa,
-                        Case { m, n, k: 300, ta: false, tb: false, pad: 1 },
+                        Case { m, n, k: 1100, ta: false, tb: false, pad: 1 },
                         1 | 4 | 8 | 32 | 64,
                         seed,
                     );
@@ -1752,7 +1752,7 @@ mod tests {
     #[test]
     fn blocked_c_and_in_place_b_are_bitwise_the_row_major_result() {
         // Two workers: the packed-A orders need 2+ threads and 2*m*n*k >= PARALLEL_MIN_FLOPS:
-        // (20, 2100, 64) takes the column split, (64, 196, 600) the whole-B order, the others the
+        // (20, 2100, 64) takes the column split, (64, 196, 1100) the whole-B order, the others the
         // default order ((8, 1100, 40): two B blocks); all read B in place on AVX-512.
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         pool.install(blocked_c_cases);
@@ -1767,9 +1767,9 @@ mod tests {
                 (29, 65, 300),
                 (14, 32, 16),
                 (20, 2100, 64),
-                (13, 49, 700),
+                (13, 49, 2100),
                 (300, 45, 33),
-                (64, 196, 600),
+                (64, 196, 1100),
                 (8, 1100, 40),
                 (5, 7, 0),
             ] {
@@ -1866,7 +1866,7 @@ mod tests {
         pool.install(|| {
             for isa in available_isas() {
                 // The last one has n > NC on every path: A packed once per depth block, shared.
-                for &(m, n, k) in &[(200, 150, 140), (10, 900, 300), (64, 700, 200), (45, 2100, 300)] {
+                for &(m, n, k) in &[(200, 150, 140), (10, 900, 300), (64, 700, 200), (45, 2100, 1100)] {
                     check(isa, Case { m, n, k, ta: false, tb: false, pad: 1 }, 2 | 8 | 32, 99);
                 }
             }
@@ -1948,7 +1948,7 @@ mod tests {
                 // a 20-row m (split over columns).
                 let cases = [
                     (64, 8 * nr, 300),
-                    (37, 19 * nr + 5, 600),
+                    (37, 19 * nr + 5, 1100),
                     (300, 600, 64),
                     (64, 40 * nr, 300), // several column groups per task
                     (512, 49, 4608),
@@ -2013,7 +2013,7 @@ mod tests {
     fn sgemm_packed_a_matches_reference() {
         let mut rng = Rng::new(42);
         for isa in available_isas() {
-            for &(m, n, k) in &[(37, 53, 71), (70, 100, 600), (1, 5, 1)] {
+            for &(m, n, k) in &[(37, 53, 71), (70, 100, 1100), (1, 5, 1)] {
                 let a = rand_vec(&mut rng, m * k);
                 let b = rand_vec(&mut rng, k * n);
                 let rb = rand_vec(&mut rng, m);
