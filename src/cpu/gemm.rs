@@ -847,7 +847,8 @@ unsafe fn tile_epi(
 }
 
 /// B panels a thread packs and then multiplies by all of A before packing the next ones, in the
-/// column-split order (`gemm_column_split`): 16 x (256 x 32) floats = 512 KiB, L2-resident.
+/// column-split order (`gemm_column_split`): 16 panels of (KC x 32) floats (2 MiB at KC 1024; the
+/// in-place panels of a blocked B are read where they lie).
 const COL_GROUP: usize = 16;
 
 /// The column-split order for a pre-packed A (layer weights) and a wide B (a conv's N*P*Q
