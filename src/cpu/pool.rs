@@ -40,29 +40,43 @@ impl PoolParams {
 /// each output's `kw` columns of that row. Branch-free (`nan_max` is a compare and a select), which
 /// is what keeps the stem pool of ResNet at memory speed.
 pub fn max_pool2d(x: &[f32], n: usize, c: usize, h: usize, w: usize, p: &PoolParams, y: &mut [f32]) {
-    let (oh, ow) = p.out_hw(h, w).expect("max_pool2d: empty output");
+    let (oh, ow) = max_pool_out_hw(p, h, w);
     assert_eq!(x.len(), n * c * h * w, "max_pool2d input size");
     assert_eq!(y.len(), n * c * oh * ow, "max_pool2d output size");
+    y.par_chunks_mut(oh * ow)
+        .zip(x.par_chunks(h * w))
+        .for_each_init(|| vec![0.0f32; w], |colmax, (yp, xp)| pool_plane_any(xp, yp, colmax, h, w, ow, p));
+}
+
+/// The output size of a max-pool, after the checks both max-pools make (every window must hold a
+/// pixel: `ops` enforces it for user input, as PyTorch does).
+fn max_pool_out_hw(p: &PoolParams, h: usize, w: usize) -> (usize, usize) {
     assert!(
         p.kernel.0 >= 1 && p.kernel.1 >= 1 && 2 * p.pad.0 <= p.kernel.0 && 2 * p.pad.1 <= p.kernel.1,
         "max_pool2d: kernel {:?} with padding {:?}: every window must hold a pixel",
         p.kernel,
         p.pad
     );
+    p.out_hw(h, w).expect("max_pool2d: empty output")
+}
+
+/// `pool_plane` compiled for AVX-512 where the CPU has it (`pool_plane_avx512`), else as built.
+fn pool_plane_any(
+    xp: &[f32],
+    yp: &mut [f32],
+    colmax: &mut [f32],
+    h: usize,
+    w: usize,
+    ow: usize,
+    p: &PoolParams,
+) {
     #[cfg(target_arch = "x86_64")]
-    let avx512 = crate::cpu::gemm::Isa::Avx512.supported();
-    y.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each_init(
-        || vec![0.0f32; w],
-        |colmax, (yp, xp)| {
-            #[cfg(target_arch = "x86_64")]
-            if avx512 {
-                // SAFETY: `Isa::supported` checked every feature the function enables.
-                unsafe { pool_plane_avx512(xp, yp, colmax, h, w, ow, p) };
-                return;
-            }
-            pool_plane(xp, yp, colmax, h, w, ow, p)
-        },
-    );
+    if crate::cpu::gemm::Isa::Avx512.supported() {
+        // SAFETY: `Isa::supported` checked every feature the function enables.
+        unsafe { pool_plane_avx512(xp, yp, colmax, h, w, ow, p) };
+        return;
+    }
+    pool_plane(xp, yp, colmax, h, w, ow, p)
 }
 
 /// `max_pool2d` of a channel-major x (C, N, H, W) into a column-blocked y (`cpu::blocked`: the
@@ -73,31 +87,15 @@ pub fn max_pool2d(x: &[f32], n: usize, c: usize, h: usize, w: usize, p: &PoolPar
 pub fn max_pool2d_blocked(x: &[f32], c: usize, n: usize, h: usize, w: usize, p: &PoolParams, y: &mut [f32]) {
     use crate::cpu::blocked::{blocked_len, runs, zero_padding};
     use crate::cpu::gemm::COL_BLOCK;
-    let (oh, ow) = p.out_hw(h, w).expect("max_pool2d: empty output");
+    let (oh, ow) = max_pool_out_hw(p, h, w);
     let cols = n * oh * ow;
     assert_eq!(x.len(), c * n * h * w, "max_pool2d input size");
     assert_eq!(y.len(), blocked_len(c, cols), "max_pool2d output size");
-    assert!(
-        p.kernel.0 >= 1 && p.kernel.1 >= 1 && 2 * p.pad.0 <= p.kernel.0 && 2 * p.pad.1 <= p.kernel.1,
-        "max_pool2d: kernel {:?} with padding {:?}: every window must hold a pixel",
-        p.kernel,
-        p.pad
-    );
-    #[cfg(target_arch = "x86_64")]
-    let avx512 = crate::cpu::gemm::Isa::Avx512.supported();
     let out = crate::cpu::SharedMut::new(y.as_mut_ptr());
     x.par_chunks(h * w).enumerate().for_each_init(
         || (vec![0.0f32; w], vec![0.0f32; oh * ow]),
         |(colmax, plane), (pi, xp)| {
-            #[cfg(target_arch = "x86_64")]
-            if avx512 {
-                // SAFETY: `Isa::supported` checked every feature the function enables.
-                unsafe { pool_plane_avx512(xp, plane, colmax, h, w, ow, p) };
-            } else {
-                pool_plane(xp, plane, colmax, h, w, ow, p);
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            pool_plane(xp, plane, colmax, h, w, ow, p);
+            pool_plane_any(xp, plane, colmax, h, w, ow, p);
             // Plane pi = (channel ci, image img): columns img*P*Q .. + P*Q of row ci.
             let (ci, img) = (pi / n, pi % n);
             for (off, at, len) in runs(img * oh * ow, oh * ow, c * COL_BLOCK) {
