@@ -550,9 +550,10 @@ pub enum Residual<'a> {
 /// `conv2d_forward_cn` with a column-blocked output: y (K, N*P*Q) and the residual like y, in
 /// `cpu::blocked` layout. A 1x1 conv reads a blocked input in place (stride 1: the GEMM's B panels
 /// are the input's blocks) or subsamples it into `scratch` first (stride 2, ResNet's
-/// downsampling); the other paths (`conv_path`) read a channel-major input, which a blocked one is
-/// converted to, in `scratch`. Without `Residual::InOutput` each path writes the same values
-/// `conv2d_forward_cn` would.
+/// downsampling); the stride-2 direct conv splits a blocked input straight into its phase planes;
+/// the other paths (`conv_path`) read a channel-major input, which a blocked one is converted to,
+/// in `scratch`. Without `Residual::InOutput` each path writes the same values `conv2d_forward_cn`
+/// would.
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_forward_blocked(
     x: ConvInput,
@@ -1348,7 +1349,7 @@ mod tests {
             (1, 5, 15, 14, 9, 3, 3, 1, 2, 2, false),   // dilation 2
             (3, 7, 12, 9, 33, 3, 3, 1, 1, 1, true),    // batch 3, residual + relu
             (1, 64, 56, 56, 64, 3, 3, 1, 1, 1, true),  // a real ResNet layer1 3x3 (parallel)
-            (1, 130, 12, 12, 40, 3, 3, 1, 1, 1, true), // depth 1170: two depth blocks on every ISA
+            (1, 130, 12, 12, 40, 3, 3, 1, 1, 1, true), // depth 1170: 2+ depth blocks at every KC
             (2, 40, 17, 17, 70, 1, 1, 1, 0, 1, true),  // 1x1 s1 with residual + relu, batch 2
             (1, 6, 5, 8, 4, 3, 2, 1, 0, 1, false),     // non-square kernel, odd sizes
         ];
@@ -1439,7 +1440,7 @@ mod tests {
             (3, 5, 15, 14, 9, 3, 3, 1, 2, 2, false), // dilation 2
             (7, 24, 7, 7, 40, 3, 3, 1, 1, 1, true),  // layer4-like: 7x7 maps, 7 images
             (8, 64, 14, 14, 48, 3, 3, 2, 1, 1, true), // 8 images, depth 576
-            (2, 120, 10, 10, 24, 3, 3, 2, 1, 1, true), // depth 1080: two depth blocks on every ISA
+            (2, 120, 10, 10, 24, 3, 3, 2, 1, 1, true), // depth 1080: 2+ depth blocks at every KC
             (1, 6, 5, 8, 4, 3, 2, 1, 0, 1, false),   // n = 1, non-square kernel
             // Wide stride-2 rows (Q = 34, 35): runs of 16+ outputs take the AVX-512 vector gather.
             (2, 3, 9, 70, 10, 7, 7, 2, 3, 1, true),  // stem-like
@@ -1476,8 +1477,10 @@ mod tests {
             (2, 3, 32, 30, 20, 7, 7, 2, 3, 1, true), // even: the stride-2 direct path (AVX-512)
             (7, 24, 7, 7, 40, 3, 3, 1, 1, 1, true),
             (8, 64, 14, 14, 48, 3, 3, 2, 1, 1, true),
-            // The stride-2 direct path from blocks (AVX-512): runs split at rows and blocks.
+            // The stride-2 direct path from blocks (AVX-512): runs split at rows and blocks; the
+            // second spans two depth blocks (the residual in the output added by the first).
             (3, 40, 14, 14, 24, 3, 3, 2, 1, 1, true),
+            (2, 120, 10, 10, 24, 3, 3, 2, 1, 1, true),
             (1, 1100, 7, 7, 33, 1, 1, 1, 0, 1, true), // depth 1100: two depth blocks, n = 49
             // B read in place (AVX-512): the column-split order (wide, 2+ threads), the whole-B
             // order (n <= NC, two depth blocks); the smaller 1x1 cases above run single-threaded

@@ -270,7 +270,7 @@ pub fn detect_isa() -> Isa {
 struct Kernel {
     mr: usize,
     nr: usize,
-    /// Depth block: the (KC, NR) B micro-panel stays in L1 across the MR panels of a row chunk.
+    /// Depth block (per kernel: see `kernel_for`; 1024 for AVX-512, 256 for the others).
     kc: usize,
     /// Rows per task chunk (multiple of MR): in the BLIS order the (MC, KC) A block stays in L2;
     /// in the A-in-L1 order it only sets the task granularity.
@@ -295,7 +295,8 @@ fn kernel_for(isa: Isa) -> Kernel {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // The A micro-panel is the register tile's stationary operand (a_in_l1: it is reused
-        // across the B panels), B panels stream from L2 (prefetched in the kernel). KC 1024: the
+        // across the B panels), B panels stream through the caches (prefetched in the kernel).
+        // KC 1024: the
         // A panel (56 KiB) outgrows L1 and the B block (4 MiB) L2, but every depth block costs a
         // pass over B and a reload of each C tile, and with the prefetches the longer blocks win.
         // Measured on Zen 4 (32 KiB L1d, 1 MiB L2; 2 threads): sgemm 1024 / 2048 85-86% of peak at
@@ -854,8 +855,9 @@ const COL_GROUP: usize = 16;
 /// The column-split order for a pre-packed A (layer weights) and a wide B (a conv's N*P*Q
 /// columns): the NR panels are dealt out evenly to one task per thread; a task packs COL_GROUP of
 /// its panels at a time, for every depth block in turn, and runs every A panel against them. One
-/// fork/join per GEMM (the default order has two per depth block per B block: pack, then
-/// multiply), B is packed by the thread that reads it, and the split is even to a panel.
+/// fork/join per GEMM (the default order has up to two per depth block per B block: pack, unless
+/// B is read in place, then multiply), B is packed by the thread that reads it, and the split is
+/// even to a panel.
 /// Each tile sees the same kernel calls in the same depth order as in the default order, so C is
 /// bit-for-bit the same.
 #[allow(clippy::too_many_arguments)]
@@ -919,11 +921,11 @@ fn gemm_column_split(
 }
 
 /// The order for a pre-packed A, a narrow B (one B block, n <= NC) and several depth blocks (ResNet's
-/// layer3/4 at small batch: n = 196 or 49, k up to 4608 = 18 depth blocks): all of B is packed at
-/// once (one parallel pass over every (depth block, panel)), then each task runs its share of the
-/// tiles through every depth block. Two fork/joins per GEMM instead of two per depth block (~10 us
-/// each, which at 18 blocks was a fifth of a 1.5 ms conv), and a task's C tiles stay in its cache
-/// across depth blocks. Same kernel calls per tile in the same depth order as the default: C is
+/// layer3/4 at small batch: n = 196 or 49, k up to 4608 = 5 depth blocks at KC 1024, 18 at 256):
+/// all of B is packed at once (one parallel pass over every (depth block, panel); none when B is
+/// read in place), then each task runs its share of the tiles through every depth block. Two
+/// fork/joins per GEMM instead of two per depth block (~10 us each, which at 18 blocks was a fifth
+/// of a 1.5 ms conv), and a task's C tiles stay in its cache across depth blocks. Same kernel calls per tile in the same depth order as the default: C is
 /// bit-for-bit the same.
 #[allow(clippy::too_many_arguments)]
 fn gemm_whole_b(
@@ -1171,7 +1173,8 @@ fn direct_masks(
 /// C (m x n) = epilogue(A * B) for a pre-packed A (the conv weights, K x C*R*S in (c, r, s) order)
 /// and a `DirectB` (AVX-512 only: it needs masked loads). Tasks as in the pack-free orders above:
 /// columns split evenly over threads when B is wide, else the task grid; each task runs its tiles
-/// through every depth block (A in L1, the input rows it reads in L1/L2).
+/// through every depth block (its A panel reused across the group's columns, the input rows it
+/// reads from L1/L2).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_direct(
     m: usize,
@@ -1388,10 +1391,10 @@ pub(crate) fn gemm_driver(
                 if ip0 >= ip1 || jp0 >= jp1 {
                     return;
                 }
-                // A-in-L1 order with a plain A: pack each MR panel right before its tiles, into a
-                // 2-panel buffer that stays in L1 (the kernel prefetches the "next panel", i.e. the
-                // buffer's second half), instead of the task's whole (rows, kc) chunk, which took
-                // ~0.5 MiB of the L2 that holds the 1 MiB B block.
+                // A-stationary order with a plain A: pack each MR panel right before its tiles,
+                // into a 2-panel buffer (the kernel prefetches the "next panel", i.e. the buffer's
+                // second half), instead of the task's whole (rows, kc) chunk, which would crowd
+                // the L2 that the B block streams through.
                 // Only when each panel feeds many tiles: with few B panels (n = 196) packing one
                 // panel at a time exposes the memory latency that a bulk pack streams past.
                 let per_panel = kern.a_in_l1 && matches!(a, ASrc::Mat(_)) && !slab_a && jp1 - jp0 >= 16;
@@ -1433,7 +1436,7 @@ pub(crate) fn gemm_driver(
                         }
                     }
                 } else if kern.a_in_l1 {
-                    // The A micro-panel stays in L1 while the block's B panels stream from L2.
+                    // The A micro-panel is reused across the block's B panels, which stream past.
                     for ip in ip0..ip1 {
                         for jp in jp0..jp1 {
                             tile(ip, jp, a_at(ip));
@@ -1641,8 +1644,8 @@ mod tests {
     #[test]
     fn sgemm_every_edge_row_count() {
         // m = 1..=29 covers every remainder m % MR for MR = 6, 8, 14 (the AVX-512 path has a kernel
-        // per remainder); k = 1100 gives two depth blocks at every KC (partial sums in C), n = 45
-        // a column edge.
+        // per remainder); k = 1100 gives two or more depth blocks at every KC (partial sums in C),
+        // n = 45 a column edge.
         // n = 49 = 32 + 17 runs the AVX-512 16+1-column kernel on its last panel.
         let mut seed = 5000;
         for isa in available_isas() {
@@ -1753,7 +1756,7 @@ mod tests {
     #[test]
     fn blocked_c_and_in_place_b_are_bitwise_the_row_major_result() {
         // Two workers: the packed-A orders need 2+ threads and 2*m*n*k >= PARALLEL_MIN_FLOPS:
-        // (20, 2100, 64) takes the column split, (64, 196, 1100) the whole-B order, the others the
+        // (20, 2100, 64) takes the column split, (64, 196, 1100) the whole-B order (AVX-512), the others the
         // default order ((8, 1100, 40): two B blocks); all read B in place on AVX-512.
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         pool.install(blocked_c_cases);

@@ -264,7 +264,7 @@ pub(super) mod x86 {
         for _ in 0..kc {
             _mm_prefetch::<_MM_HINT_T1>(anext as *const i8);
             anext = anext.wrapping_add(16);
-            // B streams from L2 (the A micro-panel is the L1-resident operand); fetch 8 rows ahead.
+            // B streams past the stationary A micro-panel; fetch 8 rows ahead into L1.
             for h in 0..(if X > 0 { 2 } else { V }) {
                 _mm_prefetch::<_MM_HINT_T0>(bp.wrapping_add(8 * 32 + 16 * h) as *const i8);
             }
