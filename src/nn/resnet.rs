@@ -395,39 +395,30 @@ impl ResNet {
     /// block's last conv nothing needs it (nor the downsampled identity), so that buffer becomes
     /// the block's output, the residual sum taken in place (`Skip::InPlace`).
     fn block_forward(&self, b: &Block, x: Act, pool: &mut ActivationPool) -> Result<Act> {
-        if b.convs.len() < 2 {
-            return Err(Error::msg("a residual block has at least two convs"));
-        }
-        let mut identity = match &b.downsample {
+        let (last, inner_convs) = match b.convs.split_last() {
+            Some((last, rest)) if !rest.is_empty() => (last, rest),
+            _ => return Err(Error::msg("a residual block has at least two convs")),
+        };
+        let identity = match &b.downsample {
             Some(ds) => Some(run_conv(ds, &x, Skip::None, false, pool)?),
             None => None,
         };
-        let mut x = Some(x);
-        let last = b.convs.len() - 1;
-        let mut inner: Option<Act> = None;
-        for (i, conv) in b.convs.iter().enumerate() {
-            let out = match (i == last, inner.as_ref()) {
-                // The last conv adds the identity and applies the final ReLU in its epilogue.
-                (true, Some(input)) => {
-                    let skip = match identity.take() {
-                        Some(d) => d,
-                        None => x.take().ok_or_else(|| Error::msg("block input used up"))?,
-                    };
-                    run_conv(conv, input, Skip::InPlace(skip), true, pool)?
-                }
-                (_, input) => {
-                    let input = input.or(x.as_ref()).ok_or_else(|| Error::msg("block input used up"))?;
-                    run_conv(conv, input, Skip::None, true, pool)?
-                }
-            };
-            if let Some(prev) = inner.replace(out) {
-                prev.give(pool);
+        let mut inner = run_conv(&inner_convs[0], &x, Skip::None, true, pool)?;
+        for conv in &inner_convs[1..] {
+            let out = run_conv(conv, &inner, Skip::None, true, pool)?;
+            std::mem::replace(&mut inner, out).give(pool);
+        }
+        // The last conv adds the identity and applies the final ReLU in its epilogue.
+        let skip = match identity {
+            Some(d) => {
+                x.give(pool);
+                d
             }
-        }
-        for a in [x, identity].into_iter().flatten() {
-            a.give(pool);
-        }
-        inner.ok_or_else(|| Error::msg("a residual block has at least two convs"))
+            None => x,
+        };
+        let out = run_conv(last, &inner, Skip::InPlace(skip), true, pool)?;
+        inner.give(pool);
+        Ok(out)
     }
 }
 
