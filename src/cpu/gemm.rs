@@ -1555,20 +1555,7 @@ mod tests {
         let rb = rand_vec(&mut rng, m);
         let cb = rand_vec(&mut rng, n);
         let res = rand_vec(&mut rng, m * ldc);
-        let epi = Epilogue {
-            beta: if opts & 16 != 0 {
-                1.0
-            } else if opts & 64 != 0 {
-                0.5
-            } else {
-                0.0
-            },
-            row_scale: (opts & 1 != 0).then_some(&scale[..]),
-            row_bias: (opts & 2 != 0).then_some(&rb[..]),
-            col_bias: (opts & 4 != 0).then_some(&cb[..]),
-            residual: (opts & 8 != 0).then_some((&res[..], ldc)),
-            relu: opts & 32 != 0,
-        };
+        let epi = epi_for(opts, &scale, &rb, &cb, Some((&res, ldc)));
         let mut want = c0.clone();
         sgemm_reference(av, bv, &mut want, ldc, &epi);
         let mut got = c0.clone();
@@ -1725,11 +1712,13 @@ mod tests {
         }
     }
 
-    /// The epilogue of options `opts` (as in `run_case`; no column bias) with this residual.
+    /// The epilogue of options `opts`: bit 1 row scale, 2 row bias, 4 column bias, 8 residual,
+    /// 16 beta 1 (64: beta 0.5), 32 ReLU.
     fn epi_for<'a>(
         opts: u32,
         scale: &'a [f32],
         rb: &'a [f32],
+        cb: &'a [f32],
         residual: Option<(&'a [f32], usize)>,
     ) -> Epilogue<'a> {
         Epilogue {
@@ -1742,7 +1731,7 @@ mod tests {
             },
             row_scale: (opts & 1 != 0).then_some(scale),
             row_bias: (opts & 2 != 0).then_some(rb),
-            col_bias: None,
+            col_bias: (opts & 4 != 0).then_some(cb),
             residual: if opts & 8 != 0 { residual } else { None },
             relu: opts & 32 != 0,
         }
@@ -1801,7 +1790,8 @@ mod tests {
                             bb[blocked_index(k, p, j)] = f32::NAN;
                         }
                     }
-                    let mk = |residual| epi_for(opts, &scale, &rb, residual);
+                    // (No column bias: these options never set bit 4.)
+                    let mk = |residual| epi_for(opts, &scale, &rb, &[], residual);
                     let am = MatRef::row_major(&ad, m, k);
                     let pa = pack_a_with_isa(isa, am);
                     for a in [ASrc::Mat(am), ASrc::Packed(&pa)] {
